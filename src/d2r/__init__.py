@@ -1,0 +1,9 @@
+"""d2r: adversarially robust image classifiers with Dual Regularization (D2R) and
+Collaborative Adversarial Generation (CAG), the baselines it is compared with, and the
+evaluation the field trusts."""
+
+__version__ = "0.1.0"
+
+from d2r.evaluate import evaluate  # noqa: E402
+
+__all__ = ["__version__", "evaluate"]

@@ -1,0 +1,89 @@
+"""Training losses as pure functions of logits (the drop-in API for people with their own loop).
+
+Each returns a dict: a scalar `"loss"` to backpropagate and detached terms for logging.
+KL conventions follow SPEC section 1: `kl_elem(log_q, p)` summed over classes is KL(p || q).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+KL_REDUCTIONS = ("mean_bc", "batchmean")
+SYM_RULES = ("abs", "sign")
+
+
+def kl_elem(log_q: Tensor, p: Tensor) -> Tensor:
+    """Element-wise (B, C) KL terms p * (log(p + 1e-5) - log q), as the reference computes them
+    (the 1e-5 keeps log finite where p underflows). Nothing is detached."""
+    return p * (torch.log(p + 1e-5) - log_q)
+
+
+def _reduce(kl: Tensor, reduction: str) -> Tensor:
+    # mean_bc: mean over all B*C elements (the reference); batchmean: sum over C, mean over B.
+    return kl.mean() if reduction == "mean_bc" else kl.sum() / kl.shape[0]
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not valid; choose one of {', '.join(choices)}")
+
+
+def _symmetric_term(zn: Tensor, zg: Tensor, sym_rule: str, reduction: str) -> Tensor:
+    """|KL(p_t(x) || p_g(x)) - KL(p_g(x) || p_t(x))|.
+
+    `abs` (the released code): both models get gradients. `sign` (the paper's text): when
+    K1 - K2 > 0 only the target is optimized (guide outputs detached), otherwise only the guide.
+    Both branches are computed and selected with torch.where, so no host sync is needed."""
+
+    def gap(zt: Tensor, zg_: Tensor) -> Tensor:
+        k1 = _reduce(kl_elem(F.log_softmax(zg_, 1), F.softmax(zt, 1)), reduction)
+        k2 = _reduce(kl_elem(F.log_softmax(zt, 1), F.softmax(zg_, 1)), reduction)
+        return k1 - k2
+
+    diff = gap(zn, zg)
+    if sym_rule == "abs":
+        return diff.abs()
+    target_only = gap(zn, zg.detach()).abs()
+    guide_only = gap(zn.detach(), zg).abs()
+    return torch.where(diff > 0, target_only, guide_only)
+
+
+def d2r_loss(
+    logits_adv: Tensor,
+    logits_clean: Tensor,
+    logits_guide: Tensor,
+    y: Tensor,
+    *,
+    lam: float = 1.0,
+    alpha: float = 30.0,
+    beta: float = 20.0,
+    sym_rule: str = "abs",
+    kl_reduction: str = "mean_bc",
+) -> dict[str, Tensor]:
+    """Dual Regularization loss (D2R paper, eq. for L_total; SPEC section 2).
+
+    logits_adv = z_t(x'), logits_clean = z_t(x), logits_guide = z_g(x), each (B, C):
+        lam * CE(z_g(x), y) + MSE(z_t(x'), z_g(x))
+        + alpha * KL(p_t(x') || p_g(x)) + beta * |KL(p_t(x) || p_g(x)) - KL(p_g(x) || p_t(x))|
+    with KL means over B*C (`kl_reduction="mean_bc"`, the reference). `batchmean` sums over
+    classes instead and divides alpha and beta by C, so the total loss is the same.
+    """
+    _check_choice("sym_rule", sym_rule, SYM_RULES)
+    _check_choice("kl_reduction", kl_reduction, KL_REDUCTIONS)
+    if kl_reduction == "batchmean":
+        num_classes = logits_clean.shape[1]
+        alpha, beta = alpha / num_classes, beta / num_classes
+    ce = F.cross_entropy(logits_guide, y)
+    mse = F.mse_loss(logits_adv, logits_guide)
+    kl_adv = _reduce(
+        kl_elem(F.log_softmax(logits_guide, 1), F.softmax(logits_adv, 1)), kl_reduction
+    )
+    sym = _symmetric_term(logits_clean, logits_guide, sym_rule, kl_reduction)
+    loss = lam * ce + mse + alpha * kl_adv + beta * sym
+    return {"loss": loss, **_detached(ce=ce, mse=mse, kl_adv=kl_adv, sym=sym)}
+
+
+def _detached(**terms: Tensor) -> dict[str, Tensor]:
+    return {name: value.detach() for name, value in terms.items()}

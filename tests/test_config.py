@@ -1,0 +1,89 @@
+"""Config parsing: defaults, YAML, --set overrides, fractions, one-line errors."""
+
+import pytest
+import yaml
+
+from d2r.config import Config, apply_overrides, from_dict, parse_number, resolve, to_dict
+
+
+def test_defaults_are_the_embedded_demo():
+    cfg = resolve()
+    assert cfg.data.name == "digits" and cfg.method["name"] == "d2r"
+    assert cfg.target["name"] == "small_cnn" and cfg.guide["name"] == "tiny_cnn"
+
+
+@pytest.mark.parametrize("text,value", [("8/255", 8 / 255), ("0.031", 0.031), (" 2 / 4 ", 0.5)])
+def test_parse_number_accepts_fractions(text, value):
+    assert parse_number(text) == pytest.approx(value)
+
+
+def test_overrides_set_nested_keys_with_types():
+    cfg = resolve(overrides=["train.epochs=2", "method.alpha=30", "method.eps=8/255",
+                             "data.name=digits", "seed=3", "train.nesterov=true"])
+    assert cfg.train.epochs == 2 and cfg.seed == 3 and cfg.train.nesterov is True
+    assert cfg.method["eps"] == pytest.approx(8 / 255) and cfg.method["alpha"] == 30
+    assert cfg.method["name"] == "d2r"  # the default component is kept and extended
+
+
+def test_yaml_round_trip(tmp_path):
+    cfg = resolve(overrides=["train.epochs=3", "eval.eps=8/255"])
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(to_dict(cfg)))
+    again = resolve(path)
+    assert to_dict(again) == to_dict(cfg)
+
+
+def test_yaml_component_replaces_the_default_whole(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("method: {name: trades, beta: 6}\nguide: null\n")
+    cfg = resolve(path)
+    assert cfg.method == {"name": "trades", "beta": 6} and cfg.guide is None
+
+
+@pytest.mark.parametrize(
+    "override,pattern",
+    [
+        ("train.epoch=2", "unknown config key 'train.epoch'.*valid keys: epochs"),
+        ("bogus=1", "unknown config key 'bogus'"),
+        ("train.epochs=two", "'train.epochs': expected a number"),
+        ("train.lr=-0.1", "'train.lr': must be > 0"),
+        ("train.lr=0", "'train.lr': must be > 0"),
+        ("method.eps=-0.1", "'method.eps': must be >= 0"),
+        ("method.steps=0", "'method.steps': must be > 0"),
+        ("data.verify=maybe", "'data.verify': expected true or false"),
+        ("train.epochs", "expected KEY=VALUE"),
+        ("train.epochs.x=1", "'train.epochs': expected int"),
+    ],
+)
+def test_bad_overrides_give_one_line_errors(override, pattern):
+    with pytest.raises(ValueError, match=pattern) as info:
+        resolve(overrides=[override])
+    assert "\n" not in str(info.value)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        resolve(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        resolve(bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(ValueError, match="mapping"):
+        resolve(listy)
+
+
+def test_from_dict_requires_a_target():
+    with pytest.raises(ValueError, match="target"):
+        from_dict({"target": None})
+
+
+def test_apply_overrides_does_not_mutate_input():
+    raw = {"train": {"epochs": 1}}
+    apply_overrides(raw, ["train.epochs=5"])
+    assert raw == {"train": {"epochs": 1}}
+
+
+def test_config_is_a_plain_dataclass():
+    assert to_dict(Config())["train"]["lr"] == 0.1
