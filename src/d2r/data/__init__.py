@@ -1,0 +1,31 @@
+"""Data sets as uint8 tensors held on the training device; official-archive readers with
+verified downloads; augmentation on the batch.
+
+    x, y = d2r.data.load("cifar10", root, "train")          # verified, cached after the first run
+    info = d2r.data.info("cifar10")                        # crop_padding=4, flip=True, ...
+    loader = d2r.data.DeviceLoader(x, y, 128, crop_padding=info.crop_padding, flip=info.flip,
+                                   seed=0, device="cuda")
+    for x_batch, y_batch in loader: ...                   # float (B, C, H, W) in [0, 1]
+"""
+
+from d2r.data.download import download, md5sum, require
+from d2r.data.loading import CACHE_DIR, load, subset
+from d2r.data.pipeline import DeviceLoader, crop_flip
+from d2r.data.sources import DATASETS, SPLITS, DatasetInfo, RemoteFile, digits_split, info
+
+__all__ = [
+    "CACHE_DIR",
+    "DATASETS",
+    "SPLITS",
+    "DatasetInfo",
+    "DeviceLoader",
+    "RemoteFile",
+    "crop_flip",
+    "digits_split",
+    "download",
+    "info",
+    "load",
+    "md5sum",
+    "require",
+    "subset",
+]
