@@ -1,4 +1,5 @@
-"""L-inf attacks through one loop: PGD (CE or CW margin), the TRADES KL attack, and CAG.
+"""L-inf attacks through one loop: PGD (CE or CW margin), FGSM, the TRADES KL attack and CAG;
+plus an adapter to the original AutoAttack (the optional `pyautoattack` package).
 
 Contract (DESIGN.md): `attack(model, x, y, **ref) -> x_adv` inside the eps-ball and [0, 1].
 An attack never changes a model's train/eval mode (the caller sets it: the references differ)
@@ -7,9 +8,13 @@ and never writes parameter `.grad` (it differentiates with torch.autograd.grad o
 
 from __future__ import annotations
 
+import logging
 import re
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +24,11 @@ from d2r.losses import kl_elem
 from d2r.registry import Registry
 
 ATTACKS = Registry("attack")
+
+
+class EvaluationWarning(UserWarning):
+    """An evaluation whose number may not be trusted (train mode, masked gradients, ...)."""
+
 
 # (B, C) logits -> (B,) per-sample objective to maximize
 Objective = Callable[[Tensor], Tensor]
@@ -83,7 +93,8 @@ _OBJECTIVES = {"ce": ce_objective, "cw": cw_objective}
 class PGD:
     """Projected gradient descent, Madry et al. 2018 (arXiv:1706.06083): uniform start in the
     eps-ball, `steps` signed-gradient steps on `loss` ("ce", or "cw" for CW-inf, Carlini &
-    Wagner 2017), projection to the ball and [0, 1], per-sample early stop when `early_stop`."""
+    Wagner 2017), projection to the ball and [0, 1], per-sample early stop when `early_stop`.
+    With `restarts` > 1, samples still correct are attacked again from a new random start."""
 
     eps: float = 8 / 255
     step_size: float = 2 / 255
@@ -91,12 +102,27 @@ class PGD:
     loss: str = "ce"
     random_start: bool = True
     early_stop: bool = True
+    restarts: int = 1
 
     def __post_init__(self) -> None:
         if self.loss not in _OBJECTIVES:
-            raise ValueError(f"PGD loss {self.loss!r} unknown; choose one of {', '.join(_OBJECTIVES)}")
+            choices = ", ".join(_OBJECTIVES)
+            raise ValueError(f"PGD loss {self.loss!r} unknown; choose one of {choices}")
+        if self.restarts < 1:
+            raise ValueError(f"PGD restarts={self.restarts} invalid; use 1 or more")
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        x_adv = self._run(model, x, y)
+        for _ in range(self.restarts - 1):
+            # Restart only the samples no earlier restart broke: each keeps its first success.
+            with torch.no_grad():
+                left = (model(x_adv).argmax(1) == y).nonzero().squeeze(1)
+            if len(left) == 0:
+                break
+            x_adv[left] = self._run(model, x[left], y[left])
+        return x_adv
+
+    def _run(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         start = x
         if self.random_start:
             start = project(x + torch.empty_like(x).uniform_(-self.eps, self.eps), x, self.eps)
@@ -104,6 +130,18 @@ class PGD:
             model, x, start, _OBJECTIVES[self.loss](y), eps=self.eps, step_size=self.step_size,
             steps=self.steps, y_stop=y if self.early_stop else None,
         )
+
+
+@ATTACKS.register("fgsm")
+@dataclass(frozen=True)
+class FGSM:
+    """Fast gradient sign method, Goodfellow et al. 2015 (arXiv:1412.6572): one signed-gradient
+    step of size eps on CE from the clean input (no random start), then [0, 1]."""
+
+    eps: float = 8 / 255
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        return attack_loop(model, x, x, ce_objective(y), eps=self.eps, step_size=self.eps, steps=1)
 
 
 @ATTACKS.register("kl")
@@ -119,7 +157,12 @@ class KLAttack:
     init_std: float = 0.001
 
     def __call__(
-        self, model: nn.Module, x: Tensor, y: Tensor | None = None, *, ref_probs: Tensor | None = None
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor | None = None,
+        *,
+        ref_probs: Tensor | None = None,
     ) -> Tensor:
         if ref_probs is None:
             with torch.no_grad():
@@ -149,14 +192,113 @@ def cag(
     return attack(target, x, ref_probs=guide_probs)
 
 
-_NAMED = re.compile(r"^(pgd|cw)(\d+)$")
+_NAMED = re.compile(r"^(pgd|cw)(\d+)(?:r(\d+))?$")
+AA_VERSIONS = {"aa": "standard", "aa_plus": "plus", "aa_rand": "rand"}
+EVAL_NAMES = "pgdK, cwK (K >= 1 steps, e.g. pgd20, cw20; pgd20r5 = 5 restarts), fgsm, " + ", ".join(
+    AA_VERSIONS
+)
 
 
-def from_name(name: str, eps: float, step_size: float | None = None) -> PGD:
-    """'pgd20' -> PGD-20 on CE, 'cw20' -> CW-inf with 20 steps; step size eps/4 (2/255 at 8/255)."""
+def from_name(
+    name: str, eps: float, step_size: float | None = None, seed: int = 0
+) -> PGD | FGSM | AutoAttack:
+    """'pgd20' -> PGD-20 on CE, 'cw20' -> CW-inf with 20 steps (step size eps/4, 2/255 at 8/255),
+    'pgd20r5' -> with 5 restarts, 'fgsm', and 'aa' / 'aa_plus' / 'aa_rand' -> AutoAttack's
+    standard / plus / rand version seeded with `seed`."""
+    if name == "fgsm":
+        return FGSM(eps=eps)
+    if name in AA_VERSIONS:
+        return AutoAttack(eps=eps, version=AA_VERSIONS[name], seed=seed)
     match = _NAMED.match(name)
-    if not match or int(match.group(2)) < 1:
-        raise ValueError(f"attack {name!r} unknown; use pgdK or cwK with K >= 1, e.g. pgd20, cw20")
+    if not match or int(match.group(2)) < 1 or (match.group(3) and int(match.group(3)) < 1):
+        raise ValueError(f"attack {name!r} unknown; use one of {EVAL_NAMES}")
     loss = "ce" if match.group(1) == "pgd" else "cw"
     step = eps / 4 if step_size is None else step_size
-    return PGD(eps=eps, step_size=step, steps=int(match.group(2)), loss=loss)
+    restarts = int(match.group(3) or 1)
+    return PGD(eps=eps, step_size=step, steps=int(match.group(2)), loss=loss, restarts=restarts)
+
+
+AA_INSTALL = 'AutoAttack needs the optional package: pip install "d2r[autoattack]"'
+
+
+def require_autoattack() -> Any:
+    try:
+        import pyautoattack
+    except ImportError:
+        raise ImportError(AA_INSTALL) from None
+    return pyautoattack
+
+
+@ATTACKS.register("autoattack")
+@dataclass(frozen=True)
+class AutoAttack:
+    """AutoAttack, Croce & Hein 2020 (arXiv:2003.01690), run by its authors' own code (PyPI
+    `pyautoattack`). version "standard": APGD-CE, APGD-T (9 targets), FAB-T, Square (5000
+    queries); "plus": + APGD-DLR, FAB, 5 restarts; "rand": APGD-CE/DLR with EOT 20.
+    `attacks` (version "custom") restricts the list, e.g. ("apgd-ce",) for fast tests. The
+    package seeds torch itself with `seed`, so a rerun gives the same examples."""
+
+    eps: float = 8 / 255
+    version: str = "standard"
+    seed: int = 0
+    attacks: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        versions = ("standard", "plus", "rand", "custom")
+        if self.version not in versions:
+            choices = ", ".join(versions)
+            raise ValueError(f"AutoAttack version {self.version!r} unknown; use {choices}")
+        if (self.version == "custom") != (self.attacks is not None):
+            raise ValueError("AutoAttack: give `attacks` exactly when version='custom'")
+
+    def build(self, model: nn.Module, device: torch.device | str = "cpu") -> Any:
+        """The package's AutoAttack object (its `attacks_to_run` is the list that will run)."""
+        aa = require_autoattack()
+        attacks = list(self.attacks) if self.attacks is not None else None
+        return aa.AutoAttack(model, attacks=attacks, device=device, eps=self.eps, norm="Linf",
+                             seed=self.seed, version=self.version)
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        adversary = self.build(model, x.device)
+        devices = [x.device] if x.device.type == "cuda" else []
+        # The package reseeds torch's global RNG and FAB calls .backward(): fork the RNG and
+        # freeze the parameters so the caller's RNG and parameter .grad stay untouched.
+        with torch.random.fork_rng(devices=devices), _frozen(model), _aa_log() as messages:
+            x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=len(x))
+        for message in dict.fromkeys(messages):  # once each, in order
+            warnings.warn(f"AutoAttack: {message}", EvaluationWarning, stacklevel=2)
+        return project(x_adv.detach(), x, self.eps)  # a no-op up to float rounding
+
+
+@contextmanager
+def _frozen(model: nn.Module) -> Iterator[None]:
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+class _ListHandler(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@contextmanager
+def _aa_log() -> Iterator[list[str]]:
+    """Collect the package's own sanity-check warnings (it logs them on 'auto-attack')."""
+    logger, handler = logging.getLogger("auto-attack"), _ListHandler()
+    logger.addHandler(handler)
+    propagate, logger.propagate = logger.propagate, False  # ours re-emits them as warnings
+    try:
+        yield handler.messages
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate

@@ -39,24 +39,98 @@ def _summary_table(history: list[dict], attack: str, eps: float) -> str:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from d2r import data
-    from d2r.evaluate import evaluate
+    """Evaluate a run's checkpoints (last, best) or foreign weights; write eval.json, eval.md."""
+    from d2r.evaluate import evaluate, markdown_table
+    from d2r.trainer import pick_device
+
+    device = pick_device(args.device)
+    if args.weights:
+        models, (name, root, verify), out = _eval_foreign(args)
+    else:
+        models, (name, root, verify), out = _eval_run(args)
+    x, y = _eval_data(name, root, verify, args.n)
+    attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
+    results, rows = {}, {}
+    for key, (model, label, extra) in models.items():
+        same = [r for r in results.values() if r["sha256"] == extra["sha256"]]
+        if same:  # best.safetensors often is last.safetensors: the same bytes, the same numbers
+            results[key] = rows[label] = {**same[0], **extra}
+            continue
+        print(f"evaluating {label} on {name} ({len(y)} test images, {device})", file=sys.stderr)
+        result = evaluate(model.to(device), x, y, attacks=attacks, eps=args.eps, seed=args.seed,
+                          batch_size=args.batch_size, device=device, checks=not args.no_checks,
+                          progress=not args.quiet)
+        results[key] = {**extra, "data": name, "argv": sys.argv[1:], **result}
+        rows[label] = results[key]
+    out.mkdir(parents=True, exist_ok=True)
+    warned = [f"{key}: {w}" for key, r in results.items() for w in r["warnings"]]
+    report = {**results, "warnings": warned}  # one entry per checkpoint, then all warnings
+    checkpoint.atomic_write_text(out / "eval.json", json.dumps(report, indent=2))
+    table = markdown_table(rows)
+    checkpoint.atomic_write_text(out / "eval.md", table)
+    print(table)
+    print(f"wrote {out / 'eval.json'} and {out / 'eval.md'}")
+    return 0
+
+
+def _eval_run(args: argparse.Namespace) -> tuple[dict, tuple, Path]:
+    """The run's target at each requested checkpoint, named "last" / "best" (with its epoch)."""
     from d2r.trainer import load_run
 
-    cfg, method = load_run(args.run_dir, args.checkpoint)
-    attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
-    x, y = data.load(cfg.data.name, cfg.data.root, "test", verify=cfg.data.verify)
-    if args.n:
-        x, y = x[: args.n], y[: args.n]
-    result = evaluate(method.target, x, y, attacks=attacks, eps=args.eps, seed=args.seed,
-                      batch_size=args.batch_size)
-    result["checkpoint"] = args.checkpoint
-    out = Path(args.run_dir) / "eval.json"
-    checkpoint.atomic_write_text(out, json.dumps(result, indent=2))
-    for name in ["clean", *attacks, "worst_case"]:
-        print(f"{name:>12}: {100 * result[name]:.2f}%")
-    print(f"eps={args.eps:.4g} (Linf), n={len(y)}, seed={args.seed}; wrote {out}")
-    return 0
+    if not args.run_dir:
+        raise ValueError("give a run directory, or --model ARCH --weights FILE")
+    run_dir = Path(args.run_dir)
+    which = args.checkpoint or ("both" if (run_dir / "best.safetensors").is_file() else "last")
+    names = ["last", "best"] if which == "both" else [which]
+    models = {}
+    for key in names:
+        cfg, method = load_run(run_dir, key)
+        epoch = _checkpoint_epoch(run_dir / f"{key}.json")
+        label = f"{key} (epoch {epoch})" if epoch is not None else key
+        digest = _sha256(run_dir / f"{key}.safetensors")
+        extra = {"checkpoint": key, "epoch": epoch, "sha256": digest}
+        models[key] = (method.target, label, extra)
+    return models, (cfg.data.name, cfg.data.root, cfg.data.verify), Path(args.out or run_dir)
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _checkpoint_epoch(sidecar: Path) -> int | None:
+    try:
+        return json.loads(sidecar.read_text()).get("epoch")
+    except (OSError, ValueError):
+        return None
+
+
+def _eval_foreign(args: argparse.Namespace) -> tuple[dict, tuple, Path]:
+    """A registered architecture with a foreign state dict, loaded strictly after key mapping."""
+    from d2r import data
+    from d2r.models import MODELS
+
+    if not args.model:
+        raise ValueError("--weights needs --model ARCH (see `d2r list` for the architectures)")
+    if args.run_dir:
+        raise ValueError("give either a run directory or --model/--weights, not both")
+    info = data.info(args.data)
+    model = MODELS.create(args.model, num_classes=args.num_classes or info.num_classes,
+                          in_channels=info.channels)
+    checkpoint.load_foreign(model, args.weights)
+    model.eval()  # a freshly built model is in train mode; evaluate() would warn about it
+    weights = Path(args.weights)
+    extra = {"checkpoint": str(weights), "model": args.model, "sha256": _sha256(weights)}
+    out = Path(args.out) if args.out else weights.parent / f"{weights.stem}-eval"
+    return {weights.name: (model, weights.name, extra)}, (args.data, args.root, True), out
+
+
+def _eval_data(name: str, root: str, verify: bool, n: int | None):
+    from d2r import data
+
+    x, y = data.load(name, root, "test", verify=verify)
+    return (x[:n], y[:n]) if n else (x, y)
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -98,14 +172,32 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=_train)
 
-    ev = sub.add_parser("eval", help="evaluate a run's target model")
-    ev.add_argument("run_dir")
-    ev.add_argument("--attacks", default="pgd20,cw20", help="comma-separated, e.g. pgd20,pgd50,cw20")
+    ev = sub.add_parser(
+        "eval", help="worst-case robust accuracy of a run's target, or of foreign weights",
+        description="Evaluate a run directory's checkpoints, or any state dict of a registered "
+        "architecture (--model ARCH --weights FILE). Writes eval.json and eval.md.",
+    )
+    ev.add_argument("run_dir", nargs="?", help="run directory (or use --model/--weights)")
+    ev.add_argument("--attacks", default="pgd20,cw20",
+                    help="comma-separated: pgdK, cwK, pgdKrR (R restarts), fgsm, aa, aa_plus, "
+                    "aa_rand; e.g. pgd20,pgd50,cw20,aa")
     ev.add_argument("--eps", type=_number, default=8 / 255, help="Linf radius, e.g. 8/255")
-    ev.add_argument("--checkpoint", choices=["last", "best"], default="last")
+    ev.add_argument("--checkpoint", choices=["last", "best", "both"], default=None,
+                    help="which checkpoint(s) of the run (default: both when both exist)")
+    ev.add_argument("--model", help="architecture of foreign weights (see `d2r list`)")
+    ev.add_argument("--weights", help="foreign weights: .safetensors or .pt (weights only)")
+    ev.add_argument("--data", default="cifar10", help="data set for --weights (default cifar10)")
+    ev.add_argument("--root", default="data", help="data directory for --weights")
+    ev.add_argument("--num-classes", type=int, default=None,
+                    help="classes of --model (default: the data set's)")
+    ev.add_argument("--out", help="where eval.json/eval.md go (default: the run directory, or "
+                    "WEIGHTS_STEM-eval/ beside the weights)")
     ev.add_argument("--n", type=int, default=None, help="first N test images (default: all)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--batch-size", type=int, default=256)
+    ev.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    ev.add_argument("--no-checks", action="store_true", help="skip the cheap sanity checks")
+    ev.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     ev.set_defaults(func=_eval)
 
     ls = sub.add_parser("list", help="registered models, methods, attacks and data sets")

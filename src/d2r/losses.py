@@ -85,5 +85,52 @@ def d2r_loss(
     return {"loss": loss, **_detached(ce=ce, mse=mse, kl_adv=kl_adv, sym=sym)}
 
 
+def trades_loss(
+    logits_clean: Tensor, logits_adv: Tensor, y: Tensor, *, beta: float = 6.0
+) -> dict[str, Tensor]:
+    """TRADES (Zhang et al. 2019, arXiv:1901.08573, eq. 5 / the released code):
+        CE(z(x), y) + beta * batchmean KL(p(x) || p(x'))
+    with the exact KL (as nn.KLDivLoss computes it, no 1e-5) and gradients into both arguments."""
+    ce = F.cross_entropy(logits_clean, y)
+    kl_adv = _kl_batchmean(logits_clean, logits_adv)
+    return {"loss": ce + beta * kl_adv, **_detached(ce=ce, kl_adv=kl_adv)}
+
+
+def mart_loss(
+    logits_clean: Tensor, logits_adv: Tensor, y: Tensor, *, beta: float = 6.0
+) -> dict[str, Tensor]:
+    """MART (Wang et al. ICLR 2020, "Improving adversarial robustness requires revisiting
+    misclassified examples", eq. 9), with the numerical guards of the released code:
+        BCE(p(x'), y) = -log p_y(x') - log(1.0001 - max_{k != y} p_k(x') + 1e-12)
+        loss = BCE + beta * mean_i [KL(p(x_i) || p(x'_i)) * (1.0000001 - p_y(x_i))]
+    The KL uses log(p(x') + 1e-12) and the exact p log p, as the code's nn.KLDivLoss does."""
+    probs_adv, probs_clean = F.softmax(logits_adv, 1), F.softmax(logits_clean, 1)
+    wrong = probs_adv.masked_fill(F.one_hot(y, probs_adv.shape[1]).bool(), float("-inf"))
+    margin = -torch.log(1.0001 - wrong.amax(1) + 1e-12)  # (B,) pushes the top wrong class down
+    bce = F.cross_entropy(logits_adv, y) + margin.mean()
+    kl = F.kl_div(torch.log(probs_adv + 1e-12), probs_clean, reduction="none").sum(1)  # (B,)
+    true_clean = probs_clean.gather(1, y[:, None]).squeeze(1)  # (B,) p_y(x)
+    kl_adv = (kl * (1.0000001 - true_clean)).mean()  # weight: misclassified samples count more
+    return {"loss": bce + beta * kl_adv, **_detached(bce=bce, kl_adv=kl_adv)}
+
+
+def lbgat_loss(
+    logits_adv: Tensor, logits_clean: Tensor, logits_guide: Tensor, y: Tensor, *, beta: float = 0.0
+) -> dict[str, Tensor]:
+    """LBGAT (Cui et al. ICCV 2021, arXiv:2011.11164, eq. 6 / the released code), with
+    logits_adv = z_t(x'), logits_clean = z_t(x), logits_guide = z_g(x):
+        MSE(z_t(x'), z_g(x)) + CE(z_g(x), y) + beta * batchmean KL(p_t(x) || p_t(x'))
+    beta = 0 is "LBGAT0", beta = 6 "LBGAT6" (TRADES' weight)."""
+    mse = F.mse_loss(logits_adv, logits_guide)
+    ce = F.cross_entropy(logits_guide, y)
+    kl_adv = _kl_batchmean(logits_clean, logits_adv)
+    return {"loss": mse + ce + beta * kl_adv, **_detached(ce=ce, mse=mse, kl_adv=kl_adv)}
+
+
+def _kl_batchmean(logits_p: Tensor, logits_q: Tensor) -> Tensor:
+    """KL(softmax(logits_p) || softmax(logits_q)) summed over classes, mean over the batch."""
+    return F.kl_div(F.log_softmax(logits_q, 1), F.softmax(logits_p, 1), reduction="batchmean")
+
+
 def _detached(**terms: Tensor) -> dict[str, Tensor]:
     return {name: value.detach() for name, value in terms.items()}

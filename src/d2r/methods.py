@@ -1,8 +1,12 @@
 """Training methods: which attack, which function of `losses`, and which model modes.
 
-A Method is an nn.Module owning its model(s); `forward(x, y)` returns the dict of a loss
-function (scalar "loss" + detached terms). It knows nothing about optimizers, devices or
-checkpoints. Two-model methods hold `self.target` and `self.guide`; only the target is evaluated.
+A Method is an nn.Module owning its model(s); `forward(x, y)` generates the adversarial batch
+(`generate`), optionally perturbs the target's weights (AWP, any method with `awp_gamma > 0`) and
+returns the dict of a loss function (`loss`: scalar "loss" + detached terms). It knows nothing
+about optimizers, devices or checkpoints. Two-model methods hold `self.target` and `self.guide`;
+only the target is evaluated. Every method is a row of the same loop: `method.name` picks it.
+
+Attack modes differ between the references, so each `generate` says which it follows.
 """
 
 from __future__ import annotations
@@ -11,13 +15,18 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import ClassVar
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from d2r.attacks import KLAttack, cag
-from d2r.losses import KL_REDUCTIONS, SYM_RULES, d2r_loss
+from d2r.attacks import PGD, KLAttack, attack_loop, cag, ce_objective
+from d2r.losses import KL_REDUCTIONS, SYM_RULES, d2r_loss, lbgat_loss, mart_loss, trades_loss
 from d2r.registry import Registry
 
 METHODS = Registry("method")
+
+# (parameter, its perturbation): what AWP added and after_step() subtracts
+Perturbation = list[tuple[nn.Parameter, Tensor]]
 
 
 @contextmanager
@@ -29,37 +38,243 @@ def eval_mode(*models: nn.Module) -> Iterator[None]:
     try:
         yield
     finally:
-        for m, was_training in zip(models, previous):
+        for m, was_training in zip(models, previous, strict=True):
             m.train(was_training)
+
+
+@contextmanager
+def frozen_buffers(*models: nn.Module) -> Iterator[None]:
+    """Restore every buffer (BatchNorm running statistics) on exit, so extra train-mode passes
+    leave no trace - the role of the AWP reference's separate proxy model."""
+    saved = [(b, b.detach().clone()) for m in models for b in m.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
 
 
 def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ValueError(f"method option {name}={value!r} invalid; choose one of {', '.join(choices)}")
+        valid = ", ".join(choices)
+        raise ValueError(f"method option {name}={value!r} invalid; choose one of {valid}")
+
+
+def awp_perturbation(model: nn.Module, loss: Tensor, gamma: float) -> Perturbation:
+    """Adversarial weight perturbation (Wu et al. NeurIPS 2020, arXiv:2004.05884): one ascent step
+    on `loss`, scaled layer-wise, v = gamma * ||w|| * g / ||g|| for each weight of dim > 1 (biases
+    and BatchNorm parameters are not perturbed). The reference takes the step on a proxy copy;
+    the normalized direction is the same, so we read the gradient with torch.autograd.grad,
+    which leaves every parameter's .grad untouched."""
+    params = [p for p in model.parameters() if p.dim() > 1 and p.requires_grad]
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return [
+        (p, gamma * p.detach().norm() * g / (g.norm() + 1e-20))  # 1e-20: the reference's EPS
+        for p, g in zip(params, grads, strict=True)
+        if g is not None
+    ]
 
 
 class Method(nn.Module):
-    """Base class. `uses_guide` tells the trainer whether to build a guide model."""
+    """Base class. `uses_guide` tells the trainer whether to build a guide model.
+
+    Subclasses implement `generate(x, y) -> x_adv` and `loss(x, y, x_adv) -> dict`. With
+    `awp_gamma > 0`, `forward` adds AWP to the target's weights between the two (the adversarial
+    examples are generated first, as in AWP's reference) and `after_step` removes it, so the
+    optimizer step is taken with the gradient at the perturbed weights: w <- w - lr * g(w + v).
+    Two-model methods (LBGAT, D2R): only the target is perturbed, on the method's own loss (an
+    extension: none of the references combines AWP with a guide model)."""
 
     uses_guide: ClassVar[bool] = False
 
-    def __init__(self, target: nn.Module, guide: nn.Module | None = None) -> None:
+    def __init__(
+        self, target: nn.Module, guide: nn.Module | None = None, *, awp_gamma: float = 0.0
+    ) -> None:
         super().__init__()
         self.target = target
         if self.uses_guide:
             if guide is None:
-                raise ValueError(f"method {type(self).__name__} needs a guide model (config 'guide')")
+                name = type(self).__name__
+                raise ValueError(f"method {name} needs a guide model (config 'guide')")
             self.guide = guide
+        if awp_gamma < 0:
+            raise ValueError(f"method option awp_gamma={awp_gamma} must be >= 0 (5e-3 in AWP)")
+        self.awp_gamma = awp_gamma
+        self._awp: Perturbation = []
 
     def models(self) -> dict[str, nn.Module]:
         """The trained models by name, in optimizer parameter-group order."""
         return {"target": self.target, **({"guide": self.guide} if self.uses_guide else {})}
 
-    def after_step(self) -> None:
-        """Called by the trainer after each optimizer step (AWP restores weights here)."""
+    def generate(self, x: Tensor, y: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def loss(self, x: Tensor, y: Tensor, x_adv: Tensor) -> dict[str, Tensor]:
+        raise NotImplementedError
 
     def forward(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
-        raise NotImplementedError
+        x_adv = self.generate(x, y)
+        if self.awp_gamma > 0 and self.training and torch.is_grad_enabled():
+            self._perturb_target(x, y, x_adv)
+        return self.loss(x, y, x_adv)
+
+    def after_step(self) -> None:
+        """Called by the trainer after each optimizer step: removes the AWP perturbation."""
+        with torch.no_grad():
+            for param, offset in self._awp:
+                param.sub_(offset)
+        self._awp = []
+
+    def _perturb_target(self, x: Tensor, y: Tensor, x_adv: Tensor) -> None:
+        self.after_step()  # a forward without a step in between must not stack perturbations
+        # BatchNorm saves its running statistics for backward: restore them after the gradient.
+        with frozen_buffers(*self.models().values()):
+            loss = self.loss(x, y, x_adv)["loss"]
+            self._awp = awp_perturbation(self.target, loss, self.awp_gamma)
+        with torch.no_grad():
+            for param, offset in self._awp:
+                param.add_(offset)
+
+
+@METHODS.register("pgd_at")
+class PGDAT(Method):
+    """PGD adversarial training: Madry, Makelov, Schmidt, Tsipras, Vladu, "Towards deep learning
+    models resistant to adversarial attacks", ICLR 2018 (arXiv:1706.06083).
+    min CE(z(x'), y), x' = PGD on CE from a uniform start in the eps-ball (no early stop)."""
+
+    def __init__(
+        self,
+        target: nn.Module,
+        *,
+        eps: float = 0.031,
+        step_size: float = 0.007,
+        steps: int = 10,
+        awp_gamma: float = 0.0,
+    ) -> None:
+        super().__init__(target, awp_gamma=awp_gamma)
+        self.pgd = PGD(eps=eps, step_size=step_size, steps=steps, early_stop=False)
+
+    def generate(self, x: Tensor, y: Tensor) -> Tensor:
+        # Eval mode, the convention of the TRADES/MART PyTorch code (Madry's TF code and Rice et
+        # al.'s PGD-AT attack with BatchNorm in train mode; we follow the PyTorch references).
+        with eval_mode(self.target):
+            return self.pgd(self.target, x, y)
+
+    def loss(self, x: Tensor, y: Tensor, x_adv: Tensor) -> dict[str, Tensor]:
+        ce = F.cross_entropy(self.target(x_adv), y)
+        return {"loss": ce, "ce": ce.detach()}
+
+
+@METHODS.register("trades")
+class TRADES(Method):
+    """TRADES: Zhang, Yu, Jiao, Xing, El Ghaoui, Jordan, "Theoretically principled trade-off
+    between robustness and accuracy", ICML 2019 (arXiv:1901.08573).
+    x' maximizes KL(p(x) || p(x')) from x + 0.001 N(0, I); loss `trades_loss`, beta = 6."""
+
+    def __init__(
+        self,
+        target: nn.Module,
+        *,
+        beta: float = 6.0,
+        eps: float = 0.031,
+        step_size: float = 0.007,
+        steps: int = 10,
+        awp_gamma: float = 0.0,
+    ) -> None:
+        super().__init__(target, awp_gamma=awp_gamma)
+        self.beta = beta
+        self.kl_attack = KLAttack(eps=eps, step_size=step_size, steps=steps)
+
+    def generate(self, x: Tensor, y: Tensor) -> Tensor:
+        # The TRADES code: model.eval() for the attack, model.train() for the loss.
+        with eval_mode(self.target):
+            return self.kl_attack(self.target, x)
+
+    def loss(self, x: Tensor, y: Tensor, x_adv: Tensor) -> dict[str, Tensor]:
+        # The reference runs z(x) twice (CE, KL); in train mode both give the same logits.
+        logits_clean = self.target(x)
+        logits_adv = self.target(x_adv)
+        return trades_loss(logits_clean, logits_adv, y, beta=self.beta)
+
+
+MART_STARTS = ("normal", "uniform")
+
+
+@METHODS.register("mart")
+class MART(Method):
+    """MART: Wang, Zou, Yi, Bailey, Ma, Gu, "Improving adversarial robustness requires revisiting
+    misclassified examples", ICLR 2020 (openreview.net/forum?id=rklOg6EFwS).
+    x' = PGD on CE; loss `mart_loss` (boosted CE + beta * (1 - p_y)-weighted KL), beta = 6.
+    `start="normal"` starts from x + 0.001 N(0, I) as the released code does; `"uniform"` is the
+    usual PGD start in the eps-ball."""
+
+    def __init__(
+        self,
+        target: nn.Module,
+        *,
+        beta: float = 6.0,
+        eps: float = 0.031,
+        step_size: float = 0.007,
+        steps: int = 10,
+        start: str = "normal",
+        awp_gamma: float = 0.0,
+    ) -> None:
+        super().__init__(target, awp_gamma=awp_gamma)
+        check_choice("start", start, MART_STARTS)
+        self.beta, self.start = beta, start
+        self.budget = {"eps": eps, "step_size": step_size, "steps": steps}
+
+    def generate(self, x: Tensor, y: Tensor) -> Tensor:
+        # The MART code: model.eval() for the attack, model.train() for the loss.
+        with eval_mode(self.target):
+            if self.start == "uniform":
+                return PGD(**self.budget, early_stop=False)(self.target, x, y)
+            start = x + 0.001 * torch.randn_like(x)
+            return attack_loop(self.target, x, start, ce_objective(y), **self.budget)
+
+    def loss(self, x: Tensor, y: Tensor, x_adv: Tensor) -> dict[str, Tensor]:
+        logits_clean = self.target(x)  # the reference's order: clean, then adversarial
+        logits_adv = self.target(x_adv)
+        return mart_loss(logits_clean, logits_adv, y, beta=self.beta)
+
+
+@METHODS.register("lbgat")
+class LBGAT(Method):
+    """LBGAT: Cui, Liu, Wang, Jia, "Learnable boundary guided adversarial training", ICCV 2021
+    (arXiv:2011.11164). The TRADES attack on the target; loss `lbgat_loss`, guide and target
+    trained together. beta = 0 ("LBGAT0", the paper's CIFAR-10 row) or 6 ("LBGAT6", its
+    CIFAR-100 row); the default is 0."""
+
+    uses_guide = True
+
+    def __init__(
+        self,
+        target: nn.Module,
+        guide: nn.Module,
+        *,
+        beta: float = 0.0,
+        eps: float = 0.031,
+        step_size: float = 0.007,
+        steps: int = 10,
+        awp_gamma: float = 0.0,
+    ) -> None:
+        super().__init__(target, guide, awp_gamma=awp_gamma)
+        self.beta = beta
+        self.kl_attack = KLAttack(eps=eps, step_size=step_size, steps=steps)
+
+    def generate(self, x: Tensor, y: Tensor) -> Tensor:
+        # The LBGAT code: the target alone in eval mode (the guide takes no part in the attack).
+        with eval_mode(self.target):
+            return self.kl_attack(self.target, x)
+
+    def loss(self, x: Tensor, y: Tensor, x_adv: Tensor) -> dict[str, Tensor]:
+        # The reference's order; z_t(x) is computed even at beta = 0, as there, so the target's
+        # BatchNorm running statistics see the clean batch too.
+        logits_adv = self.target(x_adv)
+        logits_clean = self.target(x)
+        logits_guide = self.guide(x)
+        return lbgat_loss(logits_adv, logits_clean, logits_guide, y, beta=self.beta)
 
 
 ATTACK_CHOICES = ("cag", "trades")
@@ -89,30 +304,28 @@ class D2R(Method):
         steps: int = 10,
         sym_rule: str = "abs",
         kl_reduction: str = "mean_bc",
+        awp_gamma: float = 0.0,
     ) -> None:
-        super().__init__(target, guide)
+        super().__init__(target, guide, awp_gamma=awp_gamma)
         check_choice("attack", attack, ATTACK_CHOICES)
         check_choice("sym_rule", sym_rule, SYM_RULES)
         check_choice("kl_reduction", kl_reduction, KL_REDUCTIONS)
         self.lam, self.alpha, self.beta = lam, alpha, beta
         self.attack, self.sym_rule, self.kl_reduction = attack, sym_rule, kl_reduction
-        self.eps, self.step_size, self.steps = eps, step_size, steps
+        self.budget = {"eps": eps, "step_size": step_size, "steps": steps}
 
-    def generate(self, x: Tensor) -> Tensor:
+    def generate(self, x: Tensor, y: Tensor) -> Tensor:
         # Both models in eval mode for the attack, as the released code does.
         with eval_mode(self.target, self.guide):
             if self.attack == "cag":
-                return cag(self.target, self.guide, x, eps=self.eps, step_size=self.step_size,
-                           steps=self.steps)
-            return KLAttack(self.eps, self.step_size, self.steps)(self.target, x)
+                return cag(self.target, self.guide, x, **self.budget)
+            return KLAttack(**self.budget)(self.target, x)
 
-    def forward(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
-        x_adv = self.generate(x)
+    def loss(self, x: Tensor, y: Tensor, x_adv: Tensor) -> dict[str, Tensor]:
         # Three separate passes, in the reference's order, so BatchNorm sees each batch alone.
         logits_adv = self.target(x_adv)
         logits_clean = self.target(x)
         logits_guide = self.guide(x)
-        return d2r_loss(
-            logits_adv, logits_clean, logits_guide, y, lam=self.lam, alpha=self.alpha,
-            beta=self.beta, sym_rule=self.sym_rule, kl_reduction=self.kl_reduction,
-        )
+        options = {"sym_rule": self.sym_rule, "kl_reduction": self.kl_reduction}
+        terms = (logits_adv, logits_clean, logits_guide, y)
+        return d2r_loss(*terms, lam=self.lam, alpha=self.alpha, beta=self.beta, **options)

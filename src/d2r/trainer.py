@@ -131,6 +131,8 @@ class Trainer:
 
     def _load_data(self) -> tuple[data.DeviceLoader, torch.Tensor, torch.Tensor]:
         d = self.cfg.data
+        for split in ("train", "test"):  # a missing file fails before any reading
+            data.require(d.name, d.root, split)
         x, y = data.load(d.name, d.root, "train", verify=d.verify)
         x_test, y_test = data.load(d.name, d.root, "test", verify=d.verify)
         if d.train_subset:
