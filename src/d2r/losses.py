@@ -88,7 +88,7 @@ def d2r_loss(
 def trades_loss(
     logits_clean: Tensor, logits_adv: Tensor, y: Tensor, *, beta: float = 6.0
 ) -> dict[str, Tensor]:
-    """TRADES (Zhang et al. 2019, arXiv:1901.08573, eq. 5 / the released code):
+    """TRADES (Zhang et al. 2019, arXiv:1901.08573, and its released code):
         CE(z(x), y) + beta * batchmean KL(p(x) || p(x'))
     with the exact KL (as nn.KLDivLoss computes it, no 1e-5) and gradients into both arguments."""
     ce = F.cross_entropy(logits_clean, y)
@@ -100,7 +100,7 @@ def mart_loss(
     logits_clean: Tensor, logits_adv: Tensor, y: Tensor, *, beta: float = 6.0
 ) -> dict[str, Tensor]:
     """MART (Wang et al. ICLR 2020, "Improving adversarial robustness requires revisiting
-    misclassified examples", eq. 9), with the numerical guards of the released code:
+    misclassified examples"), with the numerical guards of the released code:
         BCE(p(x'), y) = -log p_y(x') - log(1.0001 - max_{k != y} p_k(x') + 1e-12)
         loss = BCE + beta * mean_i [KL(p(x_i) || p(x'_i)) * (1.0000001 - p_y(x_i))]
     The KL uses log(p(x') + 1e-12) and the exact p log p, as the code's nn.KLDivLoss does."""
@@ -117,7 +117,7 @@ def mart_loss(
 def lbgat_loss(
     logits_adv: Tensor, logits_clean: Tensor, logits_guide: Tensor, y: Tensor, *, beta: float = 0.0
 ) -> dict[str, Tensor]:
-    """LBGAT (Cui et al. ICCV 2021, arXiv:2011.11164, eq. 6 / the released code), with
+    """LBGAT (Cui et al. ICCV 2021, arXiv:2011.11164, and its released code), with
     logits_adv = z_t(x'), logits_clean = z_t(x), logits_guide = z_g(x):
         MSE(z_t(x'), z_g(x)) + CE(z_g(x), y) + beta * batchmean KL(p_t(x) || p_t(x'))
     beta = 0 is "LBGAT0", beta = 6 "LBGAT6" (TRADES' weight)."""

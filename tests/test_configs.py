@@ -1,0 +1,102 @@
+"""Every config under configs/ loads, validates and builds its method; the rows of Tables 1 and 2
+carry the paper's settings, and configs of one data set differ only in the method."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from d2r import data
+from d2r.config import resolve, to_dict
+from d2r.methods import METHODS
+from d2r.trainer import build_method
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+PATHS = sorted(CONFIGS.rglob("*.yaml"))
+
+# Table 1 (SPEC section 8, plus the PGD-AT, MART and AWP rows of CIFAR-10) and Table 2
+TABLE1 = {
+    "cifar10/d2r_cag.yaml": ("wrn34_10", "d2r", {"attack": "cag", "lam": 1.0, "alpha": 30.0}),
+    "cifar10/lbgat.yaml": ("wrn34_10", "lbgat", {"beta": 0.0}),
+    "cifar10/trades.yaml": ("wrn34_10", "trades", {"beta": 6.0}),
+    "cifar10/trades_awp.yaml": ("wrn34_10", "trades", {"beta": 6.0, "awp_gamma": 5e-3}),
+    "cifar10/pgd_at.yaml": ("wrn34_10", "pgd_at", {}),
+    "cifar10/mart.yaml": ("wrn34_10", "mart", {"beta": 6.0}),
+    "cifar100/d2r_cag.yaml": ("wrn34_10", "d2r", {"attack": "cag", "lam": 0.1, "beta": 20.0}),
+    "cifar100/lbgat.yaml": ("wrn34_10", "lbgat", {"beta": 6.0}),
+    "tiny_imagenet/d2r_cag_preact_resnet18.yaml": ("preact_resnet18", "d2r", {"lam": 0.1}),
+    "tiny_imagenet/d2r_cag_wrn34_10.yaml": ("wrn34_10", "d2r", {"lam": 0.1}),
+}
+TABLE2 = [(0, 1), (1, 0), (20, 1), (30, 1), (30, 20)]
+
+
+@pytest.fixture
+def fast_init(monkeypatch):
+    # Random initialization is ~all of the time to build WRN-34-10 on a CPU; these tests check
+    # the config and the constructors, never the weights.
+    for name in ("kaiming_normal_", "kaiming_uniform_", "normal_", "uniform_"):
+        monkeypatch.setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+
+
+def test_there_are_configs():
+    assert len(PATHS) >= len(TABLE1) + 2 * len(TABLE2)
+
+
+@pytest.mark.parametrize("path", PATHS, ids=[str(p.relative_to(CONFIGS)) for p in PATHS])
+def test_config_loads_validates_and_builds(path, fast_init):
+    cfg = resolve(path)
+    info = data.info(cfg.data.name)
+    method = build_method(cfg, info)
+    assert type(method) is METHODS.get(cfg.method["name"])
+    assert (cfg.guide is not None) == method.uses_guide  # no unused guide in a config
+    with torch.device("meta"):  # shapes only: the head matches the data set's classes
+        logits = method.target.to("meta")(torch.empty(2, info.channels, info.size, info.size))
+    assert logits.shape == (2, info.num_classes)
+
+
+@pytest.mark.parametrize("path", PATHS, ids=[str(p.relative_to(CONFIGS)) for p in PATHS])
+def test_config_follows_the_paper_recipe(path):
+    cfg = resolve(path)
+    t = cfg.train
+    assert (t.epochs, t.lr, t.momentum, t.weight_decay, t.nesterov) == (100, 0.1, 0.9, 2e-4, False)
+    assert (t.warmup_factor, t.decay_at, cfg.data.batch_size) == (0.2, [0.75, 0.9], 128)
+    options = {k: cfg.method[k] for k in ("eps", "step_size", "steps")}
+    assert options == {"eps": 0.031, "step_size": 0.007, "steps": 10}
+    assert cfg.eval.eps == pytest.approx(8 / 255) and cfg.eval.attack == "pgd20"
+    assert cfg.guide is None or cfg.guide == {"name": "resnet18"}  # the reference strides
+
+
+@pytest.mark.parametrize("row,expected", TABLE1.items())
+def test_table1_rows(row, expected):
+    target, method, options = expected
+    cfg = resolve(CONFIGS / row)
+    assert cfg.data.name == row.split("/")[0] and cfg.target["name"] == target
+    assert cfg.method["name"] == method
+    assert {k: cfg.method[k] for k in options} == pytest.approx(options)
+
+
+@pytest.mark.parametrize("alpha,beta", TABLE2)
+@pytest.mark.parametrize("cag", [True, False])
+def test_table2_rows(alpha, beta, cag):
+    cfg = resolve(
+        CONFIGS / f"cifar10/ablation/d2r_{'cag' if cag else 'nocag'}_a{alpha}_b{beta}.yaml"
+    )
+    m = cfg.method
+    assert (m["name"], m["attack"], m["lam"]) == ("d2r", "cag" if cag else "trades", 1.0)
+    assert (m["alpha"], m["beta"]) == (alpha, beta)
+
+
+def test_rows_of_one_data_set_and_target_differ_only_in_the_method():
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for path in PATHS:
+        raw = to_dict(resolve(path))
+        key = (raw["data"]["name"], raw["target"]["name"])
+        groups.setdefault(key, []).append(
+            {k: v for k, v in raw.items() if k not in ("method", "guide")}
+        )
+    for key, rest in groups.items():
+        assert all(r == rest[0] for r in rest), f"configs of {key} differ outside `method`"
+
+
+def test_every_method_has_a_config():
+    assert {resolve(p).method["name"] for p in PATHS} == set(METHODS.names())
