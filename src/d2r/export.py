@@ -1,0 +1,221 @@
+"""Hand a robust model on: `export` writes a run's target weights as plain safetensors (keys of
+the model's own state_dict, loadable anywhere) with a JSON model card in the file's metadata
+and beside it as `<name>.json`; `load_model` rebuilds the architecture from the card and loads
+the weights strictly, refusing any file whose card or tensors do not fit.
+
+    d2r export runs/my-run --out robust.safetensors        # or: d2r.export_model(...)
+    model = d2r.load_model("robust.safetensors")            # eval mode, inputs in [0, 1]
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import nn
+
+CARD_FORMAT = "d2r-model"
+CARD_VERSION = 1
+META_KEY = "d2r_model"  # not checkpoint.py's "d2r": a model file is not a training checkpoint
+NORMALIZATION = "none: float images (B, C, H, W) in [0, 1]; no mean/std to apply"
+
+
+def export_model(
+    run_dir: str | Path, out: str | Path | None = None, checkpoint: str = "last"
+) -> dict[str, Any]:
+    """Write the target of `run_dir`'s `checkpoint` ('last' or 'best') to `out` (default
+    RUN_DIR/model-<checkpoint>.safetensors) and its card to `out` with .json; return the card."""
+    from d2r.checkpoint import atomic_write, atomic_write_text
+    from d2r.trainer import load_run
+
+    run_dir = Path(run_dir)
+    out = Path(out) if out is not None else run_dir / f"model-{checkpoint}.safetensors"
+    _check_out(out, run_dir)
+    cfg, method = load_run(run_dir, checkpoint)  # strict: a broken checkpoint fails here
+    card = model_card(run_dir, checkpoint, cfg)
+    state = {k: v.detach().cpu().contiguous() for k, v in method.target.state_dict().items()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out, st_save(state, metadata={META_KEY: json.dumps(card, sort_keys=True)}))
+    atomic_write_text(out.with_suffix(".json"), json.dumps(card, indent=2, sort_keys=True) + "\n")
+    return card
+
+
+def _check_out(out: Path, run_dir: Path) -> None:
+    if out.suffix != ".safetensors":
+        raise ValueError(f"--out {str(out)!r}: the model file must end in .safetensors")
+    checkpoints = {(run_dir / f"{k}.safetensors").resolve() for k in ("last", "best")}
+    if out.resolve() in checkpoints:
+        raise ValueError(
+            f"--out {str(out)!r} would overwrite the run's checkpoint; "
+            "choose another name, e.g. model.safetensors"
+        )
+
+
+def model_card(run_dir: Path, checkpoint: str, cfg: Any) -> dict[str, Any]:
+    """Everything needed to rebuild and trust the model, as plain JSON."""
+    import d2r
+    from d2r import data
+    from d2r.methods import METHODS
+
+    info = data.info(cfg.data.name)
+    options = {
+        "num_classes": info.num_classes,
+        "in_channels": info.channels,
+        **{k: v for k, v in cfg.target.items() if k != "name"},
+    }
+    uses_guide = METHODS.get(cfg.method["name"]).uses_guide
+    return {
+        "format": CARD_FORMAT,
+        "format_version": CARD_VERSION,
+        "d2r_version": d2r.__version__,
+        "architecture": {"name": cfg.target["name"], "options": options},
+        "data": {
+            "name": info.name,
+            "num_classes": options["num_classes"],
+            "in_channels": info.channels,
+            "input_size": [info.channels, info.size, info.size],
+        },
+        "normalization": NORMALIZATION,
+        "eps": cfg.method.get("eps"),
+        "norm": "Linf",
+        "training": {
+            "method": dict(cfg.method),
+            "guide": dict(cfg.guide) if uses_guide else None,
+            "epochs": cfg.train.epochs,
+            "seed": cfg.seed,
+            "checkpoint": checkpoint,
+            "epoch": _checkpoint_epoch(run_dir, checkpoint),
+        },
+        "evaluation": _evaluation(run_dir, checkpoint),
+        "source": {"run_dir": str(run_dir), "checkpoint": f"{checkpoint}.safetensors"},
+    }
+
+
+def _checkpoint_epoch(run_dir: Path, checkpoint: str) -> int | None:
+    try:
+        return json.loads((run_dir / f"{checkpoint}.json").read_text()).get("epoch")
+    except (OSError, ValueError):
+        return None
+
+
+def _evaluation(run_dir: Path, checkpoint: str) -> dict[str, Any] | None:
+    """The eval.json entry of this checkpoint (either eval.json shape), or None."""
+    from d2r.report import eval_entries
+
+    path = run_dir / "eval.json"
+    if not path.is_file():
+        return None
+    entries = eval_entries(json.loads(path.read_text()))
+    entry = entries.get(checkpoint)
+    if entry is None and len(entries) == 1:  # an older flat file: one result, for "last"
+        entry = next(iter(entries.values()))
+    return {k: v for k, v in entry.items() if k != "argv"} if entry else None
+
+
+# Loading ------------------------------------------------------------------------------------
+
+
+def read_card(path: str | Path) -> dict[str, Any]:
+    """The model card embedded in an exported file; ValueError naming the file otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model file {str(path)!r} not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{str(path)!r} is not a readable safetensors file ({err})") from None
+    if META_KEY not in meta:
+        raise ValueError(
+            f"{str(path)!r} has no d2r model card; export models with "
+            "`d2r export RUN_DIR --out FILE`, or load foreign weights with "
+            "d2r.checkpoint.load_foreign(model, path)"
+        )
+    try:
+        card = json.loads(meta[META_KEY])
+    except ValueError:
+        raise ValueError(f"{str(path)!r}: the model card is not valid JSON; re-export") from None
+    _check_card(card, path)
+    return card
+
+
+def _check_card(card: Any, path: Path) -> None:
+    problems = []
+    if not isinstance(card, dict) or card.get("format") != CARD_FORMAT:
+        problems.append(f"format is not {CARD_FORMAT!r}")
+    elif not isinstance(card.get("format_version"), int) or card["format_version"] > CARD_VERSION:
+        problems.append(
+            f"format_version {card.get('format_version')!r} is newer than this "
+            f"d2r reads ({CARD_VERSION}); upgrade d2r"
+        )
+    else:
+        arch = card.get("architecture")
+        if (
+            not isinstance(arch, dict)
+            or not isinstance(arch.get("name"), str)
+            or not isinstance(arch.get("options", {}), dict)
+        ):
+            problems.append("architecture must be {name, options}")
+    if problems:
+        raise ValueError(
+            f"{str(path)!r}: bad model card ({'; '.join(problems)}); re-export it with `d2r export`"
+        )
+
+
+def load_model(path: str | Path, *, checkpoint: str = "last") -> nn.Module:
+    """An eval-mode nn.Module from an exported file (or from a run directory's `checkpoint`),
+    taking float images in [0, 1] and returning logits: ready for any attack library. Its card
+    is attached as `model.d2r_card`. Refuses files without a valid card and weights that do
+    not fit the card's architecture exactly."""
+    from d2r.checkpoint import load_weights
+    from d2r.models import MODELS
+
+    path = Path(path)
+    if path.is_dir():  # a run directory: its target, as the trainer saved it
+        from d2r.trainer import load_run
+
+        _, method = load_run(path, checkpoint)
+        return method.target.eval()
+    card = read_card(path)
+    arch = card["architecture"]
+    try:
+        model = MODELS.create(arch["name"], **arch.get("options", {}))
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{str(path)!r}: cannot build the card's architecture ({err})") from None
+    load_weights(model, st_load(path.read_bytes()), str(path))
+    model.d2r_card = card
+    return model.eval()
+
+
+def add_command(sub: Any) -> None:
+    """`d2r export RUN_DIR --out FILE [--checkpoint last|best]` (called by cli.build_parser)."""
+    p = sub.add_parser(
+        "export",
+        help="write a run's target as safetensors with a JSON model card",
+        description="Write the target model's weights (plain state_dict keys) with a model card "
+        "(architecture, data set, input size, normalization, eps, method, evaluation) embedded "
+        "in the safetensors metadata and beside it as .json. Load with d2r.load_model(FILE).",
+    )
+    p.add_argument("run_dir", help="run directory written by `d2r train`")
+    p.add_argument("--out", help="model file (default: RUN_DIR/model-<checkpoint>.safetensors)")
+    p.add_argument("--checkpoint", choices=["last", "best"], default="last")
+    p.set_defaults(func=_command)
+
+
+def _command(args: Any) -> int:
+    out = Path(args.out) if args.out else None
+    card = export_model(args.run_dir, out, args.checkpoint)
+    out = out or Path(args.run_dir) / f"model-{args.checkpoint}.safetensors"
+    arch = card["architecture"]["name"]
+    print(
+        f"wrote {out} ({arch}, {card['data']['name']}, eps {card['eps']}) and "
+        f"{out.with_suffix('.json')}"
+    )
+    return 0
+
+
+__all__ = ["add_command", "export_model", "load_model", "model_card", "read_card"]

@@ -1,0 +1,120 @@
+"""`d2r export` / `d2r.load_model`: the target with a model card, identical outputs after a
+round trip, and refusal of files whose card or tensors do not fit."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import d2r
+from d2r.cli import main
+from d2r.export import META_KEY, export_model, load_model, read_card
+from d2r.trainer import load_run
+from tiny_runs import evaluated_run
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return evaluated_run(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def exported(run_dir, tmp_path_factory):
+    path = tmp_path_factory.mktemp("export") / "robust.safetensors"
+    export_model(run_dir, path)
+    return path
+
+
+def _resave(path, dest, tensors=None, card=None):
+    """Copy of an exported file with other tensors and/or another card (None: no card)."""
+    tensors = load_file(path) if tensors is None else tensors
+    save_file(tensors, dest, metadata=None if card is None else {META_KEY: json.dumps(card)})
+    return dest
+
+
+def test_round_trip_gives_identical_outputs(run_dir, exported):
+    _, method = load_run(run_dir, "last")
+    model = d2r.load_model(exported)
+    assert not any(m.training for m in model.modules())  # eval mode, ready for attacks
+    x = torch.rand(8, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(model(x), method.target(x))
+
+
+def test_card_describes_the_model(run_dir, exported):
+    card = read_card(exported)
+    assert json.loads(exported.with_suffix(".json").read_text()) == card
+    assert card["format"] == "d2r-model" and card["format_version"] == 1
+    assert card["d2r_version"] == d2r.__version__
+    assert card["architecture"] == {
+        "name": "small_cnn",
+        "options": {"num_classes": 10, "in_channels": 1},
+    }
+    assert card["data"] == {
+        "name": "digits",
+        "num_classes": 10,
+        "in_channels": 1,
+        "input_size": [1, 8, 8],
+    }
+    assert card["normalization"].startswith("none") and card["eps"] == 0.1
+    assert card["training"]["method"]["name"] == "d2r" and card["training"]["method"]["steps"] == 3
+    assert card["training"]["guide"] == {"name": "tiny_cnn"}
+    full = json.loads((run_dir / "eval.json").read_text())["last"]
+    assert card["evaluation"]["pgd20"] == full["pgd20"]
+    assert card["evaluation"]["settings"]["eps"] == 0.1
+
+
+def test_cli_export_best_checkpoint(run_dir, tmp_path, capsys):
+    out = tmp_path / "best.safetensors"
+    assert main(["export", str(run_dir), "--out", str(out), "--checkpoint", "best"]) == 0
+    assert read_card(out)["training"]["checkpoint"] == "best"
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_refuses_to_overwrite_a_checkpoint(run_dir, capsys):
+    before = (run_dir / "last.safetensors").read_bytes()
+    assert main(["export", str(run_dir), "--out", str(run_dir / "last.safetensors")]) == 2
+    assert "would overwrite the run's checkpoint" in capsys.readouterr().err
+    assert (run_dir / "last.safetensors").read_bytes() == before
+
+
+def test_refuses_a_file_without_a_card(exported, tmp_path):
+    path = _resave(exported, tmp_path / "plain.safetensors")
+    with pytest.raises(ValueError, match="has no d2r model card"):
+        load_model(path)
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"format": "something-else"}, "bad model card"),
+        ({"format_version": 99}, "newer than this d2r reads"),
+        ({"architecture": "small_cnn"}, "architecture must be"),
+        ({"architecture": {"name": "resnet99", "options": {}}}, "cannot build"),
+        ({"architecture": {"name": "mlp", "options": {"in_channels": 1}}}, "do not fit"),
+    ],
+)
+def test_refuses_a_wrong_card(exported, tmp_path, change, message):
+    card = {**read_card(exported), **change}
+    path = _resave(exported, tmp_path / "bad.safetensors", card=card)
+    with pytest.raises(ValueError, match=message):
+        load_model(path)
+
+
+def test_refuses_tensors_that_do_not_fit(exported, tmp_path):
+    tensors = load_file(exported)
+    first = next(iter(tensors))
+    broken = {**tensors, first: torch.zeros(3, 3)}
+    del broken[list(tensors)[-1]]
+    path = _resave(exported, tmp_path / "broken.safetensors", broken, read_card(exported))
+    with pytest.raises(ValueError, match="do not fit the model") as err:
+        load_model(path)
+    assert "missing keys" in str(err.value) and "shape mismatches" in str(err.value)
+
+
+def test_load_model_from_a_run_directory(run_dir):
+    model = load_model(run_dir)
+    assert type(model).__name__ == "SmallCNN" and not model.training
