@@ -4,6 +4,7 @@ except foreign `.pt` weights through torch's restricted `weights_only=True` load
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -17,7 +18,7 @@ from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
 FORMAT = "d2r-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: content sha256 and the full training state
 _META_KEY = "d2r"
 
 
@@ -57,8 +58,15 @@ def save(path: str | Path, tensors: dict[str, Tensor], meta: dict[str, Any]) -> 
     """Write `tensors` and JSON-able `meta` to `path` (.safetensors) and `meta` to `path`.json."""
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta}
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    meta["sha256"] = content_sha256(cpu, meta)  # a flipped bit anywhere is refused on load
     text = json.dumps(meta, sort_keys=True)
-    atomic_write(path, st_save(cpu, metadata={_META_KEY: text}))
+    try:
+        atomic_write(path, st_save(cpu, metadata={_META_KEY: text}))
+    except OSError as err:  # full disk, read-only mount: the previous file is still whole
+        raise ValueError(
+            f"could not write checkpoint {str(path)!r} ({err.strerror or err}); the previous "
+            "checkpoint there is intact; free disk space or fix permissions, then resume"
+        ) from None
     atomic_write_text(Path(path).with_suffix(".json"), json.dumps(meta, indent=2, sort_keys=True))
 
 
@@ -78,7 +86,32 @@ def load(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
         ) from None
     if meta.get("format") != FORMAT:
         raise ValueError(f"{str(path)!r} is a safetensors file but not a d2r checkpoint")
+    _verify(path, tensors, meta)
     return tensors, meta
+
+
+def content_sha256(tensors: dict[str, Tensor], meta: dict[str, Any]) -> str:
+    """sha256 over every tensor (name, dtype, shape, bytes) and the metadata without the hash."""
+    digest = hashlib.sha256()
+    rest = {k: v for k, v in meta.items() if k != "sha256"}
+    digest.update(json.dumps(rest, sort_keys=True).encode())
+    for key in sorted(tensors):
+        t = tensors[key].detach().to("cpu").contiguous()
+        digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _verify(path: Path, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(f"{str(path)!r} has checkpoint format version {version!r}; this d2r "
+                         f"reads up to {FORMAT_VERSION}: upgrade d2r")
+    if version >= 2 and meta.get("sha256") != content_sha256(tensors, meta):
+        raise ValueError(
+            f"checkpoint {str(path)!r} is corrupted (its sha256 does not match its content); "
+            "use another checkpoint (e.g. best.safetensors) or retrain"
+        )
 
 
 def _read_metadata(data: bytes) -> dict[str, str]:
@@ -191,7 +224,7 @@ def _keys_of(obj: object) -> str:
 def _target_only(state: dict[str, Tensor]) -> dict[str, Tensor]:
     # A d2r checkpoint stores "target.*" and "guide.*"; only the target is ever evaluated.
     prefixes = {k.split(".", 1)[0] for k in state}
-    if "target" in prefixes and prefixes <= {"target", "guide"}:
+    if "target" in prefixes and prefixes <= {"target", "guide", "state"}:  # state: resume only
         return unprefixed("target", state)
     return state
 

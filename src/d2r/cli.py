@@ -1,4 +1,5 @@
-"""Command line: d2r train | eval | list | data. Errors at the boundary are one line, exit 2."""
+"""Command line: d2r train | eval | report | export | list | data. Errors at the boundary are
+one line, exit 2."""
 
 from __future__ import annotations
 
@@ -10,19 +11,47 @@ from pathlib import Path
 
 from d2r import checkpoint
 from d2r.config import parse_number, resolve
+from d2r.resume import Preempted
 
 
 def _train(args: argparse.Namespace) -> int:
+    from d2r import distributed
     from d2r.trainer import Trainer
 
-    cfg = resolve(args.config, args.set)
-    trainer = Trainer(cfg, args.out, progress=not args.quiet)
-    print(f"training {cfg.method['name']} on {cfg.data.name} ({trainer.device}); "
-          f"run directory: {trainer.run_dir}")
-    run = trainer.fit()
-    print(_summary_table(run.history, cfg.eval.attack, cfg.eval.eps))
-    print(f"run directory: {run.dir}")
+    cfg = _train_config(args)
+    try:
+        trainer = Trainer(cfg, args.resume or args.out, progress=not args.quiet,
+                          resume=bool(args.resume))
+        main_rank = trainer.dist.is_main  # under torchrun only rank 0 prints
+        if main_rank:
+            print(f"training {cfg.method['name']} on {cfg.data.name} ({trainer.device}, "
+                  f"{trainer.dist.world_size} process(es)); run directory: {trainer.run_dir}")
+        run = trainer.fit()
+    finally:
+        distributed.cleanup()
+    if main_rank:
+        print(_summary_table(run.history, cfg.eval.attack, cfg.eval.eps))
+        print(f"run directory: {run.dir}")
     return 0
+
+
+def _train_config(args: argparse.Namespace):
+    """The config to train with. With --resume: the run's own config.yaml, where only keys
+    named with --set may change (a -c file that differs elsewhere is refused)."""
+    if not args.resume:
+        return resolve(args.config, args.set)
+    from d2r.config import to_dict
+    from d2r.resume import check_resume_config
+
+    if args.out:
+        raise ValueError("--resume continues in the run's own directory; drop --out")
+    saved_path = Path(args.resume) / "config.yaml"
+    if not saved_path.is_file():
+        raise FileNotFoundError(f"cannot resume {args.resume!r}: no config.yaml there; give a "
+                                "run directory written by `d2r train`")
+    cfg = resolve(args.config or saved_path, args.set)
+    check_resume_config(to_dict(resolve(saved_path)), to_dict(cfg), args.set, saved_path)
+    return cfg
 
 
 def _summary_table(history: list[dict], attack: str, eps: float) -> str:
@@ -169,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key, e.g. train.epochs=2 or method.eps=8/255")
     train.add_argument("--out", help="run directory (default: runs/<time>-<data>-<method>)")
+    train.add_argument("--resume", metavar="RUN_DIR",
+                       help="continue an interrupted run exactly where its last checkpoint "
+                       "stopped; --set KEY=VALUE names the keys allowed to change")
     train.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=_train)
 
@@ -209,6 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
     dl.add_argument("name")
     dl.add_argument("--root", default="data")
     dl.set_defaults(func=_data)
+
+    from d2r import export, report  # each defines its subcommand beside its code
+
+    report.add_command(sub)
+    export.add_command(sub)
     return parser
 
 
@@ -221,12 +258,18 @@ def main(argv: list[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
+    except Preempted as err:  # SIGINT/SIGTERM: checkpoint written; 128 + signal, as shells do
+        print(f"d2r: {err}", file=sys.stderr)
+        return err.exit_code
     except (ValueError, FileNotFoundError) as err:
         message = " ".join(str(err).split())  # one line, whatever the message
         print(f"d2r: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("d2r: interrupted", file=sys.stderr)
+        # A second Ctrl-C during training lands here: files are written by atomic rename, so
+        # the last checkpoint on disk is whole.
+        print("d2r: interrupted; the last checkpoint written is intact (for a training run: "
+              "d2r train --resume RUN_DIR continues from it)", file=sys.stderr)
         return 130
 
 

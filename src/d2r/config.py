@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -44,6 +45,19 @@ class TrainConfig:
     decay_at: list[float] = field(default_factory=lambda: [0.75, 0.9])
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     log_every: int = 20  # steps between metrics.jsonl lines (the only host sync of the loop)
+    tensorboard: bool = False  # mirror metrics.jsonl to RUN_DIR/tensorboard (d2r[tensorboard])
+    # Speed (d2r.speed, docs/speed.md). "auto": on for CUDA (and, except compile, for CPUs with
+    # native bf16), off elsewhere; true/false force a flag. Evaluation always runs in fp32.
+    amp: str | bool = "auto"  # auto | bf16 | off: bf16 autocast of the training step and attack
+    channels_last: str | bool = "auto"  # auto | on | off: NHWC models and batches
+    compile: str | bool = "auto"  # auto | on | off: torch.compile of both models (CUDA only)
+    optimizer_impl: str = "auto"  # auto | fused | foreach | for_loop (SGD's implementation)
+    # Multi-GPU (torchrun): BatchNorm statistics over the global batch (CUDA only)
+    sync_bn: bool = False
+    # last.safetensors is also written mid-epoch every this many minutes (0: at epoch ends only),
+    # so a preemption or crash loses at most that much work.
+    checkpoint_minutes: float = 10.0
+    nonfinite: str = "stop"  # a NaN/inf loss: stop (error) | skip (no update for that batch)
 
 
 @dataclass
@@ -77,8 +91,16 @@ class Config:
 # Range rules by option name, applied wherever the name appears (sections and component dicts).
 _POSITIVE = {"lr", "batch_size", "steps", "epochs", "log_every", "every", "restarts"}
 _NON_NEGATIVE = {"eps", "step_size", "weight_decay", "momentum", "lam", "alpha", "beta",
-                 "awp_gamma", "train_subset", "test_subset", "subset", "warmup_factor"}
+                 "awp_gamma", "train_subset", "test_subset", "subset", "warmup_factor",
+                 "checkpoint_minutes"}
 _COMPONENT_SECTIONS = ("target", "guide", "method")
+_CHOICES = {
+    "train.nonfinite": ("stop", "skip"),
+    "train.amp": ("auto", "bf16", "off", True, False),
+    "train.channels_last": ("auto", "on", "off", True, False),
+    "train.compile": ("auto", "on", "off", True, False),
+    "train.optimizer_impl": ("auto", "fused", "foreach", "for_loop"),
+}
 
 
 def parse_number(text: str) -> float:
@@ -95,7 +117,10 @@ def parse_number(text: str) -> float:
 def parse_value(text: str) -> Any:
     """A `--set` value: YAML scalars/lists ('3', 'true', '[1, 2]', 'null') or a fraction '8/255'."""
     if _FRACTION.match(text):
-        return parse_number(text)
+        try:
+            return parse_number(text)
+        except ValueError:  # '1/0', './.': left as text, so the error names the key
+            return text
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:
@@ -111,6 +136,8 @@ def coerce(key: str, value: Any, like: Any) -> Any:
             value = parse_number(value)
         except ValueError:
             raise ValueError(f"config key {key!r}: expected a number, got {value!r}") from None
+        if not math.isfinite(value):
+            raise ValueError(f"config key {key!r}: must be a finite number, got {value}")
     if isinstance(like, bool):
         if not isinstance(value, bool):
             raise ValueError(f"config key {key!r}: expected true or false, got {value!r}")
@@ -126,13 +153,22 @@ def coerce(key: str, value: Any, like: Any) -> Any:
             f"config key {key!r}: expected {type(like).__name__}, got {type(value).__name__} "
             f"{value!r}"
         )
+    if isinstance(like, list) and like and isinstance(like[0], float):  # e.g. train.decay_at
+        value = [coerce(f"{key}[{i}]", v, like[0]) for i, v in enumerate(value)]
+        for i, v in enumerate(value):
+            _check_range(f"{key}[{i}]", v)
     return value
 
 
 def _check_range(key: str, value: Any) -> None:
     name = key.rsplit(".", 1)[-1]
+    if key in _CHOICES and value not in _CHOICES[key]:
+        raise ValueError(f"config key {key!r}: choose one of {', '.join(map(str, _CHOICES[key]))}, "
+                         f"got {value!r}")
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         return
+    if not math.isfinite(value):  # nan/inf would only surface as a NaN loss hours later
+        raise ValueError(f"config key {key!r}: must be a finite number, got {value}")
     if name in _POSITIVE and value <= 0:
         raise ValueError(f"config key {key!r}: must be > 0, got {value}")
     if name in _NON_NEGATIVE and value < 0:
@@ -152,9 +188,16 @@ def _fill_section(prefix: str, section: Any, raw: dict[str, Any]) -> None:
         like = defaults[key]
         if like is None:  # Optional fields: the annotation says which type
             like = _optional_like(section, key, value)
+        elif isinstance(value, bool) and _accepts_bool(section, key):
+            like = False  # "auto"-or-switch fields (train.amp, ...): true/false also valid
         value = coerce(full, value, like)
         _check_range(full, value)
         setattr(section, key, value)
+
+
+def _accepts_bool(section: Any, key: str) -> bool:
+    annotation = str(next(f.type for f in fields(section) if f.name == key))
+    return "bool" in annotation
 
 
 def _optional_like(section: Any, key: str, value: Any) -> Any:
@@ -251,6 +294,11 @@ def resolve(path: str | Path | None = None, overrides: list[str] | None = None) 
     """Defaults <- YAML file <- `--set` overrides. Component dicts given in the YAML replace
     the default component whole (a different method has different options)."""
     raw = load_yaml(path) if path else {}
+    if path:  # validate the file alone first, so its errors name it
+        try:
+            from_dict(raw)
+        except ValueError as err:
+            raise ValueError(f"config file {str(path)!r}: {err}") from None
     return from_dict(apply_overrides(raw, overrides or []))
 
 

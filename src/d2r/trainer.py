@@ -13,16 +13,30 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 import d2r
-from d2r import checkpoint, data
+from d2r import checkpoint, data, distributed, speed
 from d2r.attacks import from_name
 from d2r.config import Config, dump_yaml, to_dict
 from d2r.evaluate import correct_flags
+from d2r.logs import TensorBoardLog
 from d2r.methods import METHODS, Method, eval_mode
 from d2r.models import MODELS
+from d2r.progress import Progress
 from d2r.registry import build
+from d2r.resume import (
+    STATE,
+    NonFiniteLossError,
+    Preempted,
+    SignalGuard,
+    capture_rng,
+    file_size,
+    load_optimizer_state,
+    optimizer_state,
+    remove_stale_temps,
+    restore_rng,
+    truncate_log,
+)
 
 
 def lr_factor(epoch: int, epochs: int, warmup_factor: float, decay_at: list[float]) -> float:
@@ -73,11 +87,18 @@ def _git_hash() -> str | None:
     return out.stdout.strip() or None
 
 
-def prepare_run_dir(out: str | Path) -> Path:
+def prepare_run_dir(out: str | Path, resume: bool = False) -> Path:
     """Create the run directory, refusing one that already holds a run (never overwrite a
-    result) and checking it is writable before any training starts."""
+    result) unless resuming it, and checking it is writable before any training starts."""
     run_dir = Path(out)
-    if (run_dir / "config.yaml").exists():
+    if resume:
+        for name in ("config.yaml", "last.safetensors"):
+            if not (run_dir / name).is_file():
+                raise FileNotFoundError(
+                    f"cannot resume {str(run_dir)!r}: it has no {name}; give a run directory "
+                    "written by `d2r train` (a run killed before its first checkpoint must restart)"
+                )
+    elif (run_dir / "config.yaml").exists():
         raise ValueError(
             f"{str(run_dir)!r} already holds a run; choose another --out (or resume it)"
         )
@@ -112,22 +133,53 @@ class Run:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, out: str | Path | None = None, *, progress: bool = True):
+    def __init__(
+        self, cfg: Config, out: str | Path | None = None, *, progress: bool = True,
+        resume: bool = False,
+    ):
         self.cfg, self.progress = cfg, progress
-        self.device = pick_device(cfg.train.device)
+        self.dist = distributed.from_env()  # one process, or a rank under torchrun
+        self.device = pick_device(distributed.device_name(cfg.train.device, self.dist))
+        distributed.setup(self.dist, self.device)
         torch.manual_seed(cfg.seed)
         self.info = data.info(cfg.data.name)
         self.method = build_method(cfg, self.info).to(self.device)  # bad options fail here
+        # a missing tensorboard package fails here too, before any data or directory
+        self.tensorboard = TensorBoardLog() if cfg.train.tensorboard else None
+        # what the user sees: a bar on a terminal, log lines otherwise, nothing when quiet
+        shown = progress and self.dist.is_main  # under torchrun only rank 0 reports
+        self.display = Progress(cfg.train.epochs, "auto" if shown else "off")
+        self.fast = speed.resolve(cfg.train, self.device)
+        self.model = self._prepare_model()  # what the step calls: the method, or DDP around it
         self.train_loader, self.x_test, self.y_test = self._load_data()
         self.optimizer = torch.optim.SGD(
             [{"params": m.parameters(), "name": name} for name, m in self.method.models().items()],
             lr=cfg.train.lr, momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay,
-            nesterov=cfg.train.nesterov,
+            nesterov=cfg.train.nesterov, **self.fast.optimizer_options(),
         )
         self.eval_attack = from_name(cfg.eval.attack, cfg.eval.eps)
-        self.run_dir = prepare_run_dir(out or default_run_dir(cfg))
+        # Only rank 0 writes; the other ranks keep the path for Run.dir.
+        run_dir = Path(out) if out else default_run_dir(cfg)
+        self.run_dir = prepare_run_dir(run_dir, resume) if self.dist.is_main else run_dir
         self.step, self.best = 0, -1.0
         self.history: list[dict[str, Any]] = []
+        self.epoch, self.skipped = 0, 0  # epochs completed; batches skipped for a NaN/inf loss
+        self.sums: dict[str, torch.Tensor] = {}  # the current epoch's loss terms, on the device
+        self.count = 0  # batches in self.sums
+        self.guard, self.resumed = SignalGuard(), resume
+        self._last_save, self._saved_step = time.monotonic(), None
+        if resume:
+            self._restore()
+
+    def _prepare_model(self) -> torch.nn.Module:
+        """The fast path (channels_last, bf16 logits hook, compile) on both models, then DDP
+        under torchrun. Ranks share the models' init (DDP also broadcasts rank 0's) but draw
+        different attack noise."""
+        self.fast.prepare(self.method.models().values())
+        model = distributed.wrap(self.method, self.dist, self.device, self.cfg.train.sync_bn)
+        if self.dist.enabled:
+            torch.manual_seed(self.cfg.seed + self.dist.rank)
+        return model
 
     def _load_data(self) -> tuple[data.DeviceLoader, torch.Tensor, torch.Tensor]:
         d = self.cfg.data
@@ -145,26 +197,52 @@ class Trainer:
             x, y, d.batch_size, shuffle=True, seed=self.cfg.seed, device=self.device,
             crop_padding=self.info.crop_padding if d.augment else 0,
             flip=self.info.flip and d.augment,
+            rank=self.dist.rank, world_size=self.dist.world_size,
         )
         return loader, x_test.to(self.device), y_test.to(self.device)
 
     def fit(self) -> Run:
+        """Train from epoch `self.epoch` (0, or where a resumed run stopped). SIGINT/SIGTERM
+        end the current step, write last.safetensors and raise Preempted."""
         self._write_header()
-        for epoch in range(self.cfg.train.epochs):
-            self._set_lr(epoch)
-            terms, seconds = self._train_epoch(epoch)
-            record = {"kind": "epoch", "epoch": epoch + 1, "step": self.step, "seconds": seconds,
-                      "lr": self.optimizer.param_groups[0]["lr"], **terms}
-            if self._should_evaluate(epoch):
-                record.update(self._evaluate())
-            self._log(record)
-            self.history.append(record)
-            self._checkpoint(record)
+        with self.guard:
+            for epoch in range(self.epoch, self.cfg.train.epochs):
+                self._set_lr(epoch)
+                terms, seconds = self._train_epoch(epoch)
+                record = {"kind": "epoch", "epoch": epoch + 1, "step": self.step,
+                          "seconds": seconds, "lr": self.optimizer.param_groups[0]["lr"],
+                          "skipped_batches": self.skipped, **terms}
+                if self._should_evaluate(epoch):
+                    record.update(self._evaluate())
+                self._log(record)
+                self.display.end_epoch(record)
+                self.history.append(record)
+                self.epoch, self.sums, self.count = epoch + 1, {}, 0
+                self._checkpoint(record)
+                self._stop_if_signalled()
+        self._finish()
         return Run(self.run_dir, self.cfg, self.method, self.history)
 
+    def _finish(self) -> None:
+        """curves.png (the paper's Fig. 2 for this run) and the TensorBoard files closed."""
+        from d2r.logs import read_metrics
+        from d2r.curves import write_curves  # matplotlib is imported only here
+
+        # from the log, not self.history: a resumed run's curves start at epoch 1 too
+        if self.dist.is_main and read_metrics(self.run_dir, "epoch"):
+            write_curves(self.run_dir)
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
     def _write_header(self) -> None:
+        if not self.dist.is_main:
+            return
         checkpoint.atomic_write_text(self.run_dir / "config.yaml", dump_yaml(self.cfg))
-        env = environment(self.device)
+        env = {**environment(self.device), "fast_path": self.fast.describe(),
+               "world_size": self.dist.world_size}
+        if self.resumed:  # keep the original start; list each resume after it
+            old = json.loads((self.run_dir / "env.json").read_text())
+            env = {**old, "resumes": [*old.get("resumes", []), {**env, "step": self.step}]}
         checkpoint.atomic_write_text(self.run_dir / "env.json", json.dumps(env, indent=2))
 
     def _set_lr(self, epoch: int) -> None:
@@ -175,29 +253,80 @@ class Trainer:
 
     def _train_epoch(self, epoch: int) -> tuple[dict[str, float], float]:
         self.method.train()
-        start, sums, count = time.perf_counter(), {}, 0
-        bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{self.cfg.train.epochs}",
-                   disable=not self.progress, leave=False, unit="batch")
+        start = time.perf_counter()  # self.sums/count carry over into a resumed epoch
+        bar = self.display.epoch(self.train_loader, epoch)
         for x, y in bar:
-            out = self.method(x, y)
+            with self.fast.autocast():  # bf16 for the attack and the loss when enabled
+                out = self.model(self.fast.batch(x), y)
+            finite = self._check_finite(out, epoch)
             self.optimizer.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            self.optimizer.step()
+            if finite:
+                out["loss"].backward()
+                self.optimizer.step()
             self.method.after_step()
             self.step += 1
-            count += 1
-            for name, value in out.items():  # accumulate on the device: no host sync per step
-                sums[name] = sums.get(name, 0.0) + value.detach()
+            if finite:
+                self.count += 1
+                for name, value in out.items():  # accumulate on the device: no extra sync
+                    self.sums[name] = self.sums.get(name, 0.0) + value.detach()
             if self.step % self.cfg.train.log_every == 0:
-                means = {k: (v / count).item() for k, v in sums.items()}
-                bar.set_postfix({k: f"{v:.3g}" for k, v in means.items()})
-                self._log({"kind": "step", "epoch": epoch + 1, "step": self.step, **means})
-        means = {k: (v / max(count, 1)).item() for k, v in sums.items()}
-        return means, time.perf_counter() - start
+                means = self._means(self.sums, self.count)
+                bar.log(self.step, means)
+                self._log({"kind": "step", "epoch": epoch + 1, "step": self.step,
+                           "skipped_batches": self.skipped, **means})
+            self._between_steps()
+        return self._means(self.sums, self.count), time.perf_counter() - start
+
+    def _check_finite(self, out: dict[str, torch.Tensor], epoch: int) -> bool:
+        """True if the loss is finite. This is one host sync per step, on purpose: a NaN step
+        poisons every weight and momentum buffer at once, so a device flag read only at log
+        points would find the damage done. One scalar read after an adversarial step (an
+        attack of several forward/backward passes, then the update) costs little."""
+        finite = torch.isfinite(out["loss"].detach()).float()
+        # Under DDP every rank must take the same decision, or the next all-reduce hangs.
+        if distributed.all_mean(finite).item() == 1.0:
+            return True
+        terms = ", ".join(f"{k}={v.item():.4g}" for k, v in out.items())
+        where = f"epoch {epoch + 1} step {self.step + 1}"
+        if self.cfg.train.nonfinite == "skip":
+            self.skipped += 1
+            print(f"d2r: warning: non-finite loss at {where} ({terms}); batch skipped",
+                  file=sys.stderr)
+            return False
+        last = (f"{self.run_dir / 'last.safetensors'} (step {self._saved_step})"
+                if self._saved_step is not None else "none written yet")
+        raise NonFiniteLossError(
+            f"non-finite loss at {where} ({terms}); the weights were not updated with it; last "
+            f"good checkpoint: {last}; lower train.lr, check the data, or set "
+            "train.nonfinite=skip to skip such batches"
+        )
+
+    def _between_steps(self) -> None:
+        """A mid-epoch checkpoint when train.checkpoint_minutes have passed or a signal came.
+        Not after an epoch's last batch: the epoch-end checkpoint follows its evaluation."""
+        minutes = self.cfg.train.checkpoint_minutes
+        due = minutes > 0 and time.monotonic() - self._last_save >= 60 * minutes
+        if not (due or self.guard.signum):
+            return
+        if self.train_loader.state_dict()["batch"] >= len(self.train_loader):
+            return
+        self._checkpoint(None)
+        self._stop_if_signalled()
+
+    def _stop_if_signalled(self) -> None:
+        if self.guard.signum is not None:
+            raise Preempted(self.guard.signum, self.run_dir, self.step)
+
+    def _means(self, sums: dict[str, torch.Tensor], count: int) -> dict[str, float]:
+        """Per-step means of the accumulated terms, averaged over ranks: one host sync."""
+        if not sums:
+            return {}
+        stacked = torch.stack([v.float() for v in sums.values()]) / max(count, 1)
+        return dict(zip(sums, distributed.all_mean(stacked).tolist(), strict=True))
 
     def _should_evaluate(self, epoch: int) -> bool:
         last = epoch + 1 == self.cfg.train.epochs
-        return last or (epoch + 1) % self.cfg.eval.every == 0
+        return self.dist.is_main and (last or (epoch + 1) % self.cfg.eval.every == 0)
 
     def _evaluate(self) -> dict[str, float]:
         """Target only, eval mode, fp32: clean and the per-epoch attack on the held-out split."""
@@ -213,19 +342,82 @@ class Trainer:
         return result
 
     def _log(self, record: dict[str, Any]) -> None:
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if not self.dist.is_main:
+            return
+        path = self.run_dir / "metrics.jsonl"
+        try:
+            with open(path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as err:
+            raise ValueError(f"could not append to {str(path)!r} ({err.strerror}); free disk "
+                             f"space, then: d2r train --resume {self.run_dir}") from None
+        if self.tensorboard is not None:
+            self.tensorboard.write(self.run_dir, record)
 
-    def _checkpoint(self, record: dict[str, Any]) -> None:
-        tensors = {}
-        for name, model in self.method.models().items():
-            tensors.update(checkpoint.prefixed(name, model.state_dict()))
-        meta = {"epoch": record["epoch"], "step": self.step, "record": record,
-                "config": to_dict(self.cfg), "models": list(self.method.models())}
-        checkpoint.save(self.run_dir / "last.safetensors", tensors, meta)
-        if record.get("robust_acc", -1.0) > self.best:
+    def _checkpoint(self, record: dict[str, Any] | None) -> None:
+        """last.safetensors gets the complete state (at an epoch end, `record` is its log line;
+        mid-epoch, None); best.safetensors the same when the evaluated robust accuracy improved.
+        Each write is an atomic rename: a kill leaves the previous complete file."""
+        if not self.dist.is_main:
+            return
+        improved = record is not None and record.get("robust_acc", -1.0) > self.best
+        if improved:
             self.best = record["robust_acc"]
+        tensors, meta = self._state(record)
+        checkpoint.save(self.run_dir / "last.safetensors", tensors, meta)
+        self._last_save, self._saved_step = time.monotonic(), self.step
+        if improved:
             checkpoint.save(self.run_dir / "best.safetensors", tensors, meta)
+
+    def _state(self, record: dict[str, Any] | None) -> tuple[dict[str, torch.Tensor], dict]:
+        """Both models, optimizer (by parameter name), loader position, every RNG, counters,
+        history and the config: what an exact resume needs. Tensors here, the rest JSON."""
+        models = self.method.models()
+        tensors = {}
+        for name, model in models.items():
+            tensors.update(checkpoint.prefixed(name, model.state_dict()))
+        optim_tensors, optim_meta = optimizer_state(self.optimizer, models)
+        rng_tensors, rng_meta = capture_rng()
+        loader = self.train_loader.state_dict()
+        sums = {k: torch.as_tensor(v) for k, v in self.sums.items()}
+        state = {**optim_tensors, **rng_tensors, "loader.generator": loader.pop("generator"),
+                 **checkpoint.prefixed("sums", sums)}
+        tensors.update(checkpoint.prefixed(STATE, state))
+        scaler = getattr(self, "scaler", None)  # an AMP GradScaler, if the loop uses one
+        train_state = {
+            "epoch": self.epoch, "step": self.step, "loader": loader, "optimizer": optim_meta,
+            "rng": rng_meta, "best": self.best, "history": self.history, "count": self.count,
+            "skipped": self.skipped, "scaler": scaler.state_dict() if scaler else None,
+            "metrics_bytes": file_size(self.run_dir / "metrics.jsonl"),
+        }
+        meta = {"epoch": self.epoch, "step": self.step, "record": record,
+                "config": to_dict(self.cfg), "models": list(models), "train_state": train_state}
+        return tensors, meta
+
+    def _restore(self) -> None:
+        """Load last.safetensors completely and cut metrics.jsonl back to the checkpoint."""
+        path = self.run_dir / "last.safetensors"
+        tensors, meta = checkpoint.load(path)  # format, integrity hash
+        ts = meta.get("train_state")
+        if not isinstance(ts, dict):
+            raise ValueError(f"{str(path)!r} holds weights but no training state (an older "
+                             "d2r wrote it): it can be evaluated, not resumed")
+        models = self.method.models()
+        for name, model in models.items():
+            checkpoint.load_weights(model, checkpoint.unprefixed(name, tensors), f"{path}:{name}")
+        state = checkpoint.unprefixed(STATE, tensors)
+        load_optimizer_state(self.optimizer, models, state, ts["optimizer"], str(path))
+        self.train_loader.load_state_dict({**ts["loader"], "generator": state["loader.generator"]})
+        self.sums = {k: v.to(self.device) for k, v in checkpoint.unprefixed("sums", state).items()}
+        self.epoch, self.step, self.best = ts["epoch"], ts["step"], ts["best"]
+        self.history, self.count, self.skipped = ts["history"], ts["count"], ts["skipped"]
+        scaler = getattr(self, "scaler", None)
+        if scaler and ts["scaler"]:
+            scaler.load_state_dict(ts["scaler"])
+        self._saved_step = self.step
+        restore_rng(state, ts["rng"])  # last: building the models drew from the global RNG
+        truncate_log(self.run_dir / "metrics.jsonl", ts["metrics_bytes"])
+        remove_stale_temps(self.run_dir)
 
 
 def load_run(run_dir: str | Path, which: str = "last") -> tuple[Config, Method]:

@@ -55,6 +55,8 @@ class DeviceLoader:
         drop_last: bool = False,
         seed: int = 0,
         device: str | torch.device = "cpu",
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         if x.dtype != torch.uint8 or x.ndim != 4 or len(x) != len(y):
             raise ValueError(
@@ -63,6 +65,12 @@ class DeviceLoader:
             )
         if batch_size < 1 or crop_padding < 0:
             raise ValueError(f"batch_size {batch_size} must be >= 1, crop_padding >= 0")
+        if not 0 <= rank < world_size or batch_size < world_size:
+            raise ValueError(f"rank {rank} of {world_size} processes with a global batch of "
+                             f"{batch_size}: need 0 <= rank < world_size <= batch_size")
+        # Data parallel: every rank draws the same plan (same seed) and keeps its own
+        # contiguous slice of each global batch, so the union of the slices is that batch.
+        self.rank, self.world_size = rank, world_size
         self.device = torch.device(device)
         self.x, self.y = x.to(self.device), y.to(self.device, torch.int64)
         self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
@@ -73,7 +81,11 @@ class DeviceLoader:
 
     def __len__(self) -> int:
         n = len(self.x)
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+        if self.world_size == 1:
+            return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+        # A last batch too small to give every rank an example is dropped on all ranks.
+        rest = n % self.batch_size
+        return n // self.batch_size + (not self.drop_last and rest >= self.world_size)
 
     def _plan(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """The epoch's order (N,), crop offsets (N, 2) and flip mask (N,), drawn at once so that
@@ -111,7 +123,7 @@ class DeviceLoader:
         flips: torch.Tensor | None,
     ) -> Iterator[Batch]:
         for i in range(start, len(self)):
-            part = slice(i * self.batch_size, (i + 1) * self.batch_size)
+            part = self._shard(i * self.batch_size, min((i + 1) * self.batch_size, len(order)))
             index = order[part]
             x = self.x[index]
             if offsets is not None or flips is not None:
@@ -123,6 +135,12 @@ class DeviceLoader:
                 )
             self._batch = i + 1  # counted as consumed once handed out
             yield x.float().div_(255), self.y[index]
+
+    def _shard(self, lo: int, hi: int) -> slice:
+        """This rank's contiguous part of the global batch [lo, hi) (sizes differ by <= 1)."""
+        size, extra = divmod(hi - lo, self.world_size)
+        begin = lo + self.rank * size + min(self.rank, extra)
+        return slice(begin, begin + size + (self.rank < extra))
 
     def state_dict(self) -> dict[str, Any]:
         """Epochs started, batches consumed in the current one, the generator state at its start

@@ -1,0 +1,89 @@
+"""Peak memory of one D2R-CAG training step (attack, loss, backward, optimizer step). Prints one
+JSON line.
+
+    PYTHONPATH=src python benchmarks/memory.py --device cuda  # WRN-34-10 + ResNet-18, batch 128
+    PYTHONPATH=src python benchmarks/memory.py                # CPU: the same models, batch 8
+
+CUDA: torch.cuda.max_memory_allocated over the step (tensors only, not the allocator's cache),
+after a warm-up step so the optimizer's momentum buffers already exist, as in training.
+CPU: the growth of the process's peak resident set (getrusage ru_maxrss) over the first step:
+a coarse figure that includes the allocator's slack and the momentum buffers created then;
+there is no CPU equivalent of the CUDA counter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+
+import torch
+
+from common import add_model_args, build, machine
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_model_args(parser, batch=0, shape="3,32,32")
+    parser.set_defaults(target="wrn34_10", guide="resnet18")
+    args = parser.parse_args()
+    cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
+    args.batch = args.batch or (128 if cuda else 8)
+    method, x, y, fast = build(args)
+    optimizer = torch.optim.SGD(
+        method.parameters(), lr=0.01, momentum=0.9, **fast.optimizer_options()
+    )
+
+    def step() -> None:
+        method.train()
+        with fast.autocast():
+            out = method(x, y)
+        optimizer.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        optimizer.step()
+
+    figures: dict[str, float] = {}
+    if x.device.type == "cuda":
+        step()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        figures = {
+            "peak_allocated_mib": torch.cuda.max_memory_allocated() / 2**20,
+            "resident_before_mib": before / 2**20,
+            "measure": "cuda_max_allocated",
+        }
+    else:
+        before = peak_rss_mib()
+        step()
+        figures = {
+            "peak_rss_growth_mib": peak_rss_mib() - before,
+            "peak_rss_mib": peak_rss_mib(),
+            "measure": "ru_maxrss_growth",
+        }
+    params = sum(p.numel() for p in method.parameters())
+    print(
+        json.dumps(
+            {
+                "benchmark": "memory",
+                **{k: round(v, 1) if isinstance(v, float) else v for k, v in figures.items()},
+                "parameters_m": round(params / 1e6, 2),
+                "target": args.target,
+                "guide": args.guide,
+                "shape": args.shape,
+                "batch": args.batch,
+                **fast.describe(),
+                **machine(x.device),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

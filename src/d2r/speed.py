@@ -1,0 +1,127 @@
+"""The fast path of the training step: bf16 autocast, channels_last, torch.compile and a
+multi-tensor optimizer, each a flag of `train` with one code path (`enabled=`), never two.
+
+`"auto"` turns a flag on where it pays off: on CUDA every flag; on a CPU with native bf16
+(avx512_bf16 or AMX) autocast and channels_last; elsewhere none (bf16 there is emulated and
+slower, and compiling needs a C compiler and minutes). Evaluation never runs under autocast.
+Autocast is bf16, never fp16: the attack's input gradient is not loss-scaled and underflows.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+AMP_CHOICES = ("auto", "bf16", "off")
+SWITCH_CHOICES = ("auto", "on", "off")
+OPTIMIZER_IMPLS = ("auto", "fused", "foreach", "for_loop")
+# Passed to torch.compile, e.g. {"mode": "max-autotune"}; tests use {"backend": "aot_eager"}
+# (the same graphs and guards as inductor without a C compiler's minutes on a CPU).
+COMPILE_OPTIONS: dict[str, Any] = {}
+
+
+@cache
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU computes bf16 in hardware (AVX512-BF16 or AMX); Linux only."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def fused_sgd_available() -> bool:
+    return "fused" in inspect.signature(torch.optim.SGD).parameters
+
+
+@dataclass(frozen=True)
+class FastPath:
+    """The resolved flags (no "auto" left) and how to apply them."""
+
+    device_type: str
+    amp: bool
+    channels_last: bool
+    compile: bool
+    optimizer_impl: str  # fused | foreach | for_loop
+
+    def autocast(self) -> AbstractContextManager[Any]:
+        """bf16 autocast for the training step (attack included); a no-op when off."""
+        return torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.amp)
+
+    def batch(self, x: Tensor) -> Tensor:
+        """The input in the models' memory format (images only: (B, C, H, W))."""
+        if self.channels_last and x.dim() == 4:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def optimizer_options(self) -> dict[str, bool]:
+        """Keyword arguments for torch.optim.SGD: one fused kernel, or one multi-tensor
+        (foreach) launch per operation instead of one per parameter."""
+        if self.optimizer_impl == "fused":
+            return {"fused": True}
+        return {"foreach": self.optimizer_impl == "foreach"}
+
+    def prepare(self, models: Iterable[nn.Module]) -> None:
+        """Apply the flags to each model in place (state_dict keys stay unchanged)."""
+        for model in models:
+            if self.channels_last:
+                model.to(memory_format=torch.channels_last)
+            if self.amp:  # losses and KL terms in fp32, whatever the autocast op lists say
+                model.register_forward_hook(_logits_to_fp32)
+            if self.compile:
+                # In place (nn.Module.compile), so checkpoints keep their keys and the
+                # attack, the loss and evaluation all call the compiled model.
+                model.compile(**COMPILE_OPTIONS)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "amp": "bf16" if self.amp else "off",
+            "channels_last": self.channels_last,
+            "compile": self.compile,
+            "optimizer_impl": self.optimizer_impl,
+        }
+
+
+def _logits_to_fp32(module: nn.Module, inputs: Any, output: Tensor) -> Tensor:
+    return output.float()
+
+
+def _switch(key: str, value: str | bool, choices: tuple[str, ...], on: str = "on") -> str:
+    """Normalize a flag written as a string or as YAML true/false ("on"/"off" are booleans
+    in YAML 1.1), refusing anything else."""
+    if isinstance(value, bool):
+        value = on if value else "off"
+    if value not in choices:
+        raise ValueError(
+            f"config key 'train.{key}': {value!r} invalid; choose one of "
+            f"{', '.join(choices)} (or true/false)"
+        )
+    return value
+
+
+def resolve(train: Any, device: torch.device) -> FastPath:
+    """Turn the `train` section's speed flags into a FastPath for `device`."""
+    fast_device = device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
+    amp = _switch("amp", train.amp, AMP_CHOICES, on="bf16")
+    channels_last = _switch("channels_last", train.channels_last, SWITCH_CHOICES)
+    compiled = _switch("compile", train.compile, SWITCH_CHOICES)
+    impl = _switch("optimizer_impl", train.optimizer_impl, OPTIMIZER_IMPLS)
+    if impl == "auto":
+        impl = "fused" if device.type == "cuda" and fused_sgd_available() else "foreach"
+    if impl == "fused" and not fused_sgd_available():
+        raise ValueError("train.optimizer_impl=fused needs a newer torch; use foreach")
+    return FastPath(
+        device_type=device.type,
+        amp=amp == "bf16" or (amp == "auto" and fast_device),
+        channels_last=channels_last == "on" or (channels_last == "auto" and fast_device),
+        compile=compiled == "on" or (compiled == "auto" and device.type == "cuda"),
+        optimizer_impl=impl,
+    )

@@ -1,0 +1,124 @@
+"""The fast path (d2r.speed): flag resolution, and that each flag leaves the loss unchanged
+(within bf16's precision for autocast). No test here measures time."""
+
+import copy
+
+import pytest
+import torch
+
+from d2r import data, speed
+from d2r.config import resolve
+from d2r.trainer import Trainer, build_method
+
+SMALL = ["data.train_subset=128", "data.batch_size=32", "eval.subset=64", "train.epochs=1"]
+
+
+def fast_path(**flags) -> speed.FastPath:
+    options = {"amp": False, "channels_last": False, "compile": False, "optimizer_impl": "foreach"}
+    return speed.FastPath("cpu", **{**options, **flags})
+
+
+@pytest.fixture(scope="module")
+def batch_and_method():
+    cfg = resolve(None, [])
+    torch.manual_seed(0)
+    method = build_method(cfg, data.info("digits"))
+    x, y = data.load("digits", "data", "train")
+    return x[:64].float() / 255, y[:64], method
+
+
+def losses(batch_and_method, fast: speed.FastPath, steps: int = 2) -> list[float]:
+    """D2R-CAG losses of `steps` forwards of a copy of the method, same attack noise each."""
+    x, y, method = batch_and_method
+    method = copy.deepcopy(method)
+    fast.prepare(method.models().values())
+    method.train()
+    out = []
+    for _ in range(steps):
+        torch.manual_seed(1)
+        with fast.autocast():
+            out.append(method(fast.batch(x), y)["loss"].item())
+    return out
+
+
+def test_auto_is_off_on_a_cpu_without_native_bf16(monkeypatch):
+    monkeypatch.setattr(speed, "cpu_has_native_bf16", lambda: False)
+    fast = speed.resolve(resolve(None, []).train, torch.device("cpu"))
+    assert (fast.amp, fast.channels_last, fast.compile) == (False, False, False)
+    assert fast.optimizer_options() == {"foreach": True}
+
+
+def test_auto_turns_on_bf16_and_channels_last_on_a_native_bf16_cpu(monkeypatch):
+    monkeypatch.setattr(speed, "cpu_has_native_bf16", lambda: True)
+    fast = speed.resolve(resolve(None, []).train, torch.device("cpu"))
+    assert (fast.amp, fast.channels_last, fast.compile) == (True, True, False)
+
+
+def test_auto_turns_everything_on_for_cuda():
+    fast = speed.resolve(resolve(None, []).train, torch.device("cuda"))
+    assert (fast.amp, fast.channels_last, fast.compile) == (True, True, True)
+    fused = speed.fused_sgd_available()
+    assert fast.optimizer_options() == ({"fused": True} if fused else {"foreach": True})
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["train.amp=bf16", "train.channels_last=on", "train.compile=true"], (True, True, True)),
+        (["train.amp=true", "train.channels_last=true", "train.compile=off"], (True, True, False)),
+        (["train.amp=off", "train.channels_last=false", "train.compile=false"], (False,) * 3),
+    ],
+)
+def test_flags_force_either_way(overrides, expected):
+    fast = speed.resolve(resolve(None, overrides).train, torch.device("cuda"))
+    assert (fast.amp, fast.channels_last, fast.compile) == expected
+
+
+@pytest.mark.parametrize("bad", ["train.amp=fp16", "train.compile=maybe", "train.optimizer_impl=x"])
+def test_bad_flag_values_fail_at_config_time(bad):
+    with pytest.raises(ValueError, match=bad.split("=")[0]):
+        resolve(None, [bad])
+
+
+def test_channels_last_gives_the_same_loss(batch_and_method):
+    reference = losses(batch_and_method, fast_path())
+    assert losses(batch_and_method, fast_path(channels_last=True)) == pytest.approx(
+        reference, rel=1e-5
+    )
+
+
+def test_bf16_autocast_gives_nearly_the_same_loss_with_fp32_logits(batch_and_method):
+    # bf16 keeps 8 bits of mantissa, and a flipped gradient sign moves an attack pixel.
+    reference = losses(batch_and_method, fast_path())
+    assert losses(batch_and_method, fast_path(amp=True)) == pytest.approx(reference, rel=0.03)
+    x, _, method = batch_and_method
+    method = copy.deepcopy(method)
+    fast_path(amp=True).prepare([method.target])
+    with fast_path(amp=True).autocast():
+        assert method.target(x).dtype == torch.float32  # the loss is computed in fp32
+
+
+def test_trainer_uses_the_flags_and_keeps_evaluation_fp32(tmp_path):
+    flags = ["train.amp=bf16", "train.channels_last=on", "train.optimizer_impl=for_loop"]
+    trainer = Trainer(resolve(None, SMALL + flags), tmp_path / "run", progress=False)
+    assert trainer.optimizer.defaults["foreach"] is False
+    assert trainer.method.target.body[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+    record = trainer.fit().final
+    assert torch.isfinite(torch.tensor(record["loss"])) and 0 <= record["clean_acc"] <= 1
+    assert not torch.is_autocast_enabled("cpu")  # autocast ended with the step
+
+
+def test_compiled_models_do_not_recompile_when_modes_switch(tmp_path, monkeypatch):
+    """Each step runs both models in eval mode (attack) and train mode (loss): after the first
+    epoch has compiled every (mode, grad) variant, a second epoch must compile nothing."""
+    import torch._dynamo
+
+    monkeypatch.setattr(speed, "COMPILE_OPTIONS", {"backend": "aot_eager"})
+    torch._dynamo.reset()
+    trainer = Trainer(resolve(None, [*SMALL, "train.compile=on"]), tmp_path / "run", progress=False)
+    trainer._train_epoch(0)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # it did compile
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    terms, _ = trainer._train_epoch(1)
+    assert torch.isfinite(torch.tensor(terms["loss"]))
+    torch._dynamo.reset()
