@@ -10,8 +10,13 @@ from d2r.attacks import PGD, KLAttack, cag, from_name, kl_objective
 
 def _net(seed: int, classes: int = 4) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 6 * 6, 16), nn.BatchNorm1d(16), nn.ReLU(),
-                         nn.Linear(16, classes))
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(3 * 6 * 6, 16),
+        nn.BatchNorm1d(16),
+        nn.ReLU(),
+        nn.Linear(16, classes),
+    )
 
 
 @pytest.fixture()
@@ -75,8 +80,9 @@ def test_cag_equals_the_kl_attack_with_the_guide_reference(batch):
     assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("attack", [PGD(eps=0.1, steps=5), PGD(eps=0.1, steps=5, loss="cw"),
-                                    KLAttack(eps=0.1, steps=5)])
+@pytest.mark.parametrize(
+    "attack", [PGD(eps=0.1, steps=5), PGD(eps=0.1, steps=5, loss="cw"), KLAttack(eps=0.1, steps=5)]
+)
 def test_attacks_keep_ball_and_range_and_never_write_grads(batch, attack):
     x, y = batch
     model = _net(0).eval()

@@ -18,8 +18,16 @@ def test_parse_number_accepts_fractions(text, value):
 
 
 def test_overrides_set_nested_keys_with_types():
-    cfg = resolve(overrides=["train.epochs=2", "method.alpha=30", "method.eps=8/255",
-                             "data.name=digits", "seed=3", "train.nesterov=true"])
+    cfg = resolve(
+        overrides=[
+            "train.epochs=2",
+            "method.alpha=30",
+            "method.eps=8/255",
+            "data.name=digits",
+            "seed=3",
+            "train.nesterov=true",
+        ]
+    )
     assert cfg.train.epochs == 2 and cfg.seed == 3 and cfg.train.nesterov is True
     assert cfg.method["eps"] == pytest.approx(8 / 255) and cfg.method["alpha"] == 30
     assert cfg.method["name"] == "d2r"  # the default component is kept and extended

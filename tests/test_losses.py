@@ -26,8 +26,10 @@ def _reference(za, zn, zg, y, lam, alpha, beta):
     return lam * ce + mse + alpha * k_adv + beta * (k1 - k2).abs()
 
 
-@pytest.mark.parametrize("lam,alpha,beta", [(1.0, 30.0, 20.0), (0.1, 30.0, 20.0), (1.0, 0.0, 1.0),
-                                            (1.0, 1.0, 0.0), (1.0, 20.0, 1.0)])
+@pytest.mark.parametrize(
+    "lam,alpha,beta",
+    [(1.0, 30.0, 20.0), (0.1, 30.0, 20.0), (1.0, 0.0, 1.0), (1.0, 1.0, 0.0), (1.0, 20.0, 1.0)],
+)
 def test_value_and_gradients_match_spec(lam, alpha, beta):
     za, zn, zg, y = _logits(0)
     out = d2r_loss(za, zn, zg, y, lam=lam, alpha=alpha, beta=beta)
@@ -35,7 +37,7 @@ def test_value_and_gradients_match_spec(lam, alpha, beta):
     torch.testing.assert_close(out["loss"], ref)
     grads = torch.autograd.grad(out["loss"], (za, zn, zg))
     ref_grads = torch.autograd.grad(ref, (za, zn, zg))
-    for got, want in zip(grads, ref_grads):
+    for got, want in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(got, want)
 
 

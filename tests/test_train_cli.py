@@ -9,15 +9,23 @@ from d2r.checkpoint import load
 from d2r.cli import main
 from d2r.trainer import lr_factor
 
-RUN_FILES = ["config.yaml", "env.json", "metrics.jsonl", "last.safetensors", "last.json",
-             "best.safetensors", "best.json"]
+RUN_FILES = [
+    "config.yaml",
+    "env.json",
+    "metrics.jsonl",
+    "last.safetensors",
+    "last.json",
+    "best.safetensors",
+    "best.json",
+]
 
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "demo"
-    rc = main(["train", "--set", "train.epochs=2", "--set", "eval.subset=200", "--out", str(out),
-               "-q"])
+    rc = main(
+        ["train", "--set", "train.epochs=2", "--set", "eval.subset=200", "--out", str(out), "-q"]
+    )
     assert rc == 0
     return out
 
@@ -93,8 +101,9 @@ def test_list_names_every_registry(capsys):
         assert word in text
 
 
-@pytest.mark.parametrize("epoch,factor", [(0, 0.2), (1, 1.0), (74, 1.0), (75, 0.1), (89, 0.1),
-                                          (90, 0.01), (99, 0.01)])
+@pytest.mark.parametrize(
+    "epoch,factor", [(0, 0.2), (1, 1.0), (74, 1.0), (75, 0.1), (89, 0.1), (90, 0.01), (99, 0.01)]
+)
 def test_reference_schedule_at_100_epochs(epoch, factor):
     assert lr_factor(epoch, 100, 0.2, [0.75, 0.9]) == pytest.approx(factor)
 

@@ -127,8 +127,14 @@ class PGD:
         if self.random_start:
             start = project(x + torch.empty_like(x).uniform_(-self.eps, self.eps), x, self.eps)
         return attack_loop(
-            model, x, start, _OBJECTIVES[self.loss](y), eps=self.eps, step_size=self.step_size,
-            steps=self.steps, y_stop=y if self.early_stop else None,
+            model,
+            x,
+            start,
+            _OBJECTIVES[self.loss](y),
+            eps=self.eps,
+            step_size=self.step_size,
+            steps=self.steps,
+            y_stop=y if self.early_stop else None,
         )
 
 
@@ -169,7 +175,12 @@ class KLAttack:
                 ref_probs = F.softmax(model(x), 1)
         start = x + self.init_std * torch.randn_like(x)
         return attack_loop(
-            model, x, start, kl_objective(ref_probs), eps=self.eps, step_size=self.step_size,
+            model,
+            x,
+            start,
+            kl_objective(ref_probs),
+            eps=self.eps,
+            step_size=self.step_size,
             steps=self.steps,
         )
 
@@ -255,8 +266,15 @@ class AutoAttack:
         """The package's AutoAttack object (its `attacks_to_run` is the list that will run)."""
         aa = require_autoattack()
         attacks = list(self.attacks) if self.attacks is not None else None
-        return aa.AutoAttack(model, attacks=attacks, device=device, eps=self.eps, norm="Linf",
-                             seed=self.seed, version=self.version)
+        return aa.AutoAttack(
+            model,
+            attacks=attacks,
+            device=device,
+            eps=self.eps,
+            norm="Linf",
+            seed=self.seed,
+            version=self.version,
+        )
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         adversary = self.build(model, x.device)

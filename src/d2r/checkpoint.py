@@ -105,8 +105,10 @@ def content_sha256(tensors: dict[str, Tensor], meta: dict[str, Any]) -> str:
 def _verify(path: Path, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
     version = meta.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise ValueError(f"{str(path)!r} has checkpoint format version {version!r}; this d2r "
-                         f"reads up to {FORMAT_VERSION}: upgrade d2r")
+        raise ValueError(
+            f"{str(path)!r} has checkpoint format version {version!r}; this d2r "
+            f"reads up to {FORMAT_VERSION}: upgrade d2r"
+        )
     if version >= 2 and meta.get("sha256") != content_sha256(tensors, meta):
         raise ValueError(
             f"checkpoint {str(path)!r} is corrupted (its sha256 does not match its content); "

@@ -20,12 +20,15 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg = _train_config(args)
     try:
-        trainer = Trainer(cfg, args.resume or args.out, progress=not args.quiet,
-                          resume=bool(args.resume))
+        trainer = Trainer(
+            cfg, args.resume or args.out, progress=not args.quiet, resume=bool(args.resume)
+        )
         main_rank = trainer.dist.is_main  # under torchrun only rank 0 prints
         if main_rank:
-            print(f"training {cfg.method['name']} on {cfg.data.name} ({trainer.device}, "
-                  f"{trainer.dist.world_size} process(es)); run directory: {trainer.run_dir}")
+            print(
+                f"training {cfg.method['name']} on {cfg.data.name} ({trainer.device}, "
+                f"{trainer.dist.world_size} process(es)); run directory: {trainer.run_dir}"
+            )
         run = trainer.fit()
     finally:
         distributed.cleanup()
@@ -47,8 +50,10 @@ def _train_config(args: argparse.Namespace):
         raise ValueError("--resume continues in the run's own directory; drop --out")
     saved_path = Path(args.resume) / "config.yaml"
     if not saved_path.is_file():
-        raise FileNotFoundError(f"cannot resume {args.resume!r}: no config.yaml there; give a "
-                                "run directory written by `d2r train`")
+        raise FileNotFoundError(
+            f"cannot resume {args.resume!r}: no config.yaml there; give a "
+            "run directory written by `d2r train`"
+        )
     cfg = resolve(args.config or saved_path, args.set)
     check_resume_config(to_dict(resolve(saved_path)), to_dict(cfg), args.set, saved_path)
     return cfg
@@ -60,10 +65,15 @@ def _summary_table(history: list[dict], attack: str, eps: float) -> str:
         return "no evaluation recorded"
     last = evaluated[-1]
     best = max(evaluated, key=lambda r: r["robust_acc"])
-    lines = [f"| checkpoint | epoch | clean | {attack.upper()} (eps={eps:.4g}) |", "|---|---|---|---|"]
+    lines = [
+        f"| checkpoint | epoch | clean | {attack.upper()} (eps={eps:.4g}) |",
+        "|---|---|---|---|",
+    ]
     for name, r in (("last", last), ("best", best)):
-        lines.append(f"| {name} | {r['epoch']} | {100 * r['clean_acc']:.2f}% | "
-                     f"{100 * r['robust_acc']:.2f}% |")
+        lines.append(
+            f"| {name} | {r['epoch']} | {100 * r['clean_acc']:.2f}% | "
+            f"{100 * r['robust_acc']:.2f}% |"
+        )
     return "\n".join(lines)
 
 
@@ -86,9 +96,18 @@ def _eval(args: argparse.Namespace) -> int:
             results[key] = rows[label] = {**same[0], **extra}
             continue
         print(f"evaluating {label} on {name} ({len(y)} test images, {device})", file=sys.stderr)
-        result = evaluate(model.to(device), x, y, attacks=attacks, eps=args.eps, seed=args.seed,
-                          batch_size=args.batch_size, device=device, checks=not args.no_checks,
-                          progress=not args.quiet)
+        result = evaluate(
+            model.to(device),
+            x,
+            y,
+            attacks=attacks,
+            eps=args.eps,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            device=device,
+            checks=not args.no_checks,
+            progress=not args.quiet,
+        )
         results[key] = {**extra, "data": name, "argv": sys.argv[1:], **result}
         rows[label] = results[key]
     out.mkdir(parents=True, exist_ok=True)
@@ -145,8 +164,9 @@ def _eval_foreign(args: argparse.Namespace) -> tuple[dict, tuple, Path]:
     if args.run_dir:
         raise ValueError("give either a run directory or --model/--weights, not both")
     info = data.info(args.data)
-    model = MODELS.create(args.model, num_classes=args.num_classes or info.num_classes,
-                          in_channels=info.channels)
+    model = MODELS.create(
+        args.model, num_classes=args.num_classes or info.num_classes, in_channels=info.channels
+    )
     checkpoint.load_foreign(model, args.weights)
     model.eval()  # a freshly built model is in train mode; evaluate() would warn about it
     weights = Path(args.weights)
@@ -168,8 +188,12 @@ def _list(args: argparse.Namespace) -> int:
     from d2r.methods import METHODS
     from d2r.models import MODELS
 
-    for title, registry in (("models", MODELS), ("methods", METHODS), ("attacks", ATTACKS),
-                            ("data sets", DATASETS)):
+    for title, registry in (
+        ("models", MODELS),
+        ("methods", METHODS),
+        ("attacks", ATTACKS),
+        ("data sets", DATASETS),
+    ):
         print(f"{title}: {', '.join(registry.names())}")
     print("evaluation attacks: pgdK, cwK (any K >= 1, e.g. pgd20, cw20)")
     return 0
@@ -187,7 +211,9 @@ def _number(text: str) -> float:
     try:
         return parse_number(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number like 0.031 or 8/255, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected a number like 0.031 or 8/255, got {text!r}"
+        ) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -195,35 +221,55 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     train = sub.add_parser("train", help="train a model (default: D2R-CAG on the embedded digits)")
     train.add_argument("-c", "--config", help="YAML config (default: the embedded demo)")
-    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config key, e.g. train.epochs=2 or method.eps=8/255")
+    train.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. train.epochs=2 or method.eps=8/255",
+    )
     train.add_argument("--out", help="run directory (default: runs/<time>-<data>-<method>)")
-    train.add_argument("--resume", metavar="RUN_DIR",
-                       help="continue an interrupted run exactly where its last checkpoint "
-                       "stopped; --set KEY=VALUE names the keys allowed to change")
+    train.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue an interrupted run exactly where its last checkpoint "
+        "stopped; --set KEY=VALUE names the keys allowed to change",
+    )
     train.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=_train)
 
     ev = sub.add_parser(
-        "eval", help="worst-case robust accuracy of a run's target, or of foreign weights",
+        "eval",
+        help="worst-case robust accuracy of a run's target, or of foreign weights",
         description="Evaluate a run directory's checkpoints, or any state dict of a registered "
         "architecture (--model ARCH --weights FILE). Writes eval.json and eval.md.",
     )
     ev.add_argument("run_dir", nargs="?", help="run directory (or use --model/--weights)")
-    ev.add_argument("--attacks", default="pgd20,cw20",
-                    help="comma-separated: pgdK, cwK, pgdKrR (R restarts), fgsm, aa, aa_plus, "
-                    "aa_rand; e.g. pgd20,pgd50,cw20,aa")
+    ev.add_argument(
+        "--attacks",
+        default="pgd20,cw20",
+        help="comma-separated: pgdK, cwK, pgdKrR (R restarts), fgsm, aa, aa_plus, "
+        "aa_rand; e.g. pgd20,pgd50,cw20,aa",
+    )
     ev.add_argument("--eps", type=_number, default=8 / 255, help="Linf radius, e.g. 8/255")
-    ev.add_argument("--checkpoint", choices=["last", "best", "both"], default=None,
-                    help="which checkpoint(s) of the run (default: both when both exist)")
+    ev.add_argument(
+        "--checkpoint",
+        choices=["last", "best", "both"],
+        default=None,
+        help="which checkpoint(s) of the run (default: both when both exist)",
+    )
     ev.add_argument("--model", help="architecture of foreign weights (see `d2r list`)")
     ev.add_argument("--weights", help="foreign weights: .safetensors or .pt (weights only)")
     ev.add_argument("--data", default="cifar10", help="data set for --weights (default cifar10)")
     ev.add_argument("--root", default="data", help="data directory for --weights")
-    ev.add_argument("--num-classes", type=int, default=None,
-                    help="classes of --model (default: the data set's)")
-    ev.add_argument("--out", help="where eval.json/eval.md go (default: the run directory, or "
-                    "WEIGHTS_STEM-eval/ beside the weights)")
+    ev.add_argument(
+        "--num-classes", type=int, default=None, help="classes of --model (default: the data set's)"
+    )
+    ev.add_argument(
+        "--out",
+        help="where eval.json/eval.md go (default: the run directory, or "
+        "WEIGHTS_STEM-eval/ beside the weights)",
+    )
     ev.add_argument("--n", type=int, default=None, help="first N test images (default: all)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--batch-size", type=int, default=256)
@@ -268,8 +314,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         # A second Ctrl-C during training lands here: files are written by atomic rename, so
         # the last checkpoint on disk is whole.
-        print("d2r: interrupted; the last checkpoint written is intact (for a training run: "
-              "d2r train --resume RUN_DIR continues from it)", file=sys.stderr)
+        print(
+            "d2r: interrupted; the last checkpoint written is intact (for a training run: "
+            "d2r train --resume RUN_DIR continues from it)",
+            file=sys.stderr,
+        )
         return 130
 
 

@@ -90,9 +90,21 @@ class Config:
 
 # Range rules by option name, applied wherever the name appears (sections and component dicts).
 _POSITIVE = {"lr", "batch_size", "steps", "epochs", "log_every", "every", "restarts"}
-_NON_NEGATIVE = {"eps", "step_size", "weight_decay", "momentum", "lam", "alpha", "beta",
-                 "awp_gamma", "train_subset", "test_subset", "subset", "warmup_factor",
-                 "checkpoint_minutes"}
+_NON_NEGATIVE = {
+    "eps",
+    "step_size",
+    "weight_decay",
+    "momentum",
+    "lam",
+    "alpha",
+    "beta",
+    "awp_gamma",
+    "train_subset",
+    "test_subset",
+    "subset",
+    "warmup_factor",
+    "checkpoint_minutes",
+}
 _COMPONENT_SECTIONS = ("target", "guide", "method")
 _CHOICES = {
     "train.nonfinite": ("stop", "skip"),
@@ -163,8 +175,9 @@ def coerce(key: str, value: Any, like: Any) -> Any:
 def _check_range(key: str, value: Any) -> None:
     name = key.rsplit(".", 1)[-1]
     if key in _CHOICES and value not in _CHOICES[key]:
-        raise ValueError(f"config key {key!r}: choose one of {', '.join(map(str, _CHOICES[key]))}, "
-                         f"got {value!r}")
+        raise ValueError(
+            f"config key {key!r}: choose one of {', '.join(map(str, _CHOICES[key]))}, got {value!r}"
+        )
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         return
     if not math.isfinite(value):  # nan/inf would only surface as a NaN loss hours later

@@ -115,8 +115,9 @@ def suite_flags(
             bar.set_postfix_str(name)
             start = time.perf_counter()
             with _seeded(seed, device):
-                flags[name] = correct_flags(model, x, y, attack, batch_size=batch_size,
-                                            device=device, bar=bar)
+                flags[name] = correct_flags(
+                    model, x, y, attack, batch_size=batch_size, device=device, bar=bar
+                )
             seconds[name] = time.perf_counter() - start
     return flags, seconds
 
@@ -162,8 +163,16 @@ def evaluate(
         check_mode(model)
         with eval_mode(model), torch.autocast(device.type, enabled=False):
             check_outputs(model, _as_float(x[: min(batch_size, CHECK_N)].to(device)))
-            flags, seconds = suite_flags(model, x, y, suite, seed=seed, batch_size=batch_size,
-                                         device=device, progress=progress)
+            flags, seconds = suite_flags(
+                model,
+                x,
+                y,
+                suite,
+                seed=seed,
+                batch_size=batch_size,
+                device=device,
+                progress=progress,
+            )
             check_suite(flags, suite)
             if checks:
                 cheap_checks(model, x, y, flags["clean"], eps, seed, device)
@@ -187,8 +196,15 @@ def _check_inputs(x: Tensor, y: Tensor) -> None:
 
 def _settings(model, suite, eps, n, seed, batch_size, device, checks) -> dict[str, Any]:
     return {
-        "eps": eps, "eps_text": format_eps(eps), "norm": "Linf", "n": n, "seed": seed,
-        "batch_size": batch_size, "dtype": "float32", "device": str(device), "checks": checks,
+        "eps": eps,
+        "eps_text": format_eps(eps),
+        "norm": "Linf",
+        "n": n,
+        "seed": seed,
+        "batch_size": batch_size,
+        "dtype": "float32",
+        "device": str(device),
+        "checks": checks,
         "model": type(model).__name__,
         "attacks": {name: attack_settings(a, model) for name, a in suite.items()},
     }
@@ -237,8 +253,10 @@ def check_mode(model: nn.Module) -> None:
     mode BatchNorm uses the batch's statistics and dropout is on, so the number is wrong)."""
     training = sum(m.training for m in model.modules())
     if training:
-        _warn(f"model passed in train mode ({training} module(s) training); evaluated in eval "
-              "mode and restored after. Call model.eval() before evaluating it yourself")
+        _warn(
+            f"model passed in train mode ({training} module(s) training); evaluated in eval "
+            "mode and restored after. Call model.eval() before evaluating it yourself"
+        )
 
 
 def check_outputs(model: nn.Module, xb: Tensor) -> None:
@@ -246,11 +264,15 @@ def check_outputs(model: nn.Module, xb: Tensor) -> None:
     with torch.no_grad():
         a, b = model(xb), model(xb)
     if not torch.allclose(a, b, rtol=1e-4, atol=1e-5):
-        _warn("non-deterministic outputs: two forward passes on the same batch differ "
-              f"(max {float((a - b).abs().max()):.3g}); a randomized model needs aa_rand (EOT)")
+        _warn(
+            "non-deterministic outputs: two forward passes on the same batch differ "
+            f"(max {float((a - b).abs().max()):.3g}); a randomized model needs aa_rand (EOT)"
+        )
     if len(a) and (a >= 0).all() and torch.allclose(a.sum(1), torch.ones(len(a)).to(a), atol=1e-4):
-        _warn("outputs look like probabilities (rows >= 0 summing to 1): attacks need logits; "
-              "remove the final softmax")
+        _warn(
+            "outputs look like probabilities (rows >= 0 summing to 1): attacks need logits; "
+            "remove the final softmax"
+        )
 
 
 def check_suite(flags: Mapping[str, Tensor], suite: Mapping[str, Attack]) -> None:
@@ -259,8 +281,10 @@ def check_suite(flags: Mapping[str, Tensor], suite: Mapping[str, Attack]) -> Non
     pgds = {k: a for k, a in suite.items() if isinstance(a, PGD)}
     for few, many in _step_pairs(pgds):
         if _rises(flags[few], flags[many], max(1, 0.005 * n)):
-            _warn(f"robust accuracy rises with more steps: {many} {_pct(flags[many])} > "
-                  f"{few} {_pct(flags[few])}; the attack or the model is unreliable")
+            _warn(
+                f"robust accuracy rises with more steps: {many} {_pct(flags[many])} > "
+                f"{few} {_pct(flags[few])}; the attack or the model is unreliable"
+            )
     aas = [k for k, a in suite.items() if isinstance(a, AutoAttack)]
     if pgds and aas:
         best = min(pgds, key=lambda k: int(flags[k].sum()))
@@ -291,13 +315,20 @@ def _pct(flags: Tensor) -> str:
 def _check_gap(name: str, grad_flags: Tensor, aa: str, aa_flags: Tensor) -> None:
     gap = grad_flags.float().mean().item() - aa_flags.float().mean().item()
     if gap > MASKING_GAP and int(grad_flags.sum()) - int(aa_flags.sum()) >= MASKING_MIN_SAMPLES:
-        _warn(f"possible gradient masking: {name} {_pct(grad_flags)} is {100 * gap:.1f} points "
-              f"above {aa} {_pct(aa_flags)} (threshold {100 * MASKING_GAP:.0f}); trust {aa}, "
-              "not the gradient attacks")
+        _warn(
+            f"possible gradient masking: {name} {_pct(grad_flags)} is {100 * gap:.1f} points "
+            f"above {aa} {_pct(aa_flags)} (threshold {100 * MASKING_GAP:.0f}); trust {aa}, "
+            "not the gradient attacks"
+        )
 
 
 def cheap_checks(
-    model: nn.Module, x: Tensor, y: Tensor, clean: Tensor, eps: float, seed: int,
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    clean: Tensor,
+    eps: float,
+    seed: int,
     device: torch.device,
 ) -> None:
     """Checks on up to CHECK_N clean-correct samples: zero gradients, PGD at eps = 1, and
@@ -312,8 +343,10 @@ def cheap_checks(
         big = PGD(eps=LARGE_EPS, step_size=LARGE_EPS / 8, steps=20, loss="cw")
         survivors = correct_flags(model, xs, ys, big, device=device)
     if survivors.any():
-        _warn(f"{int(survivors.sum())} of {len(ys)} samples survive PGD-20 at eps={LARGE_EPS} "
-              "(any image is reachable): the gradient is masked or the model is constant")
+        _warn(
+            f"{int(survivors.sum())} of {len(ys)} samples survive PGD-20 at eps={LARGE_EPS} "
+            "(any image is reachable): the gradient is masked or the model is constant"
+        )
     _check_step_variants(model, xs, ys, eps, seed, device)
 
 
@@ -324,9 +357,11 @@ def check_zero_gradient(model: nn.Module, x: Tensor, y: Tensor) -> None:
     grad = torch.autograd.grad(cw_objective(y)(model(x)).sum(), x)[0]
     zero = grad.flatten(1).abs().amax(1) == 0  # (B,)
     if zero.any():
-        _warn(f"gradient masking: {int(zero.sum())} of {len(y)} samples have an exactly zero "
-              "input gradient (a non-differentiable layer?); gradient attacks (PGD, CW, APGD) "
-              "cannot be trusted on this model, only gradient-free ones (Square in aa)")
+        _warn(
+            f"gradient masking: {int(zero.sum())} of {len(y)} samples have an exactly zero "
+            "input gradient (a non-differentiable layer?); gradient attacks (PGD, CW, APGD) "
+            "cannot be trusted on this model, only gradient-free ones (Square in aa)"
+        )
 
 
 def _check_step_variants(model, x, y, eps, seed, device) -> None:
@@ -342,11 +377,15 @@ def _check_step_variants(model, x, y, eps, seed, device) -> None:
     base, more, small = flags.values()
     n = len(y)
     if _rises(base, more, max(1, 0.005 * n)):
-        _warn(f"robust accuracy rises with more PGD steps ({_pct(base)} -> {_pct(more)} on "
-              f"{n} samples): the attack or the model is unreliable")
+        _warn(
+            f"robust accuracy rises with more PGD steps ({_pct(base)} -> {_pct(more)} on "
+            f"{n} samples): the attack or the model is unreliable"
+        )
     if _rises(base, small, max(2, 0.05 * n)):
-        _warn(f"robust accuracy rises with a smaller PGD step size ({_pct(base)} -> "
-              f"{_pct(small)} on {n} samples): the loss surface may be masked")
+        _warn(
+            f"robust accuracy rises with a smaller PGD step size ({_pct(base)} -> "
+            f"{_pct(small)} on {n} samples): the loss surface may be masked"
+        )
 
 
 # Report -------------------------------------------------------------------------------------
@@ -373,8 +412,10 @@ def markdown_table(results: Mapping[str, Mapping[str, Any]]) -> str:
     extra = [k for k in run if k not in PAPER_COLUMNS]
     names = ["clean", *PAPER_COLUMNS, *dict.fromkeys(extra), "worst_case"]
     labels = ["Clean", *(_label(k) for k in names[1:-1]), "Worst case"]
-    lines = ["| checkpoint | n | eps (Linf) | seed | " + " | ".join(labels) + " |",
-             "|---" * (4 + len(names)) + "|"]
+    lines = [
+        "| checkpoint | n | eps (Linf) | seed | " + " | ".join(labels) + " |",
+        "|---" * (4 + len(names)) + "|",
+    ]
     for row, r in results.items():
         s = r["settings"]
         cells = [f"{100 * r[k]:.2f}" if k in r else "—" for k in names]

@@ -32,7 +32,9 @@ class Registry:
 
     def get(self, name: str) -> Callable[..., Any]:
         if name not in self._entries:
-            raise ValueError(f"unknown {self.kind} {name!r}; valid choices: {', '.join(self.names())}")
+            raise ValueError(
+                f"unknown {self.kind} {name!r}; valid choices: {', '.join(self.names())}"
+            )
         return self._entries[name]
 
     def check_kwargs(self, name: str, kwargs: dict[str, Any], skip: tuple[str, ...] = ()) -> None:

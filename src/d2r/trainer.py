@@ -71,17 +71,29 @@ def build_method(cfg: Config, info: data.DatasetInfo) -> Method:
 
 def environment(device: torch.device) -> dict[str, Any]:
     return {
-        "d2r": d2r.__version__, "python": sys.version.split()[0], "torch": torch.__version__,
-        "platform": platform.platform(), "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
-        "git": _git_hash(), "argv": sys.argv, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "d2r": d2r.__version__,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor(),
+        "git": _git_hash(),
+        "argv": sys.argv,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
 
 def _git_hash() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent, timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            timeout=5,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None
@@ -108,7 +120,9 @@ def prepare_run_dir(out: str | Path, resume: bool = False) -> Path:
         probe.write_bytes(b"\0" * 4096)
         probe.unlink()
     except OSError as err:
-        raise ValueError(f"cannot write to run directory {str(run_dir)!r}: {err.strerror}") from None
+        raise ValueError(
+            f"cannot write to run directory {str(run_dir)!r}: {err.strerror}"
+        ) from None
     return run_dir
 
 
@@ -134,7 +148,11 @@ class Run:
 
 class Trainer:
     def __init__(
-        self, cfg: Config, out: str | Path | None = None, *, progress: bool = True,
+        self,
+        cfg: Config,
+        out: str | Path | None = None,
+        *,
+        progress: bool = True,
         resume: bool = False,
     ):
         self.cfg, self.progress = cfg, progress
@@ -154,8 +172,11 @@ class Trainer:
         self.train_loader, self.x_test, self.y_test = self._load_data()
         self.optimizer = torch.optim.SGD(
             [{"params": m.parameters(), "name": name} for name, m in self.method.models().items()],
-            lr=cfg.train.lr, momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay,
-            nesterov=cfg.train.nesterov, **self.fast.optimizer_options(),
+            lr=cfg.train.lr,
+            momentum=cfg.train.momentum,
+            weight_decay=cfg.train.weight_decay,
+            nesterov=cfg.train.nesterov,
+            **self.fast.optimizer_options(),
         )
         self.eval_attack = from_name(cfg.eval.attack, cfg.eval.eps)
         # Only rank 0 writes; the other ranks keep the path for Run.dir.
@@ -194,10 +215,16 @@ class Trainer:
         if self.cfg.eval.subset:
             x_test, y_test = x_test[: self.cfg.eval.subset], y_test[: self.cfg.eval.subset]
         loader = data.DeviceLoader(
-            x, y, d.batch_size, shuffle=True, seed=self.cfg.seed, device=self.device,
+            x,
+            y,
+            d.batch_size,
+            shuffle=True,
+            seed=self.cfg.seed,
+            device=self.device,
             crop_padding=self.info.crop_padding if d.augment else 0,
             flip=self.info.flip and d.augment,
-            rank=self.dist.rank, world_size=self.dist.world_size,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
         )
         return loader, x_test.to(self.device), y_test.to(self.device)
 
@@ -209,9 +236,15 @@ class Trainer:
             for epoch in range(self.epoch, self.cfg.train.epochs):
                 self._set_lr(epoch)
                 terms, seconds = self._train_epoch(epoch)
-                record = {"kind": "epoch", "epoch": epoch + 1, "step": self.step,
-                          "seconds": seconds, "lr": self.optimizer.param_groups[0]["lr"],
-                          "skipped_batches": self.skipped, **terms}
+                record = {
+                    "kind": "epoch",
+                    "epoch": epoch + 1,
+                    "step": self.step,
+                    "seconds": seconds,
+                    "lr": self.optimizer.param_groups[0]["lr"],
+                    "skipped_batches": self.skipped,
+                    **terms,
+                }
                 if self._should_evaluate(epoch):
                     record.update(self._evaluate())
                 self._log(record)
@@ -225,8 +258,8 @@ class Trainer:
 
     def _finish(self) -> None:
         """curves.png (the paper's Fig. 2 for this run) and the TensorBoard files closed."""
-        from d2r.logs import read_metrics
         from d2r.curves import write_curves  # matplotlib is imported only here
+        from d2r.logs import read_metrics
 
         # from the log, not self.history: a resumed run's curves start at epoch 1 too
         if self.dist.is_main and read_metrics(self.run_dir, "epoch"):
@@ -238,8 +271,11 @@ class Trainer:
         if not self.dist.is_main:
             return
         checkpoint.atomic_write_text(self.run_dir / "config.yaml", dump_yaml(self.cfg))
-        env = {**environment(self.device), "fast_path": self.fast.describe(),
-               "world_size": self.dist.world_size}
+        env = {
+            **environment(self.device),
+            "fast_path": self.fast.describe(),
+            "world_size": self.dist.world_size,
+        }
         if self.resumed:  # keep the original start; list each resume after it
             old = json.loads((self.run_dir / "env.json").read_text())
             env = {**old, "resumes": [*old.get("resumes", []), {**env, "step": self.step}]}
@@ -272,8 +308,15 @@ class Trainer:
             if self.step % self.cfg.train.log_every == 0:
                 means = self._means(self.sums, self.count)
                 bar.log(self.step, means)
-                self._log({"kind": "step", "epoch": epoch + 1, "step": self.step,
-                           "skipped_batches": self.skipped, **means})
+                self._log(
+                    {
+                        "kind": "step",
+                        "epoch": epoch + 1,
+                        "step": self.step,
+                        "skipped_batches": self.skipped,
+                        **means,
+                    }
+                )
             self._between_steps()
         return self._means(self.sums, self.count), time.perf_counter() - start
 
@@ -290,11 +333,16 @@ class Trainer:
         where = f"epoch {epoch + 1} step {self.step + 1}"
         if self.cfg.train.nonfinite == "skip":
             self.skipped += 1
-            print(f"d2r: warning: non-finite loss at {where} ({terms}); batch skipped",
-                  file=sys.stderr)
+            print(
+                f"d2r: warning: non-finite loss at {where} ({terms}); batch skipped",
+                file=sys.stderr,
+            )
             return False
-        last = (f"{self.run_dir / 'last.safetensors'} (step {self._saved_step})"
-                if self._saved_step is not None else "none written yet")
+        last = (
+            f"{self.run_dir / 'last.safetensors'} (step {self._saved_step})"
+            if self._saved_step is not None
+            else "none written yet"
+        )
         raise NonFiniteLossError(
             f"non-finite loss at {where} ({terms}); the weights were not updated with it; last "
             f"good checkpoint: {last}; lower train.lr, check the data, or set "
@@ -333,8 +381,13 @@ class Trainer:
         target, bs = self.method.target, self.cfg.eval.batch_size
         with eval_mode(target):
             clean = correct_flags(target, self.x_test, self.y_test, batch_size=bs)
-            robust = correct_flags(target, self.x_test, self.y_test, self.eval_attack, batch_size=bs)
-        result = {"clean_acc": clean.float().mean().item(), "robust_acc": robust.float().mean().item()}
+            robust = correct_flags(
+                target, self.x_test, self.y_test, self.eval_attack, batch_size=bs
+            )
+        result = {
+            "clean_acc": clean.float().mean().item(),
+            "robust_acc": robust.float().mean().item(),
+        }
         if self.method.uses_guide:
             with eval_mode(self.method.guide):
                 guide = correct_flags(self.method.guide, self.x_test, self.y_test, batch_size=bs)
@@ -349,8 +402,10 @@ class Trainer:
             with open(path, "a") as f:
                 f.write(json.dumps(record) + "\n")
         except OSError as err:
-            raise ValueError(f"could not append to {str(path)!r} ({err.strerror}); free disk "
-                             f"space, then: d2r train --resume {self.run_dir}") from None
+            raise ValueError(
+                f"could not append to {str(path)!r} ({err.strerror}); free disk "
+                f"space, then: d2r train --resume {self.run_dir}"
+            ) from None
         if self.tensorboard is not None:
             self.tensorboard.write(self.run_dir, record)
 
@@ -380,18 +435,35 @@ class Trainer:
         rng_tensors, rng_meta = capture_rng()
         loader = self.train_loader.state_dict()
         sums = {k: torch.as_tensor(v) for k, v in self.sums.items()}
-        state = {**optim_tensors, **rng_tensors, "loader.generator": loader.pop("generator"),
-                 **checkpoint.prefixed("sums", sums)}
+        state = {
+            **optim_tensors,
+            **rng_tensors,
+            "loader.generator": loader.pop("generator"),
+            **checkpoint.prefixed("sums", sums),
+        }
         tensors.update(checkpoint.prefixed(STATE, state))
         scaler = getattr(self, "scaler", None)  # an AMP GradScaler, if the loop uses one
         train_state = {
-            "epoch": self.epoch, "step": self.step, "loader": loader, "optimizer": optim_meta,
-            "rng": rng_meta, "best": self.best, "history": self.history, "count": self.count,
-            "skipped": self.skipped, "scaler": scaler.state_dict() if scaler else None,
+            "epoch": self.epoch,
+            "step": self.step,
+            "loader": loader,
+            "optimizer": optim_meta,
+            "rng": rng_meta,
+            "best": self.best,
+            "history": self.history,
+            "count": self.count,
+            "skipped": self.skipped,
+            "scaler": scaler.state_dict() if scaler else None,
             "metrics_bytes": file_size(self.run_dir / "metrics.jsonl"),
         }
-        meta = {"epoch": self.epoch, "step": self.step, "record": record,
-                "config": to_dict(self.cfg), "models": list(models), "train_state": train_state}
+        meta = {
+            "epoch": self.epoch,
+            "step": self.step,
+            "record": record,
+            "config": to_dict(self.cfg),
+            "models": list(models),
+            "train_state": train_state,
+        }
         return tensors, meta
 
     def _restore(self) -> None:
@@ -400,8 +472,10 @@ class Trainer:
         tensors, meta = checkpoint.load(path)  # format, integrity hash
         ts = meta.get("train_state")
         if not isinstance(ts, dict):
-            raise ValueError(f"{str(path)!r} holds weights but no training state (an older "
-                             "d2r wrote it): it can be evaluated, not resumed")
+            raise ValueError(
+                f"{str(path)!r} holds weights but no training state (an older "
+                "d2r wrote it): it can be evaluated, not resumed"
+            )
         models = self.method.models()
         for name, model in models.items():
             checkpoint.load_weights(model, checkpoint.unprefixed(name, tensors), f"{path}:{name}")

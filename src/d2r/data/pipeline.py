@@ -66,8 +66,10 @@ class DeviceLoader:
         if batch_size < 1 or crop_padding < 0:
             raise ValueError(f"batch_size {batch_size} must be >= 1, crop_padding >= 0")
         if not 0 <= rank < world_size or batch_size < world_size:
-            raise ValueError(f"rank {rank} of {world_size} processes with a global batch of "
-                             f"{batch_size}: need 0 <= rank < world_size <= batch_size")
+            raise ValueError(
+                f"rank {rank} of {world_size} processes with a global batch of "
+                f"{batch_size}: need 0 <= rank < world_size <= batch_size"
+            )
         # Data parallel: every rank draws the same plan (same seed) and keeps its own
         # contiguous slice of each global batch, so the union of the slices is that batch.
         self.rank, self.world_size = rank, world_size
