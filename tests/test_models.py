@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from d2r.models import MODELS, count_parameters, create, reference_state_dict
+from d2r.checkpoint import normalize_keys
+from d2r.models import MODELS, count_parameters, create
 
 # name -> (options, input shape (C, H, W)) at each model's natural size; small options for `wrn`
 NATURAL = {
@@ -148,4 +149,4 @@ def test_reference_checkpoint_keys_load():
     state["module.sub_block1.layer.0.conv1.weight"] = torch.zeros(16, 16, 3, 3)
     assert "block1.layer.0.convShortcut.weight" not in model.state_dict()  # 16 -> 16: identity
     assert "block2.layer.0.convShortcut.weight" in model.state_dict()
-    create("wrn", depth=10, widen_factor=1).load_state_dict(reference_state_dict(state))
+    create("wrn", depth=10, widen_factor=1).load_state_dict(normalize_keys(state))

@@ -25,9 +25,11 @@ def _train(args: argparse.Namespace) -> int:
         )
         main_rank = trainer.dist.is_main  # under torchrun only rank 0 prints
         if main_rank:
+            ranks = trainer.dist.world_size
+            where = f"{trainer.device}" + (f", {ranks} processes" if ranks > 1 else "")
             print(
-                f"training {cfg.method['name']} on {cfg.data.name} ({trainer.device}, "
-                f"{trainer.dist.world_size} process(es)); run directory: {trainer.run_dir}"
+                f"training {cfg.method['name']} on {cfg.data.name} ({where}); "
+                f"run directory: {trainer.run_dir}"
             )
         run = trainer.fit()
     finally:
@@ -183,7 +185,7 @@ def _eval_data(name: str, root: str, verify: bool, n: int | None):
 
 
 def _list(args: argparse.Namespace) -> int:
-    from d2r.attacks import ATTACKS
+    from d2r.attacks import ATTACKS, EVAL_NAMES
     from d2r.data import DATASETS
     from d2r.methods import METHODS
     from d2r.models import MODELS
@@ -195,7 +197,7 @@ def _list(args: argparse.Namespace) -> int:
         ("data sets", DATASETS),
     ):
         print(f"{title}: {', '.join(registry.names())}")
-    print("evaluation attacks: pgdK, cwK (any K >= 1, e.g. pgd20, cw20)")
+    print(f"evaluation attacks (d2r eval --attacks): {EVAL_NAMES}")
     return 0
 
 

@@ -9,7 +9,7 @@ statistics).
 
 Module names follow the reference code (TRADES/LBGAT `WideResNet`, the CIFAR `ResNet` and
 `PreActResNet` of the D2R/LAS-AT repositories), so their checkpoints load with
-`load_state_dict(reference_state_dict(state))`.
+`load_state_dict(d2r.checkpoint.normalize_keys(state))` (or `d2r eval --weights`).
 """
 
 from __future__ import annotations
@@ -35,17 +35,6 @@ def create(name: str, num_classes: int = 10, **kwargs: Any) -> nn.Module:
 def count_parameters(model: nn.Module) -> int:
     """Number of scalar parameters (buffers such as BN running statistics excluded)."""
     return sum(p.numel() for p in model.parameters())
-
-
-def reference_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A reference checkpoint's state dict made loadable here: drops the `module.` prefix of
-    DataParallel and the keys of TRADES/LBGAT's unused `sub_block1` stage (SPEC section 6)."""
-    out = {}
-    for key, value in state.items():
-        key = key.removeprefix("module.")
-        if not key.startswith("sub_block1."):
-            out[key] = value
-    return out
 
 
 def _conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
