@@ -116,7 +116,10 @@ def _plot_losses(ax, records, epochs) -> None:
         points = [(e, r[key]) for e, r in zip(epochs, records, strict=True) if key in r]
         style = {"linewidth": 2.5, "color": "black"} if key == "loss" else {}
         ax.plot(*zip(*points, strict=True), marker="o", label=key, **style)
+    values = [r[k] for r in records for k in terms if isinstance(r.get(k), (int, float))]
+    if values and min(values) > 0:  # the KL terms are orders of magnitude below CE and MSE
+        ax.set_yscale("log")
     ax.set_ylabel("mean over the epoch's batches")
-    ax.set_title("loss terms per epoch")
+    ax.set_title("loss and its terms (before weighting) per epoch")
     if terms:
         ax.legend()

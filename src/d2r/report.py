@@ -240,6 +240,12 @@ NOTES = [
 ]
 
 
+def notes(groups: list[dict[str, Any]]) -> list[str]:
+    """The table's notes; the † one only when a row carries the mark."""
+    marked = any(g["source"] == EPOCH_CHECK for g in groups)
+    return NOTES if marked else NOTES[:1]
+
+
 def markdown(groups: list[dict[str, Any]], columns: list[str]) -> str:
     head = ["Data", "Model", "Method", "eps (Linf)", "Seeds", *map(column_label, columns), "Source"]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
@@ -247,7 +253,7 @@ def markdown(groups: list[dict[str, Any]], columns: list[str]) -> str:
         cells = _row_cells(g, columns, "±")
         lines.append("| " + " | ".join(cells) + " |")
     runs = [f"- row {i}: {', '.join(g['runs'])}" for i, g in enumerate(groups, 1)]
-    return "\n".join([*lines, "", *NOTES, "", "Runs:", *runs]) + "\n"
+    return "\n".join([*lines, "", *notes(groups), "", "Runs:", *runs]) + "\n"
 
 
 def _row_cells(g: dict[str, Any], columns: list[str], pm: str) -> list[str]:
@@ -281,8 +287,8 @@ def latex(groups: list[dict[str, Any]], columns: list[str]) -> str:
         cells = [_tex(c) for c in _row_cells(g, columns, "PMSIGN")]
         lines.append(" & ".join(c.replace("PMSIGN", r"$\pm$") for c in cells) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
-    notes = [f"% {n}" for n in NOTES]
-    return "\n".join([*notes, *lines]) + "\n"
+    notes_tex = [f"% {n}" for n in notes(groups)]
+    return "\n".join([*notes_tex, *lines]) + "\n"
 
 
 def _tex(text: str) -> str:
