@@ -55,7 +55,8 @@ def checksum_error(path: Path, remote: RemoteFile, actual: str, name: str) -> Va
         f"{path}: MD5 {actual} does not match the official {remote.md5}"
         f"{truncated if size < remote.size else ''}. The file is corrupt, truncated or another "
         f"version, so nothing was read from it. Delete it and run {fix_hint(name, path.parent)}; "
-        f"or, for your own subset or mirror in the official layout, load with verify=False."
+        "or, for your own subset or mirror in the official layout, load with verify=False "
+        "(CLI: --set data.verify=false)."
     )
 
 
