@@ -46,7 +46,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     log_every: int = 20  # steps between metrics.jsonl lines (the only host sync of the loop)
     tensorboard: bool = False  # mirror metrics.jsonl to RUN_DIR/tensorboard (d2r[tensorboard])
-    # Speed (d2r.speed, docs/speed.md). "auto": on for CUDA (and, except compile, for CPUs with
+    # Speed (d2r.speed; README "Speed"). "auto": on for CUDA (and, except compile, for CPUs with
     # native bf16), off elsewhere; true/false force a flag. Evaluation always runs in fp32.
     amp: str | bool = "auto"  # auto | bf16 | off: bf16 autocast of the training step and attack
     channels_last: str | bool = "auto"  # auto | on | off: NHWC models and batches
