@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import statistics
 import time
@@ -91,3 +92,12 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor()
+
+
+def print_figures(
+    benchmark: str, figures: dict, args: argparse.Namespace, fast: speed.FastPath, device
+) -> None:
+    """The one JSON line a benchmark prints: its figures, then the models, flags and machine."""
+    models = {"target": args.target, "guide": args.guide, "shape": args.shape, "batch": args.batch}
+    line = {"benchmark": benchmark, **figures, **models, **fast.describe(), **machine(device)}
+    print(json.dumps(line))

@@ -14,12 +14,11 @@ there is no CPU equivalent of the CUDA counter.
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 
 import torch
 
-from common import add_model_args, build, machine
+from common import add_model_args, build, print_figures
 
 
 def peak_rss_mib() -> float:
@@ -68,20 +67,9 @@ def main() -> None:
             "measure": "ru_maxrss_growth",
         }
     params = sum(p.numel() for p in method.parameters())
-    print(
-        json.dumps(
-            {
-                "benchmark": "memory",
-                **{k: round(v, 1) if isinstance(v, float) else v for k, v in figures.items()},
-                "parameters_m": round(params / 1e6, 2),
-                "target": args.target,
-                "guide": args.guide,
-                "shape": args.shape,
-                "batch": args.batch,
-                **fast.describe(),
-                **machine(x.device),
-            }
-        )
+    figures = {k: round(v, 1) if isinstance(v, float) else v for k, v in figures.items()}
+    print_figures(
+        "memory", {**figures, "parameters_m": round(params / 1e6, 2)}, args, fast, x.device
     )
 
 

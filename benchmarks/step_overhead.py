@@ -13,11 +13,10 @@ same precision and memory format, alternated in one run. Target: <= 1.10.
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 
-from common import add_model_args, build, interleaved_median, machine
+from common import add_model_args, build, interleaved_median, print_figures
 
 
 def main() -> None:
@@ -57,22 +56,12 @@ def main() -> None:
     fns = {"step": full_step, "bare": bare_passes}
     interleaved_median(fns, args.warmup, x.device)
     median = interleaved_median(fns, args.repeats, x.device)
-    print(
-        json.dumps(
-            {
-                "benchmark": "step_overhead",
-                "ratio": round(median["step"] / median["bare"], 4),
-                "step_ms": round(1e3 * median["step"], 3),
-                "bare_ms": round(1e3 * median["bare"], 3),
-                "target": args.target,
-                "guide": args.guide,
-                "shape": args.shape,
-                "batch": args.batch,
-                **fast.describe(),
-                **machine(x.device),
-            }
-        )
-    )
+    figures = {
+        "ratio": round(median["step"] / median["bare"], 4),
+        "step_ms": round(1e3 * median["step"], 3),
+        "bare_ms": round(1e3 * median["bare"], 3),
+    }
+    print_figures("step_overhead", figures, args, fast, x.device)
 
 
 if __name__ == "__main__":
