@@ -33,5 +33,6 @@ def test_benchmark_prints_one_json_line_of_figures(script):
     )  # fmt: skip
     line = json.loads(out.stdout.strip().splitlines()[-1])
     assert line["benchmark"] == script.removesuffix(".py")
-    for key in keys:
-        assert isinstance(line[key], (int, float)) and line[key] > 0, key
+    for key in keys:  # a tiny step may not raise the process's peak memory: >= 0, not > 0
+        assert isinstance(line[key], (int, float)) and line[key] >= 0, key
+    assert line[keys[0]] > 0 or script == "memory.py"

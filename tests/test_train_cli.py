@@ -112,3 +112,27 @@ def test_schedule_scales_to_short_runs():
     factors = [lr_factor(e, 20, 0.2, [0.75, 0.9]) for e in range(20)]
     assert factors[0] == 0.2 and factors[1:15] == [1.0] * 14
     assert factors[15:18] == pytest.approx([0.1] * 3) and factors[18:] == pytest.approx([0.01] * 2)
+
+
+def test_resuming_a_finished_run_is_refused_and_changes_nothing(demo_run, capsys):
+    before = {p.name: p.read_bytes() for p in demo_run.iterdir() if p.is_file()}
+    assert main(["train", "--resume", str(demo_run), "-q"]) == 2
+    assert "already finished its 2 epochs" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in demo_run.iterdir() if p.is_file()} == before
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--eps", "-1"], "eps=-1.0 invalid"),
+        (["--attacks", "pgd0"], "attack 'pgd0' unknown"),
+        (["--attacks", "pgdx"], "attack 'pgdx' unknown"),
+    ],
+)
+def test_eval_refuses_bad_settings_before_any_work(demo_run, capsys, args, message):
+    before = (demo_run / "eval.json").read_bytes() if (demo_run / "eval.json").exists() else None
+    assert main(["eval", str(demo_run), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "evaluating" not in err
+    after = (demo_run / "eval.json").read_bytes() if (demo_run / "eval.json").exists() else None
+    assert after == before

@@ -9,6 +9,7 @@ and never writes parameter `.grad` (it differentiates with torch.autograd.grad o
 from __future__ import annotations
 
 import logging
+import math
 import re
 import warnings
 from collections.abc import Callable, Iterator
@@ -32,6 +33,15 @@ class EvaluationWarning(UserWarning):
 
 # (B, C) logits -> (B,) per-sample objective to maximize
 Objective = Callable[[Tensor], Tensor]
+
+
+def check_budget(name: str, eps: float, step_size: float = 0.0, steps: int = 1) -> None:
+    """Refuse a negative or non-finite eps or step size, or fewer than one step."""
+    for key, value in (("eps", eps), ("step_size", step_size)):
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name}: {key}={value} invalid; use a finite number >= 0, e.g. 8/255")
+    if steps < 1:
+        raise ValueError(f"{name}: steps={steps} invalid; use 1 or more")
 
 
 def project(x_adv: Tensor, x: Tensor, eps: float) -> Tensor:
@@ -105,6 +115,7 @@ class PGD:
     restarts: int = 1
 
     def __post_init__(self) -> None:
+        check_budget("PGD", self.eps, self.step_size, self.steps)
         if self.loss not in _OBJECTIVES:
             choices = ", ".join(_OBJECTIVES)
             raise ValueError(f"PGD loss {self.loss!r} unknown; choose one of {choices}")
@@ -146,6 +157,9 @@ class FGSM:
 
     eps: float = 8 / 255
 
+    def __post_init__(self) -> None:
+        check_budget("FGSM", self.eps)
+
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         return attack_loop(model, x, x, ce_objective(y), eps=self.eps, step_size=self.eps, steps=1)
 
@@ -161,6 +175,9 @@ class KLAttack:
     step_size: float = 0.007
     steps: int = 10
     init_std: float = 0.001
+
+    def __post_init__(self) -> None:
+        check_budget("KL attack", self.eps, self.step_size, self.steps)
 
     def __call__(
         self,
@@ -255,6 +272,7 @@ class AutoAttack:
     attacks: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
+        check_budget("AutoAttack", self.eps)
         versions = ("standard", "plus", "rand", "custom")
         if self.version not in versions:
             choices = ", ".join(versions)

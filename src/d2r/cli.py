@@ -81,16 +81,17 @@ def _summary_table(history: list[dict], attack: str, eps: float) -> str:
 
 def _eval(args: argparse.Namespace) -> int:
     """Evaluate a run's checkpoints (last, best) or foreign weights; write eval.json, eval.md."""
-    from d2r.evaluate import evaluate, markdown_table
+    from d2r.evaluate import build_suite, evaluate, markdown_table
     from d2r.trainer import pick_device
 
     device = pick_device(args.device)
+    attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
+    build_suite(attacks, args.eps, args.seed)  # bad names or eps fail before any loading
     if args.weights:
         models, (name, root, verify), out = _eval_foreign(args)
     else:
         models, (name, root, verify), out = _eval_run(args)
     x, y = _eval_data(name, root, verify, args.n)
-    attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
     results, rows = {}, {}
     for key, (model, label, extra) in models.items():
         same = [r for r in results.values() if r["sha256"] == extra["sha256"]]

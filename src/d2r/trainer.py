@@ -102,6 +102,12 @@ class Trainer:
         self._last_save, self._saved_step = time.monotonic(), None
         if resume:
             self._restore()
+            if self.epoch >= cfg.train.epochs:  # nothing to do: leave the finished run as it is
+                raise ValueError(
+                    f"{str(self.run_dir)!r} already finished its {self.epoch} epochs; to train "
+                    f"longer: d2r train --resume {self.run_dir} --set train.epochs=N (N > "
+                    f"{self.epoch})"
+                )
 
     def _prepare_model(self) -> torch.nn.Module:
         """The fast path (channels_last, bf16 logits hook, compile) on both models, then DDP
