@@ -121,6 +121,23 @@ def test_tensorboard_mirrors_step_and_epoch_records(monkeypatch, tmp_path):
     assert scalars == [("train/loss", 2.0, 20), ("epoch/clean_acc", 0.5, 1)]
 
 
+def test_tensorboard_writes_real_event_files(tmp_path):
+    event_accumulator = pytest.importorskip(
+        "tensorboard.backend.event_processing.event_accumulator",
+        reason='tensorboard not installed (pip install "d2r[tensorboard]"; the dev extra has it)',
+    )
+    out = tmp_path / "run"
+    args = ["train", "-q", "--out", str(out), "--set", "train.tensorboard=true"]
+    for item in ("train.epochs=1", "data.train_subset=128", "method.steps=2", "train.log_every=1"):
+        args += ["--set", item]
+    assert main(args) == 0
+    acc = event_accumulator.EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert "train/loss" in tags and "epoch/clean_acc" in tags
+    assert [e.step for e in acc.Scalars("train/loss")] == [1]  # 128 images = 1 batch of 128
+
+
 # docs ------------------------------------------------------------------------------------------
 
 
