@@ -17,6 +17,7 @@ RUN_FILES = [
     "last.json",
     "best.safetensors",
     "best.json",
+    "curves.png",
 ]
 
 
