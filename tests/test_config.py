@@ -59,6 +59,8 @@ def test_yaml_component_replaces_the_default_whole(tmp_path):
         ("method.eps=-0.1", "'method.eps': must be >= 0"),
         ("method.steps=0", "'method.steps': must be > 0"),
         ("data.verify=maybe", "'data.verify': expected true or false"),
+        ("train.decay_at=null", "'train.decay_at': expected list, got null"),
+        ("train.epochs=null", "'train.epochs': expected int, got null"),
         ("train.epochs", "expected KEY=VALUE"),
         ("train.epochs.x=1", "'train.epochs': expected int"),
     ],
@@ -95,3 +97,9 @@ def test_apply_overrides_does_not_mutate_input():
 
 def test_config_is_a_plain_dataclass():
     assert to_dict(Config())["train"]["lr"] == 0.1
+
+
+def test_null_switches_an_optional_setting_off():
+    cfg = resolve(overrides=["data.train_subset=100", "data.train_subset=null"])
+    assert cfg.data.train_subset is None
+    assert resolve(overrides=["guide=null"]).guide is None

@@ -20,8 +20,8 @@ from d2r.cli import main
 from d2r.data import DeviceLoader
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
-# eps = 0 makes x_adv = x whatever the attack noise (which differs between ranks); beta = 0
-# because |K1 - K2| is the absolute value of a batch mean, and DDP averages per-shard values.
+# eps = 0 makes x_adv = x whatever the attack noise (which differs between ranks); beta = 0 in
+# the plain case, the symmetric term has cases of its own below.
 EXACT = [
     "data.train_subset=128",
     "data.batch_size=32",
@@ -56,7 +56,7 @@ class BNFree(nn.Module):
         return self.linear(nn.functional.adaptive_avg_pool2d(self.conv(x).relu(), 4).flatten(1))
 
 
-def _train_worker(rank: int, world: int, port: int, out: str) -> None:
+def _train_worker(rank: int, world: int, port: int, out: str, extra: list[str]) -> None:
     """One rank of a run (or the single process when world = 1), in a fresh interpreter."""
     from d2r.config import resolve
     from d2r.models import MODELS
@@ -73,7 +73,7 @@ def _train_worker(rank: int, world: int, port: int, out: str) -> None:
             MASTER_PORT=str(port),
         )
     try:
-        Trainer(resolve(None, EXACT), out, progress=False).fit()
+        Trainer(resolve(None, [*EXACT, *extra]), out, progress=False).fit()
     finally:
         distributed.cleanup()
 
@@ -105,10 +105,18 @@ def test_sync_bn_on_cpu_is_refused_with_a_fix():
         distributed.wrap(nn.BatchNorm1d(3), ctx, torch.device("cpu"), sync_bn=True)
 
 
-def test_two_processes_match_one_on_the_same_global_batch(tmp_path):
+# AWP: every rank must add the same perturbation (from the global batch's gradient), or the
+# ranks' weights drift apart through weight decay and the step is not the global-batch step.
+# beta=20: D2R's |K1 - K2| must be taken of the global batch's gap, not averaged per shard.
+@pytest.mark.parametrize(
+    "extra",
+    [[], ["method.awp_gamma=5e-3"], ["method.beta=20"], ["method.beta=20", "method.sym_rule=sign"]],
+    ids=["plain", "awp", "sym-abs", "sym-sign"],
+)
+def test_two_processes_match_one_on_the_same_global_batch(tmp_path, extra):
     one, two = tmp_path / "one", tmp_path / "two"
-    mp.spawn(_train_worker, args=(1, 0, str(one)), nprocs=1)
-    mp.spawn(_train_worker, args=(2, free_port(), str(two)), nprocs=2)
+    mp.spawn(_train_worker, args=(1, 0, str(one), extra), nprocs=1)
+    mp.spawn(_train_worker, args=(2, free_port(), str(two), extra), nprocs=2)
     ref, got = _step_losses(one), _step_losses(two)
     assert len(ref) == len(got) == 4
     for r, g in zip(ref, got, strict=True):

@@ -92,3 +92,13 @@ def test_bad_options_are_refused():
         d2r_loss(za, zn, zg, y, sym_rule="max")
     with pytest.raises(ValueError, match="kl_reduction"):
         d2r_loss(za, zn, zg, y, kl_reduction="sum")
+
+
+def test_gap_mean_is_applied_before_the_absolute_value():
+    za, zn, zg, y = _logits(6)
+    plain = d2r_loss(za, zn, zg, y)
+    gaps = []
+    shifted = d2r_loss(za, zn, zg, y, gap_mean=lambda g: gaps.append(g) or g + 1.0)
+    (gap,) = gaps
+    torch.testing.assert_close(plain["sym"], gap.detach().abs())
+    torch.testing.assert_close(shifted["sym"], (gap.detach() + 1.0).abs())

@@ -78,6 +78,7 @@ def test_refuses_to_overwrite_an_existing_run(demo_run, capsys):
         ("method.gamma=3", "method 'd2r' has no option 'gamma'"),
         ("method.sym_rule=max", "sym_rule='max' invalid; choose one of abs, sign"),
         ("method.alpha=abc", "'method.alpha': expected a number"),
+        ("method.alpha=null", "'method.alpha': expected float, got null"),
         ("data.name=imagenet22k", "unknown data set 'imagenet22k'"),
     ],
 )

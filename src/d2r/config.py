@@ -140,9 +140,12 @@ def parse_value(text: str) -> Any:
 
 
 def coerce(key: str, value: Any, like: Any) -> Any:
-    """Convert `value` to the type of the default `like`, or raise a one-line error."""
-    if like is None or value is None:
+    """Convert `value` to the type of the default `like`, or raise a one-line error. null is
+    only valid where the default is None (an optional setting)."""
+    if like is None:
         return value
+    if value is None:
+        raise ValueError(f"config key {key!r}: expected {type(like).__name__}, got null")
     if isinstance(value, str) and isinstance(like, (int, float)) and not isinstance(like, bool):
         try:
             value = parse_number(value)
@@ -199,6 +202,9 @@ def _fill_section(prefix: str, section: Any, raw: dict[str, Any]) -> None:
         if key not in defaults:
             raise ValueError(f"unknown config key {full!r}; valid keys: {', '.join(defaults)}")
         like = defaults[key]
+        if like is None and value is None:  # an optional setting switched off again
+            setattr(section, key, None)
+            continue
         if like is None:  # Optional fields: the annotation says which type
             like = _optional_like(section, key, value)
         elif isinstance(value, bool) and _accepts_bool(section, key):

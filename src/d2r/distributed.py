@@ -92,3 +92,13 @@ def all_mean(x: Tensor) -> Tensor:
     x = x.clone()
     dist.all_reduce(x)
     return x / dist.get_world_size()
+
+
+def differentiable_mean(x: Tensor) -> Tensor:
+    """The mean of `x` over ranks with gradients flowing back to every rank's `x` (x itself
+    in one process): for a loss term that is not a mean of per-example terms (D2R's |K1 - K2|)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return x
+    from torch.distributed.nn.functional import all_reduce  # autograd-aware collective
+
+    return all_reduce(x) / dist.get_world_size()

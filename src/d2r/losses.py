@@ -6,11 +6,14 @@ KL conventions follow SPEC section 1: `kl_elem(log_q, p)` summed over classes is
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 KL_REDUCTIONS = ("mean_bc", "batchmean")
+GapMean = Callable[[Tensor], Tensor]
 SYM_RULES = ("abs", "sign")
 
 
@@ -30,7 +33,9 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name}={value!r} is not valid; choose one of {', '.join(choices)}")
 
 
-def _symmetric_term(zn: Tensor, zg: Tensor, sym_rule: str, reduction: str) -> Tensor:
+def _symmetric_term(
+    zn: Tensor, zg: Tensor, sym_rule: str, reduction: str, gap_mean: GapMean
+) -> Tensor:
     """|KL(p_t(x) || p_g(x)) - KL(p_g(x) || p_t(x))|.
 
     `abs` (the released code): both models get gradients. `sign` (the paper's text): when
@@ -40,7 +45,7 @@ def _symmetric_term(zn: Tensor, zg: Tensor, sym_rule: str, reduction: str) -> Te
     def gap(zt: Tensor, zg_: Tensor) -> Tensor:
         k1 = _reduce(kl_elem(F.log_softmax(zg_, 1), F.softmax(zt, 1)), reduction)
         k2 = _reduce(kl_elem(F.log_softmax(zt, 1), F.softmax(zg_, 1)), reduction)
-        return k1 - k2
+        return gap_mean(k1 - k2)
 
     diff = gap(zn, zg)
     if sym_rule == "abs":
@@ -61,6 +66,7 @@ def d2r_loss(
     beta: float = 20.0,
     sym_rule: str = "abs",
     kl_reduction: str = "mean_bc",
+    gap_mean: GapMean | None = None,
 ) -> dict[str, Tensor]:
     """Dual Regularization loss (D2R paper, eq. for L_total; SPEC section 2).
 
@@ -69,6 +75,10 @@ def d2r_loss(
         + alpha * KL(p_t(x') || p_g(x)) + beta * |KL(p_t(x) || p_g(x)) - KL(p_g(x) || p_t(x))|
     with KL means over B*C (`kl_reduction="mean_bc"`, the reference). `batchmean` sums over
     classes instead and divides alpha and beta by C, so the total loss is the same.
+
+    `gap_mean` maps the batch's K1 - K2 to the one the absolute value is taken of: the identity
+    by default; data-parallel training passes a differentiable mean over ranks, since the
+    absolute value of a mean is not the mean of the per-shard absolute values.
     """
     _check_choice("sym_rule", sym_rule, SYM_RULES)
     _check_choice("kl_reduction", kl_reduction, KL_REDUCTIONS)
@@ -80,7 +90,9 @@ def d2r_loss(
     kl_adv = _reduce(
         kl_elem(F.log_softmax(logits_guide, 1), F.softmax(logits_adv, 1)), kl_reduction
     )
-    sym = _symmetric_term(logits_clean, logits_guide, sym_rule, kl_reduction)
+    sym = _symmetric_term(
+        logits_clean, logits_guide, sym_rule, kl_reduction, gap_mean or (lambda gap: gap)
+    )
     loss = lam * ce + mse + alpha * kl_adv + beta * sym
     return {"loss": loss, **_detached(ce=ce, mse=mse, kl_adv=kl_adv, sym=sym)}
 

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from d2r import distributed
 from d2r.attacks import PGD, KLAttack, attack_loop, cag, ce_objective
 from d2r.losses import KL_REDUCTIONS, SYM_RULES, d2r_loss, lbgat_loss, mart_loss, trades_loss
 from d2r.registry import Registry
@@ -68,12 +69,24 @@ def awp_perturbation(model: nn.Module, loss: Tensor, gamma: float) -> Perturbati
     the normalized direction is the same, so we read the gradient with torch.autograd.grad,
     which leaves every parameter's .grad untouched."""
     params = [p for p in model.parameters() if p.dim() > 1 and p.requires_grad]
-    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    grads = _mean_over_ranks(torch.autograd.grad(loss, params, allow_unused=True))
     return [
         (p, gamma * p.detach().norm() * g / (g.norm() + 1e-20))  # 1e-20: the reference's EPS
         for p, g in zip(params, grads, strict=True)
         if g is not None
     ]
+
+
+def _mean_over_ranks(grads: tuple[Tensor | None, ...]) -> list[Tensor | None]:
+    """Under torchrun, the mean of each rank's gradient: the gradient of the global batch's
+    loss, so every rank adds the same perturbation (one all-reduce of the flattened grads).
+    A no-op in one process."""
+    present = [g for g in grads if g is not None]
+    if not present:
+        return list(grads)
+    flat = distributed.all_mean(torch.cat([g.flatten() for g in present]))
+    chunks = iter(flat.split([g.numel() for g in present]))
+    return [None if g is None else next(chunks).view_as(g) for g in grads]
 
 
 class Method(nn.Module):
@@ -327,5 +340,7 @@ class D2R(Method):
         logits_clean = self.target(x)
         logits_guide = self.guide(x)
         options = {"sym_rule": self.sym_rule, "kl_reduction": self.kl_reduction}
+        # Under torchrun the symmetric term is taken of the global batch's K1 - K2.
+        options["gap_mean"] = distributed.differentiable_mean
         terms = (logits_adv, logits_clean, logits_guide, y)
         return d2r_loss(*terms, lam=self.lam, alpha=self.alpha, beta=self.beta, **options)
