@@ -53,6 +53,23 @@ def build(args: argparse.Namespace) -> tuple[Method, torch.Tensor, torch.Tensor,
     return method, fast.batch(x), y, fast
 
 
+def training_step(method: Method, fast: speed.FastPath, x: torch.Tensor, y: torch.Tensor):
+    """One full D2R-CAG step as Trainer._train_epoch takes it: attack, loss, backward, SGD."""
+    optimizer = torch.optim.SGD(
+        method.parameters(), lr=0.01, momentum=0.9, **fast.optimizer_options()
+    )
+
+    def step() -> None:
+        method.train()
+        with fast.autocast():
+            out = method(x, y)
+        optimizer.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        optimizer.step()
+
+    return step
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

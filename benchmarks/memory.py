@@ -18,7 +18,7 @@ import resource
 
 import torch
 
-from common import add_model_args, build, print_figures
+from common import add_model_args, build, print_figures, training_step
 
 
 def peak_rss_mib() -> float:
@@ -33,17 +33,7 @@ def main() -> None:
     cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
     args.batch = args.batch or (128 if cuda else 8)
     method, x, y, fast = build(args)
-    optimizer = torch.optim.SGD(
-        method.parameters(), lr=0.01, momentum=0.9, **fast.optimizer_options()
-    )
-
-    def step() -> None:
-        method.train()
-        with fast.autocast():
-            out = method(x, y)
-        optimizer.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        optimizer.step()
+    step = training_step(method, fast, x, y)  # as Trainer._train_epoch
 
     figures: dict[str, float] = {}
     if x.device.type == "cuda":

@@ -16,7 +16,7 @@ import argparse
 
 import torch
 
-from common import add_model_args, build, interleaved_median, print_figures
+from common import add_model_args, build, interleaved_median, print_figures, training_step
 
 
 def main() -> None:
@@ -27,17 +27,7 @@ def main() -> None:
     args = parser.parse_args()
     method, x, y, fast = build(args)
     target, guide, steps = method.target, method.guide, method.budget["steps"]
-    optimizer = torch.optim.SGD(
-        method.parameters(), lr=0.01, momentum=0.9, **fast.optimizer_options()
-    )
-
-    def full_step() -> None:  # as Trainer._train_epoch
-        method.train()
-        with fast.autocast():
-            out = method(x, y)
-        optimizer.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        optimizer.step()
+    full_step = training_step(method, fast, x, y)  # as Trainer._train_epoch
 
     def bare_passes() -> None:
         with fast.autocast():
