@@ -94,11 +94,12 @@ def all_mean(x: Tensor) -> Tensor:
     return x / dist.get_world_size()
 
 
-def differentiable_mean(x: Tensor) -> Tensor:
-    """The mean of `x` over ranks with gradients flowing back to every rank's `x` (x itself
-    in one process): for a loss term that is not a mean of per-example terms (D2R's |K1 - K2|)."""
+def mean_over_ranks(x: Tensor) -> Tensor:
+    """For a loss term that is not a mean of per-example terms (D2R's |K1 - K2|): the value of
+    `x` averaged over ranks, with the gradient of the local `x`. DDP's gradient averaging then
+    supplies the 1/N of the mean, so the step is the global batch's, and the only collective
+    runs in the forward pass (one in the backward could interleave with DDP's own all-reduces
+    in a different order on each rank). `x` itself in one process."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return x
-    from torch.distributed.nn.functional import all_reduce  # autograd-aware collective
-
-    return all_reduce(x) / dist.get_world_size()
+    return x + (all_mean(x.detach()) - x).detach()

@@ -77,7 +77,7 @@ def d2r_loss(
     classes instead and divides alpha and beta by C, so the total loss is the same.
 
     `gap_mean` maps the batch's K1 - K2 to the one the absolute value is taken of: the identity
-    by default; data-parallel training passes a differentiable mean over ranks, since the
+    by default; data-parallel training passes the mean over ranks (d2r.distributed), since the
     absolute value of a mean is not the mean of the per-shard absolute values.
     """
     _check_choice("sym_rule", sym_rule, SYM_RULES)

@@ -341,6 +341,6 @@ class D2R(Method):
         logits_guide = self.guide(x)
         options = {"sym_rule": self.sym_rule, "kl_reduction": self.kl_reduction}
         # Under torchrun the symmetric term is taken of the global batch's K1 - K2.
-        options["gap_mean"] = distributed.differentiable_mean
+        options["gap_mean"] = distributed.mean_over_ranks
         terms = (logits_adv, logits_clean, logits_guide, y)
         return d2r_loss(*terms, lam=self.lam, alpha=self.alpha, beta=self.beta, **options)
