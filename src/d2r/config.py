@@ -126,6 +126,15 @@ def parse_number(text: str) -> float:
     return float(text)
 
 
+def format_eps(eps: float | None) -> str:
+    """The inverse of parse_number for radii: 8/255 for eps that are k/255 (to 1e-6), else the
+    decimal, so 0.031 never reads as 8/255; "—" when there is none."""
+    if eps is None:
+        return "—"
+    k = round(eps * 255)
+    return f"{k}/255" if k and abs(eps - k / 255) < 1e-6 else f"{eps:.4g}"
+
+
 def parse_value(text: str) -> Any:
     """A `--set` value: YAML scalars/lists ('3', 'true', '[1, 2]', 'null') or a fraction '8/255'."""
     if _FRACTION.match(text):

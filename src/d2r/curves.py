@@ -10,15 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from d2r.checkpoint import atomic_write
-from d2r.config import load_yaml
+from d2r.config import format_eps, load_yaml
 from d2r.logs import read_metrics
-
-
-def _eps_text(eps: float | None) -> str:
-    if eps is None:
-        return "—"
-    k = round(eps * 255)  # 8/255 reads better than 0.03137
-    return f"{k}/255" if k and abs(eps - k / 255) < 1e-6 else f"{eps:.4g}"
 
 
 def _attack_label(name: str) -> str:
@@ -91,7 +84,7 @@ def _figure(records: list[dict[str, Any]], cfg: dict[str, Any]):
 
 
 def _plot_accuracy(ax, records, epochs, ev: dict[str, Any]) -> None:
-    attack = f"{_attack_label(ev.get('attack', 'attack'))}, eps {_eps_text(ev.get('eps'))}"
+    attack = f"{_attack_label(ev.get('attack', 'attack'))}, eps {format_eps(ev.get('eps'))}"
     for key, label in ACC_CURVES:
         points = [(e, 100 * r[key]) for e, r in zip(epochs, records, strict=True) if key in r]
         if points:

@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from d2r import attacks as attacks_mod
 from d2r.attacks import PGD, AutoAttack, EvaluationWarning, cw_objective
+from d2r.config import format_eps
 from d2r.methods import eval_mode
 
 __all__ = ["EvaluationWarning", "correct_flags", "evaluate", "markdown_table", "suite_flags"]
@@ -220,12 +221,6 @@ def attack_settings(attack: Attack, model: nn.Module | None = None) -> dict[str,
         info["runs"] = list(attack.build(model).attacks_to_run)
         info["package"] = f"pyautoattack {package.__version__}"
     return info
-
-
-def format_eps(eps: float) -> str:
-    """8/255 for eps that are k/255 (to 1e-6), else the decimal: 0.031 is not 8/255."""
-    k = round(eps * 255)
-    return f"{k}/255" if k and abs(eps - k / 255) < 1e-6 else f"{eps:.4g}"
 
 
 # Sanity checks ------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from d2r.checkpoint import atomic_write_text
-from d2r.config import load_yaml
+from d2r.config import format_eps, load_yaml
 from d2r.curves import write_curves
 from d2r.logs import read_metrics
 
@@ -196,7 +196,7 @@ def group(results: list[RunResult]) -> list[dict[str, Any]]:
                 "model": model,
                 "method": method,
                 "eps": eps,
-                "eps_text": _eps_text(eps),
+                "eps_text": format_eps(eps),
                 "source": source,
                 "details": [r.detail for r in runs],
                 "seeds": [r.seed for r in runs],
@@ -205,13 +205,6 @@ def group(results: list[RunResult]) -> list[dict[str, Any]]:
             }
         )
     return out
-
-
-def _eps_text(eps: float | None) -> str:
-    if eps is None:
-        return "—"
-    k = round(eps * 255)  # 8/255 reads better than 0.03137
-    return f"{k}/255" if k and abs(eps - k / 255) < 1e-6 else f"{eps:.4g}"
 
 
 # Formats --------------------------------------------------------------------------------------
