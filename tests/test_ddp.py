@@ -4,9 +4,11 @@ number of processes. No test here measures time."""
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -45,7 +47,7 @@ def free_port() -> int:
 
 class BNFree(nn.Module):
     """conv - ReLU - pool - linear: no BatchNorm, whose batch statistics would differ per shard
-    (torch's SyncBatchNorm, the cure, has no CPU kernel)."""
+    (the sync_bn case below covers BatchNorm models)."""
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1):
         super().__init__()
@@ -99,10 +101,81 @@ def test_shards_of_each_rank_make_up_the_global_batch():
         DeviceLoader(x, y, 10, rank=3, world_size=3)
 
 
-def test_sync_bn_on_cpu_is_refused_with_a_fix():
-    ctx = distributed.Context(rank=0, world_size=2)
-    with pytest.raises(ValueError, match="sync_bn=false"):
-        distributed.wrap(nn.BatchNorm1d(3), ctx, torch.device("cpu"), sync_bn=True)
+def _bn_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.BatchNorm1d(16, affine=False),
+        nn.Linear(16, 3),
+    )
+
+
+def _bn_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(10, 2, 4, 4, generator=g) * 3 + 1, torch.randn(10, 3, generator=g)
+
+
+def _sync_bn_worker(rank: int, world: int, port: int, out: str, sync: bool) -> None:
+    """Rank r runs its half of the batch through the net (BN converted if `sync`) and saves its
+    output, input gradient, parameter gradients and running statistics."""
+    torch.set_num_threads(1)
+    dist_env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(dist_env)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        net = _bn_net()
+        if sync:
+            distributed.convert_gloo_sync_batchnorm(net, torch.distributed.new_group())
+        x, w = _bn_batch()
+        x = x.chunk(world)[rank].clone().requires_grad_()
+        y = net(x)
+        (y * w.chunk(world)[rank]).sum().backward()
+        grads = {f"grad.{n}": p.grad for n, p in net.named_parameters()}
+        torch.save({"y": y.detach(), "dx": x.grad, **grads, **net.state_dict()}, f"{out}/{rank}.pt")
+    finally:
+        distributed.cleanup()
+
+
+def _one_process_bn() -> dict[str, torch.Tensor]:
+    net = _bn_net()
+    x, w = _bn_batch()
+    x.requires_grad_()
+    y = net(x)
+    (y * w).sum().backward()
+    grads = {f"grad.{n}": p.grad for n, p in net.named_parameters()}
+    return {"y": y.detach(), "dx": x.grad, **grads, **net.state_dict()}
+
+
+@pytest.mark.parametrize("sync", [True, False], ids=["gloo-sync-bn", "plain-bn"])
+def test_gloo_sync_batchnorm_is_one_batchnorm_over_the_global_batch(tmp_path, sync):
+    """Outputs, input gradients, summed parameter gradients and running statistics of 2 ranks
+    equal one process's on the whole batch; plain BN (the control) does not."""
+    mp.spawn(_sync_bn_worker, args=(2, free_port(), str(tmp_path), sync), nprocs=2)
+    ranks = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(2)]
+    want = _one_process_bn()
+    got = {k: torch.cat([r[k] for r in ranks]) for k in ("y", "dx")}
+    got |= {k: ranks[0][k] + ranks[1][k] for k in want if k.startswith("grad.")}
+    got |= {k: ranks[0][k] for k in want if k.startswith(("1.", "4.")) and "running" in k}
+    close = all(torch.allclose(got[k], want[k], rtol=1e-4, atol=1e-5) for k in got)
+    assert close == sync
+    if sync:
+        for k in got:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5)
+        assert torch.equal(ranks[0]["1.running_var"], ranks[1]["1.running_var"])
+
+
+def test_gloo_sync_batchnorm_is_batchnorm_in_one_process_and_in_eval():
+    net = _bn_net()
+    x, _ = _bn_batch()
+    want = net(x)
+    synced = distributed.convert_gloo_sync_batchnorm(_bn_net())
+    assert isinstance(synced[1], distributed.GlooSyncBatchNorm)
+    assert synced.state_dict().keys() == net.state_dict().keys()  # checkpoints unchanged
+    torch.testing.assert_close(synced(x), want)
+    torch.testing.assert_close(synced.eval()(x), net.eval()(x))
 
 
 # AWP: every rank must add the same perturbation (from the global batch's gradient), or the
@@ -110,8 +183,14 @@ def test_sync_bn_on_cpu_is_refused_with_a_fix():
 # beta=20: D2R's |K1 - K2| must be taken of the global batch's gap, not averaged per shard.
 @pytest.mark.parametrize(
     "extra",
-    [[], ["method.awp_gamma=5e-3"], ["method.beta=20"], ["method.beta=20", "method.sym_rule=sign"]],
-    ids=["plain", "awp", "sym-abs", "sym-sign"],
+    [
+        [],
+        ["method.awp_gamma=5e-3"],
+        ["method.beta=20"],
+        ["method.beta=20", "method.sym_rule=sign"],
+        ["train.sync_bn=true", "target.name=small_cnn", "guide.name=tiny_cnn", "method.beta=20"],
+    ],
+    ids=["plain", "awp", "sym-abs", "sym-sign", "sync-bn"],
 )
 def test_two_processes_match_one_on_the_same_global_batch(tmp_path, extra):
     one, two = tmp_path / "one", tmp_path / "two"
@@ -166,3 +245,77 @@ def test_torchrun_two_processes_then_resume_with_one(tmp_path):
     epochs = [r for r in epochs if r["kind"] == "epoch"]
     assert [r["epoch"] for r in epochs] == [1, 2]
     assert all(0 <= r["robust_acc"] <= 1 for r in epochs)
+
+
+def _set_args(sets: list[str]) -> list[str]:
+    return [a for kv in sets for a in ("--set", kv)]
+
+
+def _torchrun(out: Path, sets: list[str], nproc: int = 2) -> list[str]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
+    cmd += [f"--master_port={free_port()}", "-m", "d2r", "train", "-q", "--out", str(out)]
+    return cmd + _set_args(sets)
+
+
+def _worker_env() -> dict[str, str]:
+    path = SRC + os.pathsep + os.environ.get("PYTHONPATH", "")
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+
+
+def _logged_steps(run: Path) -> list[int]:
+    if not (run / "metrics.jsonl").is_file():
+        return []
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["step"] for line in lines if '"kind": "step"' in line]
+
+
+def _worker_pid(torchrun_pid: int, rank: int) -> int:
+    """The pid of torchrun's worker with RANK=rank (from /proc: Linux only)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            environ = (stat.parent / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        if ppid == torchrun_pid and f"RANK={rank}".encode() in environ:
+            return int(stat.parent.name)
+    raise AssertionError(f"no worker with RANK={rank} under pid {torchrun_pid}")
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs Linux /proc")
+@pytest.mark.parametrize("whom", ["torchrun", "rank1"])
+def test_sigterm_stops_every_rank_after_the_same_step_and_resumes_exactly(tmp_path, whom):
+    """SIGTERM to torchrun (which passes it to each worker, each seeing it at its own moment) or
+    to one worker alone: the ranks agree in the step's one all-reduce to stop after the same
+    step (a rank stopping alone leaves the others hanging in the next all-reduce), rank 0
+    checkpoints it, and a resume in one process ends with the weights of an uninterrupted run
+    (BatchNorm models under sync_bn; eps=0, so the ranks' attack noise plays no part)."""
+    sets = [
+        *[kv for kv in EXACT if not kv.startswith(("target.", "guide.", "train.epochs"))],
+        "train.epochs=3",
+        "data.train_subset=192",
+        "method.beta=20",
+        "train.sync_bn=true",
+    ]
+    reference = tmp_path / "reference"
+    assert main(["train", "-q", "--out", str(reference), *_set_args(sets)]) == 0
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        _torchrun(out, sets), env=_worker_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 180
+    while max(_logged_steps(out), default=0) < 4:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.01)
+    os.kill(proc.pid if whom == "torchrun" else _worker_pid(proc.pid, 1), signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    err = err.decode()
+    assert proc.returncode != 0 and f"d2r train --resume {out}" in err, err[-3000:]
+    _, meta = load(out / "last.safetensors")
+    assert meta["step"] == max(_logged_steps(out)) < 18  # the checkpoint is the last step
+    assert main(["train", "--resume", str(out), "-q"]) == 0
+    assert _logged_steps(out) == list(range(1, 19))  # each step once
+    want, _ = load(reference / "last.safetensors")
+    have, _ = load(out / "last.safetensors")
+    for k in [k for k in want if k.startswith(("target.", "guide."))]:
+        torch.testing.assert_close(have[k], want[k], rtol=1e-3, atol=1e-4)

@@ -52,7 +52,8 @@ class TrainConfig:
     channels_last: str | bool = "auto"  # auto | on | off: NHWC models and batches
     compile: str | bool = "auto"  # auto | on | off: torch.compile of both models (CUDA only)
     optimizer_impl: str = "auto"  # auto | fused | foreach | for_loop (SGD's implementation)
-    # Multi-GPU (torchrun): BatchNorm statistics over the global batch (CUDA only)
+    # torchrun: BatchNorm statistics over the global batch (torch's SyncBatchNorm on CUDA, else
+    # d2r.distributed.GlooSyncBatchNorm)
     sync_bn: bool = False
     # last.safetensors is also written mid-epoch every this many minutes (0: at epoch ends only),
     # so a preemption or crash loses at most that much work.

@@ -71,16 +71,14 @@ def cleanup() -> None:
 
 def wrap(method: nn.Module, ctx: Context, device: torch.device, sync_bn: bool) -> nn.Module:
     """What the training step calls: `method` itself for one process, else DDP around it
-    (with SyncBatchNorm first if asked). Call before building the optimizer."""
+    (with SyncBatchNorm first if asked: torch's on CUDA, GlooSyncBatchNorm on CPU). Call before
+    building the optimizer."""
     if not ctx.enabled:
         return method
-    if sync_bn:
-        if device.type != "cuda":
-            raise ValueError(
-                "train.sync_bn=true needs CUDA (torch's SyncBatchNorm has no CPU "
-                "kernel); use train.sync_bn=false on CPU"
-            )
+    if sync_bn and device.type == "cuda":
         nn.SyncBatchNorm.convert_sync_batchnorm(method)  # replaces the BN children in place
+    elif sync_bn:
+        convert_gloo_sync_batchnorm(method, dist.new_group(backend="gloo"))
     ids = [device.index] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(method, device_ids=ids)
 
@@ -94,6 +92,15 @@ def all_mean(x: Tensor) -> Tensor:
     return x / dist.get_world_size()
 
 
+def all_max(x: Tensor) -> Tensor:
+    """The elementwise maximum of `x` over ranks (x itself for one process)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return x
+    x = x.clone()
+    dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return x
+
+
 def mean_over_ranks(x: Tensor) -> Tensor:
     """For a loss term that is not a mean of per-example terms (D2R's |K1 - K2|): the value of
     `x` averaged over ranks, with the gradient of the local `x`. DDP's gradient averaging then
@@ -103,3 +110,104 @@ def mean_over_ranks(x: Tensor) -> Tensor:
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return x
     return x + (all_mean(x.detach()) - x).detach()
+
+
+class _SyncBatchNormFn(torch.autograd.Function):
+    """Batch normalization over the union of the ranks' batches, exact in value and gradient:
+    two all-reduces in the forward (sum, then squared deviations, for a stable variance) and
+    one in the backward (the sums of dy and dy * x_hat that every input's gradient needs). As in
+    torch's SyncBatchNorm, the input gradient is that of the sum of all ranks' losses and the
+    weight and bias gradients are local, so DDP's averaging gives the global batch's step."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, group):
+        ctx.dtype = x.dtype  # statistics in fp32 whatever the autocast dtype
+        x = x.float()
+        dims = [d for d in range(x.dim()) if d != 1]
+        local = torch.cat([x.sum(dims), x.new_tensor([x.numel() / x.shape[1]])])
+        dist.all_reduce(local, group=group)
+        count = local[-1]
+        mean = local[:-1] / count
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        centred = x - mean.view(shape)
+        var = centred.square().sum(dims)
+        dist.all_reduce(var, group=group)
+        var = var / count
+        invstd = torch.rsqrt(var + eps)
+        x_hat = centred * invstd.view(shape)
+        ctx.save_for_backward(x_hat, invstd, weight, count)
+        ctx.group, ctx.dims, ctx.shape = group, dims, shape
+        y = x_hat * weight.view(shape) + bias.view(shape)
+        return y.to(ctx.dtype), mean, var, count
+
+    @staticmethod
+    def backward(ctx, dy, *_unused):
+        x_hat, invstd, weight, count = ctx.saved_tensors
+        dims, shape = ctx.dims, ctx.shape
+        dy = dy.float()
+        d_bias = dy.sum(dims)
+        d_weight = (dy * x_hat).sum(dims)
+        sums = torch.cat([d_bias, d_weight])
+        dist.all_reduce(sums, group=ctx.group)
+        g_bias, g_weight = sums.chunk(2)
+        scale = (weight * invstd).view(shape)
+        dx = scale * (dy - (g_bias.view(shape) + x_hat * g_weight.view(shape)) / count)
+        return dx.to(ctx.dtype), d_weight, d_bias, None, None
+
+
+class GlooSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """SyncBatchNorm for CPU processes (gloo), which torch's SyncBatchNorm refuses. Its
+    collectives run on a process group of their own: the backward's all-reduce would otherwise
+    share the default group with DDP's gradient all-reduces, whose order may differ per rank.
+    In eval mode or outside a process group it is BatchNorm."""
+
+    def __init__(self, num_features: int, group=None, **kwargs):
+        super().__init__(num_features, **kwargs)
+        self.group = group
+
+    def _check_input_dim(self, x: Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2-D input, got {x.dim()}-D")
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (self.training and dist.is_initialized()):
+            return super().forward(x)
+        self._check_input_dim(x)
+        weight, bias = self.weight, self.bias
+        if not self.affine:
+            weight, bias = x.new_ones(self.num_features), x.new_zeros(self.num_features)
+        y, mean, var, count = _SyncBatchNormFn.apply(x, weight, bias, self.eps, self.group)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = (
+                    self.momentum
+                    if self.momentum is not None
+                    else 1 / float(self.num_batches_tracked)
+                )
+                unbiased = var * count / (count - 1).clamp(min=1)
+                self.running_mean.lerp_(mean, m)
+                self.running_var.lerp_(unbiased, m)
+        return y
+
+
+def convert_gloo_sync_batchnorm(module: nn.Module, group=None) -> nn.Module:
+    """Replace every BatchNorm in `module` (in place) with a GlooSyncBatchNorm holding the
+    same parameters and statistics; returns the module (or its replacement if it is a BN)."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(
+        module, GlooSyncBatchNorm
+    ):
+        new = GlooSyncBatchNorm(
+            module.num_features,
+            group,
+            eps=module.eps,
+            momentum=module.momentum,
+            affine=module.affine,
+            track_running_stats=module.track_running_stats,
+        )
+        new.load_state_dict(module.state_dict())
+        new.train(module.training)
+        return new
+    for name, child in module.named_children():
+        setattr(module, name, convert_gloo_sync_batchnorm(child, group))
+    return module

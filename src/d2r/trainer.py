@@ -99,6 +99,7 @@ class Trainer:
         self.sums: dict[str, torch.Tensor] = {}  # the current epoch's loss terms, on the device
         self.count = 0  # batches in self.sums
         self.guard, self.resumed = SignalGuard(), resume
+        self.stop_signum: int | None = None  # a signal every rank knows of (see _agree)
         self._last_save, self._saved_step = time.monotonic(), None
         if resume:
             self._restore()
@@ -169,6 +170,7 @@ class Trainer:
                 self.history.append(record)
                 self.epoch, self.sums, self.count = epoch + 1, {}, 0
                 self._checkpoint(record)
+                self._agree(None)  # a signal during the evaluation, on any rank
                 self._stop_if_signalled()
         self._finish()
         return Run(self.run_dir, self.cfg, self.method, self.history)
@@ -238,13 +240,12 @@ class Trainer:
         return self._means(self.sums, self.count), time.perf_counter() - start
 
     def _check_finite(self, out: dict[str, torch.Tensor], epoch: int) -> bool:
-        """True if the loss is finite. This is one host sync per step, on purpose: a NaN step
-        poisons every weight and momentum buffer at once, so a device flag read only at log
-        points would find the damage done. One scalar read after an adversarial step (an
-        attack of several forward/backward passes, then the update) costs little."""
-        finite = torch.isfinite(out["loss"].detach()).float()
-        # Under DDP every rank must take the same decision, or the next all-reduce hangs.
-        if distributed.all_mean(finite).item() == 1.0:
+        """True if the loss is finite (on every rank). This is one host sync per step, on
+        purpose: a NaN step poisons every weight and momentum buffer at once, so a device flag
+        read only at log points would find the damage done. One scalar read after an
+        adversarial step (an attack of several forward/backward passes, then the update)
+        costs little."""
+        if self._agree(out["loss"]):
             return True
         terms = ", ".join(f"{k}={v.item():.4g}" for k, v in out.items())
         where = f"epoch {epoch + 1} step {self.step + 1}"
@@ -266,12 +267,25 @@ class Trainer:
             "train.nonfinite=skip to skip such batches"
         )
 
+    def _agree(self, loss: torch.Tensor | None) -> bool:
+        """Whether `loss` is finite, and whether a signal came, decided by all ranks together
+        in one all-reduce: every rank must skip the same batch and stop after the same step,
+        or the others hang in the next collective (torchrun passes a SIGTERM to each worker,
+        which may see it a step apart). In one process, a read of the local flags."""
+        bad = (~torch.isfinite(loss.detach())).float() if loss is not None else torch.tensor(0.0)
+        signum = float(self.guard.signum or 0)
+        flags = torch.stack([bad.to(self.device), torch.tensor(signum, device=self.device)])
+        bad, signum = distributed.all_max(flags).tolist()
+        if signum and self.stop_signum is None:
+            self.stop_signum = int(signum)
+        return bad == 0
+
     def _between_steps(self) -> None:
         """A mid-epoch checkpoint when train.checkpoint_minutes have passed or a signal came.
         Not after an epoch's last batch: the epoch-end checkpoint follows its evaluation."""
         minutes = self.cfg.train.checkpoint_minutes
         due = minutes > 0 and time.monotonic() - self._last_save >= 60 * minutes
-        if not (due or self.guard.signum):
+        if not (due or self.stop_signum):
             return
         if self.train_loader.state_dict()["batch"] >= len(self.train_loader):
             return
@@ -279,8 +293,8 @@ class Trainer:
         self._stop_if_signalled()
 
     def _stop_if_signalled(self) -> None:
-        if self.guard.signum is not None:
-            raise Preempted(self.guard.signum, self.run_dir, self.step)
+        if self.stop_signum is not None:
+            raise Preempted(self.stop_signum, self.run_dir, self.step)
 
     def _means(self, sums: dict[str, torch.Tensor], count: int) -> dict[str, float]:
         """Per-step means of the accumulated terms, averaged over ranks: one host sync."""
