@@ -16,7 +16,7 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from d2r import distributed
+from d2r import distributed, speed
 from d2r.checkpoint import load
 from d2r.cli import main
 from d2r.data import DeviceLoader
@@ -66,6 +66,8 @@ def _train_worker(rank: int, world: int, port: int, out: str, extra: list[str]) 
 
     torch.set_num_threads(1)
     MODELS.register("bn_free")(BNFree)  # only in this child: the test registry stays unchanged
+    # dynamo and AOTAutograd as on a GPU, without inductor's minutes of C++ compilation on CPU
+    speed.COMPILE_OPTIONS = {"backend": "aot_eager"}
     if world > 1:
         os.environ.update(
             RANK=str(rank),
@@ -189,8 +191,9 @@ def test_gloo_sync_batchnorm_is_batchnorm_in_one_process_and_in_eval():
         ["method.beta=20"],
         ["method.beta=20", "method.sym_rule=sign"],
         ["train.sync_bn=true", "target.name=small_cnn", "guide.name=tiny_cnn", "method.beta=20"],
+        ["train.compile=on", "method.beta=20"],
     ],
-    ids=["plain", "awp", "sym-abs", "sym-sign", "sync-bn"],
+    ids=["plain", "awp", "sym-abs", "sym-sign", "sync-bn", "compile"],
 )
 def test_two_processes_match_one_on_the_same_global_batch(tmp_path, extra):
     one, two = tmp_path / "one", tmp_path / "two"
@@ -207,6 +210,7 @@ def test_two_processes_match_one_on_the_same_global_batch(tmp_path, extra):
         torch.testing.assert_close(have[k], want[k], rtol=1e-4, atol=1e-5)
     env = json.loads((two / "env.json").read_text())
     assert env["world_size"] == 2
+    assert env["fast_path"]["compile"] == ("train.compile=on" in extra)
 
 
 def test_torchrun_two_processes_then_resume_with_one(tmp_path):
