@@ -29,7 +29,8 @@ from data_pipeline import PILCropFlip
 
 
 def naive_epoch(trainer: Trainer, loader: DataLoader, device: torch.device) -> float:
-    """One epoch of the reference-style loop on the trainer's own models; seconds."""
+    """One epoch of the reference-style loop on a trainer's models (built with the fast path
+    off: fp32, NCHW, not compiled); seconds."""
     method = trainer.method
     target, guide, budget = method.target, method.guide, method.budget
     optimizer = torch.optim.SGD(method.parameters(), lr=0.01, momentum=0.9, foreach=False)
@@ -70,13 +71,17 @@ def main() -> None:
         "target.name=wrn34_10 guide.name=resnet18",
     )
     args = parser.parse_args()
-    cfg = resolve(None, [f"train.device={args.device}", "train.checkpoint_minutes=0", *args.set])
-    with tempfile.TemporaryDirectory() as out:
+    cfg_args = [f"train.device={args.device}", "train.checkpoint_minutes=0", *args.set]
+    cfg = resolve(None, cfg_args)
+    plain = [f"train.{flag}=off" for flag in ("amp", "channels_last", "compile")]
+    with tempfile.TemporaryDirectory() as out, tempfile.TemporaryDirectory() as out2:
         trainer = Trainer(cfg, out, progress=False)
-        print(json.dumps(measure(trainer, cfg, args)))
+        # the same models and init (same seed), but as the reference runs them
+        reference = Trainer(resolve(None, [*cfg_args, *plain]), out2, progress=False)
+        print(json.dumps(measure(trainer, reference, cfg, args)))
 
 
-def measure(trainer: Trainer, cfg, args: argparse.Namespace) -> dict:
+def measure(trainer: Trainer, reference: Trainer, cfg, args: argparse.Namespace) -> dict:
     loader = trainer.train_loader
     dataset = PILCropFlip(loader.x.cpu(), loader.y.cpu(), trainer.info.crop_padding)
     naive = DataLoader(
@@ -85,12 +90,13 @@ def measure(trainer: Trainer, cfg, args: argparse.Namespace) -> dict:
     ours_s, naive_s = [], []
     for epoch in range(args.epochs + 1):  # alternate; epoch 0 warms up both
         ours_s.append(trainer._train_epoch(epoch)[1])
-        naive_s.append(naive_epoch(trainer, naive, trainer.device))
+        naive_s.append(naive_epoch(reference, naive, reference.device))
     ours, plain = min(ours_s[1:]), min(naive_s[1:])
     return {
         "benchmark": "vs_naive",
         "speedup": round(plain / ours, 3),
         "ours_epochs_per_hour": round(3600 / ours, 1),
+        "warmup_epoch_s": {"ours": round(ours_s[0], 2), "naive": round(naive_s[0], 2)},
         "naive_epochs_per_hour": round(3600 / plain, 1),
         "data": cfg.data.name,
         "train_images": len(loader.x),
