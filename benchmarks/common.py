@@ -54,7 +54,8 @@ def build(args: argparse.Namespace) -> tuple[Method, torch.Tensor, torch.Tensor,
 
 
 def training_step(method: Method, fast: speed.FastPath, x: torch.Tensor, y: torch.Tensor):
-    """One full D2R-CAG step as Trainer._train_epoch takes it: attack, loss, backward, SGD."""
+    """One full D2R-CAG step as Trainer._train_epoch takes it: attack, loss, the step's flags
+    (non-finite loss, signal), backward, SGD, the flags read (one process)."""
     optimizer = torch.optim.SGD(
         method.parameters(), lr=0.01, momentum=0.9, **fast.optimizer_options()
     )
@@ -63,9 +64,15 @@ def training_step(method: Method, fast: speed.FastPath, x: torch.Tensor, y: torc
         method.train()
         with fast.autocast():
             out = method(x, y)
+        bad = (~torch.isfinite(out["loss"].detach())).float()
+        flags = speed.DeviceFlags(torch.stack([bad, bad.new_zeros(())]))  # [non-finite, signal]
         optimizer.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        optimizer.step()
+        if fast.skips_on_device:
+            optimizer.found_inf = flags.tensor[0]
+        if fast.skips_on_device or flags.values()[0] == 0:
+            out["loss"].backward()
+            optimizer.step()
+        flags.values()  # the trainer's one read per step
 
     return step
 

@@ -11,7 +11,7 @@ import shutil
 import pytest
 import torch
 
-from d2r import checkpoint
+from d2r import checkpoint, speed
 from d2r.cli import main
 from d2r.config import resolve
 from d2r.methods import METHODS
@@ -134,19 +134,20 @@ def test_config_file_errors_name_the_file(tmp_path):
         resolve(path)
 
 
-def inject_nan(monkeypatch, at_call: int) -> None:
-    """The method's loss becomes NaN on its `at_call`-th training forward (1-based)."""
+def inject_nan(monkeypatch, *at_calls: int, attr: str = "forward") -> None:
+    """D2R's `attr` (forward, or loss: which AWP calls too) returns a NaN loss on its
+    `at_calls`-th training calls (1-based)."""
     cls = METHODS.get("d2r")
-    forward, calls = cls.forward, []
+    original, calls = getattr(cls, attr), []
 
-    def poisoned(self, x, y):
-        out = forward(self, x, y)
+    def poisoned(self, *args):
+        out = original(self, *args)
         calls.append(1)
-        if len(calls) == at_call:
+        if len(calls) in at_calls:
             out = {**out, "loss": out["loss"] * math.nan}
         return out
 
-    monkeypatch.setattr(cls, "forward", poisoned)
+    monkeypatch.setattr(cls, attr, poisoned)
 
 
 def test_nan_loss_stops_the_run_naming_step_terms_and_checkpoint(tmp_path, monkeypatch, capsys):
@@ -166,9 +167,49 @@ def test_nan_loss_stops_the_run_naming_step_terms_and_checkpoint(tmp_path, monke
         Trainer(resolve(overrides=TINY), tmp_path / "api", progress=False).fit()
 
 
-def test_nan_loss_with_skip_continues_and_counts(tmp_path, monkeypatch):
-    inject_nan(monkeypatch, 2)
-    cfg = resolve(overrides=[*TINY, "train.nonfinite=skip"])
-    run = Trainer(cfg, tmp_path / "run", progress=False).fit()
+IMPLS = ["fused", "foreach"] if speed.fused_sgd_available("cpu") else ["foreach"]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("awp", ["0", "5e-3"])
+def test_nan_loss_with_skip_changes_nothing_and_counts(tmp_path, monkeypatch, impl, awp):
+    """The skipped batch leaves weights and momentum exactly as they were (fused
+    SGD skips it in its kernel, the others on the host); training goes on. With AWP the NaN is
+    in the loss AWP perturbs the weights with too (its 2 calls in step 2)."""
+    if awp == "0":
+        inject_nan(monkeypatch, 2)
+    else:
+        inject_nan(monkeypatch, 3, 4, attr="loss")
+    sets = [f"train.optimizer_impl={impl}", f"method.awp_gamma={awp}", "train.nonfinite=skip"]
+    trainer = Trainer(resolve(overrides=[*TINY, *sets]), tmp_path / "run", progress=False)
+    between_steps, states = trainer._between_steps, []
+
+    def record() -> None:  # after each step (and AWP's restore)
+        momentum = [s["momentum_buffer"].clone() for s in trainer.optimizer.state.values()]
+        # parameters only: the batch's forward did update BatchNorm's running statistics
+        states.append(([p.detach().clone() for p in trainer.method.parameters()], momentum))
+        between_steps()
+
+    trainer._between_steps = record
+    run = trainer.fit()
     assert run.final["skipped_batches"] == 1 and math.isfinite(run.final["loss"])
+    (weights1, momentum1), (weights2, momentum2), (weights3, _) = states[:3]
+    assert all(torch.equal(a, b) for a, b in zip(weights1, weights2, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(momentum1, momentum2, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(weights2, weights3, strict=True))
     assert all(torch.isfinite(p).all() for p in run.method.parameters())
+
+
+@pytest.mark.skipif("fused" not in IMPLS, reason="this torch has no CPU fused SGD")
+def test_with_fused_sgd_the_host_reads_the_step_flags_after_the_update(tmp_path, monkeypatch):
+    """No host read between the forward and the update (on a GPU it would drain the queue):
+    fused SGD gets the non-finite flag as a device tensor."""
+    events = []
+    values = speed.DeviceFlags.values
+    monkeypatch.setattr(speed.DeviceFlags, "values", lambda f: events.append("read") or values(f))
+    cfg = resolve(overrides=[*TINY, "train.optimizer_impl=fused", "train.epochs=1"])
+    trainer = Trainer(cfg, tmp_path / "run", progress=False)
+    step = trainer.optimizer.step
+    monkeypatch.setattr(trainer.optimizer, "step", lambda: events.append("step") or step())
+    trainer._train_epoch(0)
+    assert events[:4] == ["step", "read", "step", "read"]

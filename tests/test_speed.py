@@ -45,7 +45,31 @@ def test_auto_is_off_on_a_cpu_without_native_bf16(monkeypatch):
     monkeypatch.setattr(speed, "cpu_has_native_bf16", lambda: False)
     fast = speed.resolve(resolve(None, []).train, torch.device("cpu"))
     assert (fast.amp, fast.channels_last, fast.compile) == (False, False, False)
-    assert fast.optimizer_options() == {"foreach": True}
+    fused = speed.fused_sgd_available("cpu")  # torch >= 2.4 has a CPU kernel
+    assert fast.optimizer_options() == ({"fused": True} if fused else {"foreach": True})
+    assert fast.skips_on_device == fused
+
+
+def test_without_a_fused_sgd_auto_is_foreach_and_fused_is_refused(monkeypatch):
+    monkeypatch.setattr(speed, "fused_sgd_available", lambda device_type="cuda": False)
+    fast = speed.resolve(resolve(None, []).train, torch.device("cpu"))
+    assert fast.optimizer_options() == {"foreach": True} and not fast.skips_on_device
+    with pytest.raises(ValueError, match="no fused SGD for cpu; use foreach"):
+        speed.resolve(resolve(None, ["train.optimizer_impl=fused"]).train, torch.device("cpu"))
+
+
+@pytest.mark.skipif(not speed.fused_sgd_available("cpu"), reason="this torch has no CPU fused SGD")
+def test_optimizer_impls_train_the_same_weights(tmp_path):
+    """fused, foreach and for_loop SGD: one epoch of the Trainer ends with the same weights."""
+    runs = {}
+    for impl in ("fused", "foreach", "for_loop"):
+        cfg = resolve(None, [*SMALL, f"train.optimizer_impl={impl}", "eval.attack=pgd2"])
+        trainer = Trainer(cfg, tmp_path / impl, progress=False)
+        trainer._train_epoch(0)
+        runs[impl] = trainer.method.state_dict()
+    for impl in ("foreach", "for_loop"):
+        for k, v in runs["fused"].items():
+            torch.testing.assert_close(runs[impl][k], v, rtol=1e-5, atol=1e-6)
 
 
 def test_auto_turns_on_bf16_and_channels_last_on_a_native_bf16_cpu(monkeypatch):

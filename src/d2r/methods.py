@@ -70,8 +70,10 @@ def awp_perturbation(model: nn.Module, loss: Tensor, gamma: float) -> Perturbati
     which leaves every parameter's .grad untouched."""
     params = [p for p in model.parameters() if p.dim() > 1 and p.requires_grad]
     grads = _mean_over_ranks(torch.autograd.grad(loss, params, allow_unused=True))
+    # nan_to_num: from a non-finite loss (a batch the trainer then skips) the offset would be
+    # NaN, and w + v - v would leave NaN weights; a zero offset leaves w exactly as it was.
     return [
-        (p, gamma * p.detach().norm() * g / (g.norm() + 1e-20))  # 1e-20: the reference's EPS
+        (p, torch.nan_to_num(gamma * p.detach().norm() * g / (g.norm() + 1e-20), 0, 0, 0))
         for p, g in zip(params, grads, strict=True)
         if g is not None
     ]

@@ -1,5 +1,6 @@
 """The fast path of the training step: bf16 autocast, channels_last, torch.compile and a
-multi-tensor optimizer, each a flag of `train` with one code path (`enabled=`), never two.
+fused (or multi-tensor) optimizer, each a flag of `train` with one code path (`enabled=`),
+never two; and DeviceFlags, the step's checks read without stalling the device.
 
 `"auto"` turns a flag on where it pays off: on CUDA every flag; on a CPU with native bf16
 (avx512_bf16 or AMX) autocast and channels_last; elsewhere none (bf16 there is emulated and
@@ -38,8 +39,20 @@ def cpu_has_native_bf16() -> bool:
     return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
 
 
-def fused_sgd_available() -> bool:
-    return "fused" in inspect.signature(torch.optim.SGD).parameters
+@cache
+def fused_sgd_available(device_type: str = "cuda") -> bool:
+    """Whether this torch has a fused SGD kernel for `device_type` (CPU: torch >= 2.4)."""
+    if "fused" not in inspect.signature(torch.optim.SGD).parameters:
+        return False
+    if device_type == "cuda":
+        return True
+    param = nn.Parameter(torch.zeros(1, device=device_type))
+    param.grad = torch.ones_like(param)
+    try:
+        torch.optim.SGD([param], lr=0.1, momentum=0.9, fused=True).step()
+    except RuntimeError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -61,6 +74,12 @@ class FastPath:
         if self.channels_last and x.dim() == 4:
             return x.contiguous(memory_format=torch.channels_last)
         return x
+
+    @property
+    def skips_on_device(self) -> bool:
+        """Whether the optimizer itself skips an update when told of a non-finite loss by a
+        device tensor (fused SGD's `found_inf`), so the host need not read it first."""
+        return self.optimizer_impl == "fused"
 
     def optimizer_options(self) -> dict[str, bool]:
         """Keyword arguments for torch.optim.SGD: one fused kernel, or one multi-tensor
@@ -115,9 +134,12 @@ def resolve(train: Any, device: torch.device) -> FastPath:
     compiled = _switch("compile", train.compile, SWITCH_CHOICES)
     impl = _switch("optimizer_impl", train.optimizer_impl, OPTIMIZER_IMPLS)
     if impl == "auto":
-        impl = "fused" if device.type == "cuda" and fused_sgd_available() else "foreach"
-    if impl == "fused" and not fused_sgd_available():
-        raise ValueError("train.optimizer_impl=fused needs a newer torch; use foreach")
+        impl = "fused" if fused_sgd_available(device.type) else "foreach"
+    if impl == "fused" and not fused_sgd_available(device.type):
+        raise ValueError(
+            f"train.optimizer_impl=fused: this torch has no fused SGD for {device.type}; "
+            "use foreach (or a newer torch)"
+        )
     return FastPath(
         device_type=device.type,
         amp=amp == "bf16" or (amp == "auto" and fast_device),
@@ -125,3 +147,28 @@ def resolve(train: Any, device: torch.device) -> FastPath:
         compile=compiled == "on" or (compiled == "auto" and device.type == "cuda"),
         optimizer_impl=impl,
     )
+
+
+class DeviceFlags:
+    """Flags computed on the device and read by the host without draining the device's queue:
+    the copy to pinned host memory is queued right after the flags, and `values` waits for that
+    copy only, not for the backward pass and update queued after it. On a CPU, a plain read."""
+
+    def __init__(self, flags: Tensor) -> None:
+        self.tensor = flags
+        self._values: list[float] | None = None
+        self._event = None
+        if flags.is_cuda:
+            self._host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
+            self._host.copy_(flags, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = flags
+
+    def values(self) -> list[float]:
+        if self._values is None:
+            if self._event is not None:
+                self._event.synchronize()
+            self._values = self._host.tolist()
+        return self._values

@@ -170,7 +170,7 @@ class Trainer:
                 self.history.append(record)
                 self.epoch, self.sums, self.count = epoch + 1, {}, 0
                 self._checkpoint(record)
-                self._agree(None)  # a signal during the evaluation, on any rank
+                self._finite(self._agree(None))  # a signal during the evaluation, any rank
                 self._stop_if_signalled()
         self._finish()
         return Run(self.run_dir, self.cfg, self.method, self.history)
@@ -213,11 +213,16 @@ class Trainer:
         for x, y in bar:
             with self.fast.autocast():  # bf16 for the attack and the loss when enabled
                 out = self.model(self.fast.batch(x), y)
-            finite = self._check_finite(out, epoch)
+            flags = self._agree(out["loss"])
             self.optimizer.zero_grad(set_to_none=True)
-            if finite:
+            # Fused SGD skips a non-finite step in its kernel, so the host reads the flags only
+            # after the backward and update are queued; other SGDs need the read first.
+            if self.fast.skips_on_device:
+                self.optimizer.found_inf = flags.tensor[0]
+            if self.fast.skips_on_device or self._finite(flags):
                 out["loss"].backward()
                 self.optimizer.step()
+            finite = self._check_finite(flags, out, epoch)
             self.method.after_step()
             self.step += 1
             if finite:
@@ -239,13 +244,14 @@ class Trainer:
             self._between_steps()
         return self._means(self.sums, self.count), time.perf_counter() - start
 
-    def _check_finite(self, out: dict[str, torch.Tensor], epoch: int) -> bool:
-        """True if the loss is finite (on every rank). This is one host sync per step, on
-        purpose: a NaN step poisons every weight and momentum buffer at once, so a device flag
-        read only at log points would find the damage done. One scalar read after an
-        adversarial step (an attack of several forward/backward passes, then the update)
-        costs little."""
-        if self._agree(out["loss"]):
+    def _check_finite(
+        self, flags: speed.DeviceFlags, out: dict[str, torch.Tensor], epoch: int
+    ) -> bool:
+        """True if the loss was finite on every rank; else warn and skip (nonfinite=skip) or
+        raise (stop). Checked at every step, not at log points: a NaN update poisons every
+        weight and momentum buffer at once. The step's one host read, and with fused SGD one
+        that does not stall the device (see _train_epoch)."""
+        if self._finite(flags):
             return True
         terms = ", ".join(f"{k}={v.item():.4g}" for k, v in out.items())
         where = f"epoch {epoch + 1} step {self.step + 1}"
@@ -267,15 +273,22 @@ class Trainer:
             "train.nonfinite=skip to skip such batches"
         )
 
-    def _agree(self, loss: torch.Tensor | None) -> bool:
-        """Whether `loss` is finite, and whether a signal came, decided by all ranks together
-        in one all-reduce: every rank must skip the same batch and stop after the same step,
-        or the others hang in the next collective (torchrun passes a SIGTERM to each worker,
-        which may see it a step apart). In one process, a read of the local flags."""
-        bad = (~torch.isfinite(loss.detach())).float() if loss is not None else torch.tensor(0.0)
-        signum = float(self.guard.signum or 0)
-        flags = torch.stack([bad.to(self.device), torch.tensor(signum, device=self.device)])
-        bad, signum = distributed.all_max(flags).tolist()
+    def _agree(self, loss: torch.Tensor | None) -> speed.DeviceFlags:
+        """[loss non-finite, signal number] as one device tensor, maxed over ranks: every rank
+        must skip the same batch and stop after the same step, or the others hang in the next
+        collective (torchrun passes a SIGTERM to each worker, which may see it a step apart).
+        No host sync here: the signal enters as a fill value, the all-reduce is queued."""
+        if loss is None:
+            bad = torch.zeros((), device=self.device)
+        else:
+            bad = (~torch.isfinite(loss.detach())).float()
+        flags = torch.stack([bad, bad.new_full((), float(self.guard.signum or 0))])
+        return speed.DeviceFlags(distributed.all_max(flags))
+
+    def _finite(self, flags: speed.DeviceFlags) -> bool:
+        """Read the agreed flags (once per step): note a signal, say whether the loss was
+        finite."""
+        bad, signum = flags.values()
         if signum and self.stop_signum is None:
             self.stop_signum = int(signum)
         return bad == 0
