@@ -103,3 +103,12 @@ def test_null_switches_an_optional_setting_off():
     cfg = resolve(overrides=["data.train_subset=100", "data.train_subset=null"])
     assert cfg.data.train_subset is None
     assert resolve(overrides=["guide=null"]).guide is None
+
+
+@pytest.mark.parametrize(
+    "override", ["method.eps=.nan", "method.eps=[0.5, .nan]", "train.lr=.inf", "method.beta=-.inf"]
+)
+def test_non_finite_numbers_are_refused_at_once_even_inside_lists(override):
+    """(found by the hypothesis test: a NaN inside a list reached the config)"""
+    with pytest.raises(ValueError, match=f"'{override.split('=')[0]}': must be a finite number"):
+        resolve(None, [override])

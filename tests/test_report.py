@@ -14,7 +14,7 @@ import yaml
 
 from d2r.cli import main
 from d2r.logs import read_metrics
-from d2r.report import eval_entries, read_run, report, write_curves
+from d2r.report import column_label, eval_entries, read_run, report, write_curves
 from tiny_runs import evaluated_run, plain_run
 
 
@@ -126,3 +126,26 @@ def test_cli_report_refuses_a_directory_without_runs(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "is not a run directory" in err and str(tmp_path) in err
+
+
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("pgd20", "PGD-20"),
+        ("cw20", "C&W"),
+        ("aa", "AA"),
+        ("cw30", "C&W-30"),
+        ("pgd10r5", "PGD-10 x5 restarts"),
+        ("aa_plus", "AA+"),
+        ("fgsm", "FGSM"),
+    ],
+)
+def test_an_attack_has_one_label_in_tables_and_plots(name, text):
+    """eval.md, d2r report and curves.png all name attacks through d2r.attacks.label."""
+    from d2r import attacks
+    from d2r.curves import attack_label
+    from d2r.evaluate import attacks_mod
+
+    assert attacks.label(name) == text
+    assert column_label(name) == text
+    assert attack_label is attacks.label and attacks_mod.label is attacks.label

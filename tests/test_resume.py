@@ -142,3 +142,42 @@ def test_a_second_sigint_exits_at_once_and_the_checkpoint_stays_whole(tmp_path, 
     assert proc.returncode == 130, err
     assert main(["train", "--resume", str(out), "-q"]) == 0
     assert_same_weights(out, reference)
+
+
+@pytest.mark.parametrize("impl", ["fused", "foreach"])
+def test_restored_momentum_takes_the_parameters_memory_format(impl):
+    """The file holds contiguous (NCHW) buffers; a channels_last model's fused SGD reads its
+    parameter and momentum buffer as flat memory, so a buffer left NCHW gives wrong steps."""
+    from d2r.resume import load_optimizer_state, optimizer_state
+    from d2r.speed import fused_sgd_available
+
+    if impl == "fused" and not fused_sgd_available("cpu"):
+        pytest.skip("this torch has no CPU fused SGD")
+    options = {"fused": True} if impl == "fused" else {"foreach": True}
+
+    def model_and_optimizer():
+        torch.manual_seed(0)
+        model = torch.nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
+        return model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, **options)
+
+    def step(model, optimizer):
+        torch.manual_seed(1)
+        x = torch.randn(2, 3, 5, 5).contiguous(memory_format=torch.channels_last)
+        optimizer.zero_grad()
+        model(x).square().sum().backward()
+        optimizer.step()
+
+    model, optimizer = model_and_optimizer()
+    step(model, optimizer)
+    tensors, meta = optimizer_state(optimizer, {"m": model})
+    tensors = {k: v.contiguous() for k, v in tensors.items()}  # as safetensors stores them
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    step(model, optimizer)
+
+    again, optimizer2 = model_and_optimizer()
+    again.load_state_dict(saved)
+    load_optimizer_state(optimizer2, {"m": again}, tensors, meta, "test")
+    buffer = optimizer2.state[again.weight]["momentum_buffer"]
+    assert buffer.stride() == again.weight.stride()
+    step(again, optimizer2)
+    assert torch.equal(again.weight, model.weight)

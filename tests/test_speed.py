@@ -41,10 +41,10 @@ def losses(batch_and_method, fast: speed.FastPath, steps: int = 2) -> list[float
     return out
 
 
-def test_auto_is_off_on_a_cpu_without_native_bf16(monkeypatch):
+def test_auto_on_a_cpu_without_native_bf16_is_channels_last_only(monkeypatch):
     monkeypatch.setattr(speed, "cpu_has_native_bf16", lambda: False)
     fast = speed.resolve(resolve(None, []).train, torch.device("cpu"))
-    assert (fast.amp, fast.channels_last, fast.compile) == (False, False, False)
+    assert (fast.amp, fast.channels_last, fast.compile) == (False, True, False)
     fused = speed.fused_sgd_available("cpu")  # torch >= 2.4 has a CPU kernel
     assert fast.optimizer_options() == ({"fused": True} if fused else {"foreach": True})
     assert fast.skips_on_device == fused

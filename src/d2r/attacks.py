@@ -227,6 +227,25 @@ EVAL_NAMES = "pgdK, cwK (K >= 1 steps, e.g. pgd20, cw20; pgd20r5 = 5 restarts), 
 )
 
 
+# Table 1's attack columns, by the names from_name takes.
+PAPER_ATTACKS = {"pgd20": "PGD-20", "pgd50": "PGD-50", "cw20": "C&W", "aa": "AA"}
+_OTHER_LABELS = {"fgsm": "FGSM", "aa_plus": "AA+", "aa_rand": "AA-rand"}
+
+
+def label(name: str) -> str:
+    """How tables, logs and plots name an evaluation attack: Table 1's column for its attacks
+    (pgd20 -> PGD-20, cw20 -> C&W), else e.g. cw30 -> C&W-30, pgd10r5 -> PGD-10 x5 restarts,
+    aa_plus -> AA+; a name that is no attack is returned as it is."""
+    if name in PAPER_ATTACKS:
+        return PAPER_ATTACKS[name]
+    match = _NAMED.match(name)
+    if match:
+        kind, steps, restarts = match.groups()
+        text = ("PGD-" if kind == "pgd" else "C&W-") + steps
+        return text + (f" x{restarts} restarts" if restarts else "")
+    return _OTHER_LABELS.get(name, name)
+
+
 def from_name(
     name: str, eps: float, step_size: float | None = None, seed: int = 0
 ) -> PGD | FGSM | AutoAttack:

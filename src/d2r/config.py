@@ -191,6 +191,10 @@ def _check_range(key: str, value: Any) -> None:
         raise ValueError(
             f"config key {key!r}: choose one of {', '.join(map(str, _CHOICES[key]))}, got {value!r}"
         )
+    if isinstance(value, list):  # e.g. a component option given as a list: each item
+        for item in value:
+            _check_range(key, item)
+        return
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         return
     if not math.isfinite(value):  # nan/inf would only surface as a NaN loss hours later

@@ -9,18 +9,10 @@ import io
 from pathlib import Path
 from typing import Any
 
+from d2r.attacks import label as attack_label
 from d2r.checkpoint import atomic_write
 from d2r.config import format_eps, load_yaml
 from d2r.logs import read_metrics
-
-
-def _attack_label(name: str) -> str:
-    # pgd20 -> PGD-20, cw20 -> C&W-20: the names of the paper's table
-    for prefix, label in (("pgd", "PGD-"), ("cw", "C&W-")):
-        if name.startswith(prefix) and name[len(prefix) :].isdigit():
-            return label + name[len(prefix) :]
-    return name.upper()
-
 
 # Curves (the paper's Fig. 2) ------------------------------------------------------------------
 
@@ -84,7 +76,7 @@ def _figure(records: list[dict[str, Any]], cfg: dict[str, Any]):
 
 
 def _plot_accuracy(ax, records, epochs, ev: dict[str, Any]) -> None:
-    attack = f"{_attack_label(ev.get('attack', 'attack'))}, eps {format_eps(ev.get('eps'))}"
+    attack = f"{attack_label(ev.get('attack', 'attack'))}, eps {format_eps(ev.get('eps'))}"
     for key, label in ACC_CURVES:
         points = [(e, 100 * r[key]) for e, r in zip(epochs, records, strict=True) if key in r]
         if points:

@@ -386,18 +386,7 @@ def _check_step_variants(model, x, y, eps, seed, device) -> None:
 # Report -------------------------------------------------------------------------------------
 
 # The paper's Table 1 columns; other attacks of the suite follow them.
-PAPER_COLUMNS = {"pgd20": "PGD-20", "pgd50": "PGD-50", "cw20": "C&W", "aa": "AA"}
-
-
-def _label(name: str) -> str:
-    if name in PAPER_COLUMNS:
-        return PAPER_COLUMNS[name]
-    match = attacks_mod._NAMED.match(name)
-    if match:
-        kind, steps, restarts = match.groups()
-        label = ("PGD-" if kind == "pgd" else "C&W-") + steps
-        return label + (f" x{restarts} restarts" if restarts else "")
-    return {"fgsm": "FGSM", "aa_plus": "AA+", "aa_rand": "AA-rand"}.get(name, name)
+PAPER_COLUMNS = attacks_mod.PAPER_ATTACKS
 
 
 def markdown_table(results: Mapping[str, Mapping[str, Any]]) -> str:
@@ -406,7 +395,7 @@ def markdown_table(results: Mapping[str, Mapping[str, Any]]) -> str:
     run = [k for r in results.values() for k in r["settings"]["attacks"]]
     extra = [k for k in run if k not in PAPER_COLUMNS]
     names = ["clean", *PAPER_COLUMNS, *dict.fromkeys(extra), "worst_case"]
-    labels = ["Clean", *(_label(k) for k in names[1:-1]), "Worst case"]
+    labels = ["Clean", *(attacks_mod.label(k) for k in names[1:-1]), "Worst case"]
     lines = [
         "| checkpoint | n | eps (Linf) | seed | " + " | ".join(labels) + " |",
         "|---" * (4 + len(names)) + "|",
@@ -419,7 +408,10 @@ def markdown_table(results: Mapping[str, Mapping[str, Any]]) -> str:
     lines += ["", "Accuracies in %; worst case = robust against every attack run (per sample).", ""]
     first = next(iter(results.values()), None)
     if first is not None:
-        lines += [f"- {_label(k)}: {_describe(a)}" for k, a in first["settings"]["attacks"].items()]
+        lines += [
+            f"- {attacks_mod.label(k)}: {_describe(a)}"
+            for k, a in first["settings"]["attacks"].items()
+        ]
     warned = [f"- **warning** ({row}): {w}" for row, r in results.items() for w in r["warnings"]]
     return "\n".join(lines + (["", *warned] if warned else [])) + "\n"
 

@@ -15,13 +15,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from d2r.attacks import PAPER_ATTACKS
+from d2r.attacks import label as attack_label
 from d2r.checkpoint import atomic_write_text
 from d2r.config import format_eps, load_yaml
 from d2r.curves import write_curves
 from d2r.logs import read_metrics
 
 # The paper's Table 1 columns, in its order; other attacks of an evaluation follow them.
-PAPER_COLUMNS = {"clean": "Clean", "pgd20": "PGD-20", "pgd50": "PGD-50", "cw20": "C&W", "aa": "AA"}
+PAPER_COLUMNS = {"clean": "Clean", **PAPER_ATTACKS}
 WORST = "worst_case"
 EVAL_JSON = "eval.json"
 EPOCH_CHECK = "per-epoch check"  # the source label of the metrics.jsonl fallback
@@ -164,15 +166,7 @@ def columns_of(results: list[RunResult]) -> list[str]:
 
 
 def column_label(key: str) -> str:
-    if key in PAPER_COLUMNS:
-        return PAPER_COLUMNS[key]
-    if key == WORST:
-        return "Worst case"
-    if key.startswith("cw") and key[2:].isdigit():
-        return f"C&W-{key[2:]}"
-    if key.startswith("pgd") and key[3:].isdigit():
-        return f"PGD-{key[3:]}"
-    return key.upper()
+    return {"clean": "Clean", WORST: "Worst case"}.get(key) or attack_label(key)
 
 
 def summarize(values: list[float]) -> dict[str, Any]:

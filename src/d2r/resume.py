@@ -122,7 +122,11 @@ def load_optimizer_state(
                 "the checkpoint is from another architecture"
             )
         param = params[pname]
-        if isinstance(value, Tensor):
+        if isinstance(value, Tensor) and value.shape == param.shape:
+            # in the parameter's memory format (the file holds contiguous NCHW): fused SGD
+            # walks a channels_last parameter and its momentum buffer as flat memory
+            value = torch.empty_like(param, dtype=value.dtype).copy_(value)
+        elif isinstance(value, Tensor):
             value = value.to(param.device)
         optimizer.state[param][slot] = value
 

@@ -2,10 +2,12 @@
 fused (or multi-tensor) optimizer, each a flag of `train` with one code path (`enabled=`),
 never two; and DeviceFlags, the step's checks read without stalling the device.
 
-`"auto"` turns a flag on where it pays off: on CUDA every flag; on a CPU with native bf16
-(avx512_bf16 or AMX) autocast and channels_last; elsewhere none (bf16 there is emulated and
-slower, and compiling needs a C compiler and minutes). Evaluation never runs under autocast.
-Autocast is bf16, never fp16: the attack's input gradient is not loss-scaled and underflows.
+`"auto"` turns a flag on where it pays off: on CUDA every flag; on a CPU channels_last (oneDNN's
+NHWC convolutions: 1.1-1.2x faster steps, measured in benchmarks/RESULTS.md), fused SGD, and
+bf16 autocast only with native bf16 (avx512_bf16 or AMX: emulated bf16 is 8-14x slower); never
+compile on a CPU (minutes of C++ compilation for no gain measured). Evaluation never runs
+under autocast. Autocast is bf16, never fp16: the attack's input gradient is not loss-scaled
+and underflows.
 """
 
 from __future__ import annotations
@@ -143,7 +145,8 @@ def resolve(train: Any, device: torch.device) -> FastPath:
     return FastPath(
         device_type=device.type,
         amp=amp == "bf16" or (amp == "auto" and fast_device),
-        channels_last=channels_last == "on" or (channels_last == "auto" and fast_device),
+        channels_last=channels_last == "on"
+        or (channels_last == "auto" and device.type in ("cuda", "cpu")),
         compile=compiled == "on" or (compiled == "auto" and device.type == "cuda"),
         optimizer_impl=impl,
     )
