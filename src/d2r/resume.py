@@ -1,6 +1,7 @@
 """What a run needs to survive interruptions: the complete training state as tensors + JSON
 (optimizer by parameter name, every RNG), the resume-config check, the metrics log trimmed to
-the checkpoint, signal handling for preemption and the non-finite-loss error.
+the checkpoint, signal handling for preemption, and the step's checks (a non-finite loss, a
+signal) that every rank decides together.
 
 The trainer calls these; nothing here knows about adversarial examples."""
 
@@ -18,6 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from d2r import distributed
+from d2r.speed import DeviceFlags
 
 STATE = "state"  # tensor-key prefix of the training state in a run checkpoint (beside target/guide)
 
@@ -219,3 +223,63 @@ class SignalGuard:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+
+
+# The step's checks -------------------------------------------------------------------------------
+class StepChecks:
+    """What every training step checks: a non-finite loss (train.nonfinite: skip the batch or
+    stop) and a signal (stop after this step). Both travel as one device tensor, maxed over
+    ranks: every rank must skip the same batch and stop after the same step, or the others hang
+    in the next collective (torchrun passes a SIGTERM to each worker, which may see it a step
+    apart). `flags` syncs nothing (the signal enters as a fill value, the all-reduce is queued);
+    `finite` is the step's one host read."""
+
+    def __init__(self, device: torch.device, nonfinite: str) -> None:
+        self.device, self.nonfinite = device, nonfinite
+        self.guard = SignalGuard()
+        self.stop_signum: int | None = None  # a signal every rank knows of
+        self.skipped = 0  # batches skipped for a non-finite loss
+
+    def flags(self, loss: Tensor | None) -> DeviceFlags:
+        """[loss non-finite on any rank, a signal number on any rank] (no loss: 0 for the
+        first, to share a signal only)."""
+        if loss is None:
+            bad = torch.zeros((), device=self.device)
+        else:
+            bad = (~torch.isfinite(loss.detach())).float()
+        flags = torch.stack([bad, bad.new_full((), float(self.guard.signum or 0))])
+        return DeviceFlags(distributed.all_max(flags))
+
+    def finite(self, flags: DeviceFlags) -> bool:
+        """Read the flags: note a signal, say whether the loss was finite on every rank."""
+        bad, signum = flags.values()
+        if signum and self.stop_signum is None:
+            self.stop_signum = int(signum)
+        return bad == 0
+
+    def check(
+        self, flags: DeviceFlags, out: dict[str, Tensor], epoch: int, step: int, last: str
+    ) -> bool:
+        """True if the loss was finite; else warn and count (skip) or raise naming the step,
+        the loss terms and `last`, the last good checkpoint (stop). Every step is checked, not
+        only log points: one NaN update reaches every weight and momentum buffer at once."""
+        if self.finite(flags):
+            return True
+        terms = ", ".join(f"{k}={v.item():.4g}" for k, v in out.items())
+        where = f"epoch {epoch + 1} step {step + 1}"
+        if self.nonfinite == "skip":
+            self.skipped += 1
+            print(
+                f"d2r: warning: non-finite loss at {where} ({terms}); batch skipped",
+                file=sys.stderr,
+            )
+            return False
+        raise NonFiniteLossError(
+            f"non-finite loss at {where} ({terms}); the weights were not updated with it; last "
+            f"good checkpoint: {last}; lower train.lr, check the data, or set "
+            "train.nonfinite=skip to skip such batches"
+        )
+
+    def stop_if_signalled(self, run_dir: Path, step: int) -> None:
+        if self.stop_signum is not None:
+            raise Preempted(self.stop_signum, run_dir, step)

@@ -4,7 +4,6 @@ into a loss dict; the Trainer owns data, optimizer, schedule, evaluation, logs a
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -20,9 +19,7 @@ from d2r.methods import eval_mode
 from d2r.progress import Progress
 from d2r.resume import (
     STATE,
-    NonFiniteLossError,
-    Preempted,
-    SignalGuard,
+    StepChecks,
     capture_rng,
     file_size,
     load_optimizer_state,
@@ -95,11 +92,10 @@ class Trainer:
         self.run_dir = prepare_run_dir(run_dir, resume) if self.dist.is_main else run_dir
         self.step, self.best = 0, -1.0
         self.history: list[dict[str, Any]] = []
-        self.epoch, self.skipped = 0, 0  # epochs completed; batches skipped for a NaN/inf loss
+        self.epoch = 0  # epochs completed
         self.sums: dict[str, torch.Tensor] = {}  # the current epoch's loss terms, on the device
         self.count = 0  # batches in self.sums
-        self.guard, self.resumed = SignalGuard(), resume
-        self.stop_signum: int | None = None  # a signal every rank knows of (see _agree)
+        self.checks, self.resumed = StepChecks(self.device, cfg.train.nonfinite), resume
         self._last_save, self._saved_step = time.monotonic(), None
         if resume:
             self._restore()
@@ -150,7 +146,7 @@ class Trainer:
         """Train from epoch `self.epoch` (0, or where a resumed run stopped). SIGINT/SIGTERM
         end the current step, write last.safetensors and raise Preempted."""
         self._write_header()
-        with self.guard:
+        with self.checks.guard:
             for epoch in range(self.epoch, self.cfg.train.epochs):
                 self._set_lr(epoch)
                 terms, seconds = self._train_epoch(epoch)
@@ -160,7 +156,7 @@ class Trainer:
                     "step": self.step,
                     "seconds": seconds,
                     "lr": self.optimizer.param_groups[0]["lr"],
-                    "skipped_batches": self.skipped,
+                    "skipped_batches": self.checks.skipped,
                     **terms,
                 }
                 if self._should_evaluate(epoch):
@@ -170,8 +166,8 @@ class Trainer:
                 self.history.append(record)
                 self.epoch, self.sums, self.count = epoch + 1, {}, 0
                 self._checkpoint(record)
-                self._finite(self._agree(None))  # a signal during the evaluation, any rank
-                self._stop_if_signalled()
+                self.checks.finite(self.checks.flags(None))  # a signal during the evaluation
+                self.checks.stop_if_signalled(self.run_dir, self.step)
         self._finish()
         return Run(self.run_dir, self.cfg, self.method, self.history)
 
@@ -213,16 +209,16 @@ class Trainer:
         for x, y in bar:
             with self.fast.autocast():  # bf16 for the attack and the loss when enabled
                 out = self.model(self.fast.batch(x), y)
-            flags = self._agree(out["loss"])
+            flags = self.checks.flags(out["loss"])
             self.optimizer.zero_grad(set_to_none=True)
             # Fused SGD skips a non-finite step in its kernel, so the host reads the flags only
             # after the backward and update are queued; other SGDs need the read first.
             if self.fast.skips_on_device:
                 self.optimizer.found_inf = flags.tensor[0]
-            if self.fast.skips_on_device or self._finite(flags):
+            if self.fast.skips_on_device or self.checks.finite(flags):
                 out["loss"].backward()
                 self.optimizer.step()
-            finite = self._check_finite(flags, out, epoch)
+            finite = self.checks.check(flags, out, epoch, self.step, self._last_checkpoint())
             self.method.after_step()
             self.step += 1
             if finite:
@@ -237,77 +233,29 @@ class Trainer:
                         "kind": "step",
                         "epoch": epoch + 1,
                         "step": self.step,
-                        "skipped_batches": self.skipped,
+                        "skipped_batches": self.checks.skipped,
                         **means,
                     }
                 )
             self._between_steps()
         return self._means(self.sums, self.count), time.perf_counter() - start
 
-    def _check_finite(
-        self, flags: speed.DeviceFlags, out: dict[str, torch.Tensor], epoch: int
-    ) -> bool:
-        """True if the loss was finite on every rank; else warn and skip (nonfinite=skip) or
-        raise (stop). Checked at every step, not at log points: a NaN update poisons every
-        weight and momentum buffer at once. The step's one host read, and with fused SGD one
-        that does not stall the device (see _train_epoch)."""
-        if self._finite(flags):
-            return True
-        terms = ", ".join(f"{k}={v.item():.4g}" for k, v in out.items())
-        where = f"epoch {epoch + 1} step {self.step + 1}"
-        if self.cfg.train.nonfinite == "skip":
-            self.skipped += 1
-            print(
-                f"d2r: warning: non-finite loss at {where} ({terms}); batch skipped",
-                file=sys.stderr,
-            )
-            return False
-        last = (
-            f"{self.run_dir / 'last.safetensors'} (step {self._saved_step})"
-            if self._saved_step is not None
-            else "none written yet"
-        )
-        raise NonFiniteLossError(
-            f"non-finite loss at {where} ({terms}); the weights were not updated with it; last "
-            f"good checkpoint: {last}; lower train.lr, check the data, or set "
-            "train.nonfinite=skip to skip such batches"
-        )
-
-    def _agree(self, loss: torch.Tensor | None) -> speed.DeviceFlags:
-        """[loss non-finite, signal number] as one device tensor, maxed over ranks: every rank
-        must skip the same batch and stop after the same step, or the others hang in the next
-        collective (torchrun passes a SIGTERM to each worker, which may see it a step apart).
-        No host sync here: the signal enters as a fill value, the all-reduce is queued."""
-        if loss is None:
-            bad = torch.zeros((), device=self.device)
-        else:
-            bad = (~torch.isfinite(loss.detach())).float()
-        flags = torch.stack([bad, bad.new_full((), float(self.guard.signum or 0))])
-        return speed.DeviceFlags(distributed.all_max(flags))
-
-    def _finite(self, flags: speed.DeviceFlags) -> bool:
-        """Read the agreed flags (once per step): note a signal, say whether the loss was
-        finite."""
-        bad, signum = flags.values()
-        if signum and self.stop_signum is None:
-            self.stop_signum = int(signum)
-        return bad == 0
+    def _last_checkpoint(self) -> str:
+        if self._saved_step is None:
+            return "none written yet"
+        return f"{self.run_dir / 'last.safetensors'} (step {self._saved_step})"
 
     def _between_steps(self) -> None:
         """A mid-epoch checkpoint when train.checkpoint_minutes have passed or a signal came.
         Not after an epoch's last batch: the epoch-end checkpoint follows its evaluation."""
         minutes = self.cfg.train.checkpoint_minutes
         due = minutes > 0 and time.monotonic() - self._last_save >= 60 * minutes
-        if not (due or self.stop_signum):
+        if not (due or self.checks.stop_signum):
             return
         if self.train_loader.state_dict()["batch"] >= len(self.train_loader):
             return
         self._checkpoint(None)
-        self._stop_if_signalled()
-
-    def _stop_if_signalled(self) -> None:
-        if self.stop_signum is not None:
-            raise Preempted(self.stop_signum, self.run_dir, self.step)
+        self.checks.stop_if_signalled(self.run_dir, self.step)
 
     def _means(self, sums: dict[str, torch.Tensor], count: int) -> dict[str, float]:
         """Per-step means of the accumulated terms, averaged over ranks: one host sync."""
@@ -396,7 +344,7 @@ class Trainer:
             "best": self.best,
             "history": self.history,
             "count": self.count,
-            "skipped": self.skipped,
+            "skipped": self.checks.skipped,
             "scaler": scaler.state_dict() if scaler else None,
             "metrics_bytes": file_size(self.run_dir / "metrics.jsonl"),
         }
@@ -428,7 +376,8 @@ class Trainer:
         self.train_loader.load_state_dict({**ts["loader"], "generator": state["loader.generator"]})
         self.sums = {k: v.to(self.device) for k, v in checkpoint.unprefixed("sums", state).items()}
         self.epoch, self.step, self.best = ts["epoch"], ts["step"], ts["best"]
-        self.history, self.count, self.skipped = ts["history"], ts["count"], ts["skipped"]
+        self.history, self.count = ts["history"], ts["count"]
+        self.checks.skipped = ts["skipped"]
         scaler = getattr(self, "scaler", None)
         if scaler and ts["scaler"]:
             scaler.load_state_dict(ts["scaler"])
