@@ -56,9 +56,7 @@ def build(args: argparse.Namespace) -> tuple[Method, torch.Tensor, torch.Tensor,
 def training_step(method: Method, fast: speed.FastPath, x: torch.Tensor, y: torch.Tensor):
     """One full D2R-CAG step as Trainer._train_epoch takes it: attack, loss, the step's flags
     (non-finite loss, signal), backward, SGD, the flags read (one process)."""
-    optimizer = torch.optim.SGD(
-        method.parameters(), lr=0.01, momentum=0.9, **fast.optimizer_options()
-    )
+    optimizer = fast.sgd(method.parameters(), lr=0.01, momentum=0.9)
 
     def step() -> None:
         method.train()

@@ -213,3 +213,19 @@ def test_with_fused_sgd_the_host_reads_the_step_flags_after_the_update(tmp_path,
     monkeypatch.setattr(trainer.optimizer, "step", lambda: events.append("step") or step())
     trainer._train_epoch(0)
     assert events[:4] == ["step", "read", "step", "read"]
+
+
+@pytest.mark.skipif("fused" not in IMPLS, reason="this torch has no CPU fused SGD")
+def test_a_skipped_first_step_leaves_fused_sgd_exact(tmp_path, monkeypatch):
+    """torch's fused SGD allocates momentum buffers uninitialized just before its first
+    kernel call; if that call skips (a NaN at the first batch), the next step would use
+    garbage. Fused and foreach SGD must end the same run with the same weights."""
+    weights = {}
+    for impl in ("fused", "foreach"):
+        inject_nan(monkeypatch, 1)
+        sets = [f"train.optimizer_impl={impl}", "train.nonfinite=skip"]
+        run = Trainer(resolve(overrides=[*TINY, *sets]), tmp_path / impl, progress=False).fit()
+        assert run.final["skipped_batches"] == 1
+        weights[impl] = run.method.state_dict()
+    for k, v in weights["foreach"].items():
+        torch.testing.assert_close(weights["fused"][k], v, rtol=1e-5, atol=1e-6)

@@ -146,3 +146,15 @@ def test_compiled_models_do_not_recompile_when_modes_switch(tmp_path, monkeypatc
     terms, _ = trainer._train_epoch(1)
     assert torch.isfinite(torch.tensor(terms["loss"]))
     torch._dynamo.reset()
+
+
+def test_sgd_starts_with_zero_momentum_buffers_in_the_parameters_layout():
+    conv = torch.nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
+    impl = "fused" if speed.fused_sgd_available("cpu") else "foreach"
+    optimizer = fast_path(optimizer_impl=impl).sgd(conv.parameters(), lr=0.1, momentum=0.9)
+    buffer = optimizer.state[conv.weight]["momentum_buffer"]
+    assert buffer.stride() == conv.weight.stride() and not buffer.any()
+    plain = fast_path().sgd(conv.parameters(), lr=0.1, momentum=0)
+    assert not plain.state
+    with pytest.raises(ValueError, match="dampening"):
+        fast_path().sgd(conv.parameters(), lr=0.1, momentum=0.9, dampening=0.1)

@@ -90,6 +90,21 @@ class FastPath:
             return {"fused": True}
         return {"foreach": self.optimizer_impl == "foreach"}
 
+    def sgd(self, params: Any, **hyper: Any) -> torch.optim.SGD:
+        """torch.optim.SGD in this implementation. Fused SGD allocates its momentum buffers
+        with empty_like just before its first kernel call, so a first step it skips (a
+        non-finite loss: found_inf) leaves them uninitialized and the next step uses garbage
+        (torch 2.14). Zero buffers avoid that and change nothing else: without dampening, the
+        first update is buf = momentum * 0 + g = g, as from no buffer."""
+        if hyper.get("dampening", 0) != 0:
+            raise ValueError("d2r's SGD has no dampening")
+        optimizer = torch.optim.SGD(params, **hyper, **self.optimizer_options())
+        for group in optimizer.param_groups:
+            for param in group["params"] if group["momentum"] else ():
+                buffer = torch.zeros_like(param, memory_format=torch.preserve_format)
+                optimizer.state[param]["momentum_buffer"] = buffer
+        return optimizer
+
     def prepare(self, models: Iterable[nn.Module]) -> None:
         """Apply the flags to each model in place (state_dict keys stay unchanged)."""
         for model in models:

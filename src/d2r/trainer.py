@@ -78,13 +78,12 @@ class Trainer:
         self.fast = speed.resolve(cfg.train, self.device)
         self.model = self._prepare_model()  # what the step calls: the method, or DDP around it
         self.train_loader, self.x_test, self.y_test = self._load_data()
-        self.optimizer = torch.optim.SGD(
+        self.optimizer = self.fast.sgd(
             [{"params": m.parameters(), "name": name} for name, m in self.method.models().items()],
             lr=cfg.train.lr,
             momentum=cfg.train.momentum,
             weight_decay=cfg.train.weight_decay,
             nesterov=cfg.train.nesterov,
-            **self.fast.optimizer_options(),
         )
         self.eval_attack = from_name(cfg.eval.attack, cfg.eval.eps)
         # Only rank 0 writes; the other ranks keep the path for Run.dir.
