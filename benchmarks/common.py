@@ -15,6 +15,7 @@ from d2r import speed
 from d2r.config import TrainConfig
 from d2r.methods import METHODS, Method
 from d2r.models import MODELS
+from d2r.resume import StepChecks
 from d2r.trainer import pick_device
 
 
@@ -57,20 +58,15 @@ def training_step(method: Method, fast: speed.FastPath, x: torch.Tensor, y: torc
     """One full D2R-CAG step as Trainer._train_epoch takes it: attack, loss, the step's flags
     (non-finite loss, signal), backward, SGD, the flags read (one process)."""
     optimizer = fast.sgd(method.parameters(), lr=0.01, momentum=0.9)
+    checks = StepChecks(x.device, nonfinite="stop")
 
     def step() -> None:
         method.train()
         with fast.autocast():
             out = method(x, y)
-        bad = (~torch.isfinite(out["loss"].detach())).float()
-        flags = speed.DeviceFlags(torch.stack([bad, bad.new_zeros(())]))  # [non-finite, signal]
-        optimizer.zero_grad(set_to_none=True)
-        if fast.skips_on_device:
-            optimizer.found_inf = flags.tensor[0]
-        if fast.skips_on_device or flags.values()[0] == 0:
-            out["loss"].backward()
-            optimizer.step()
-        flags.values()  # the trainer's one read per step
+        flags = checks.flags(out["loss"])
+        fast.update(optimizer, out["loss"], flags)
+        checks.finite(flags)  # the trainer's one read per step
 
     return step
 

@@ -20,6 +20,7 @@ from d2r import distributed, speed
 from d2r.checkpoint import load
 from d2r.cli import main
 from d2r.data import DeviceLoader
+from d2r.logs import read_metrics
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 # eps = 0 makes x_adv = x whatever the attack noise (which differs between ranks); beta = 0 in
@@ -83,10 +84,7 @@ def _train_worker(rank: int, world: int, port: int, out: str, extra: list[str]) 
 
 
 def _step_losses(run: Path) -> list[dict[str, float]]:
-    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [
-        {k: r[k] for k in ("loss", "ce", "mse", "kl_adv")} for r in lines if r["kind"] == "step"
-    ]
+    return [{k: r[k] for k in ("loss", "ce", "mse", "kl_adv")} for r in read_metrics(run, "step")]
 
 
 def test_shards_of_each_rank_make_up_the_global_batch():
@@ -217,36 +215,14 @@ def test_torchrun_two_processes_then_resume_with_one(tmp_path):
     """`torchrun -m d2r train` with the default (BatchNorm) models, then `--resume` in one
     process: checkpoints hold the unwrapped state, so the number of processes may change."""
     out = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={free_port()}",
-        "-m",
-        "d2r",
-        "train",
-        "-q",
-        "--out",
-        str(out),
-        "--set",
-        "train.epochs=1",
-        "--set",
-        "data.train_subset=256",
-        "--set",
-        "eval.subset=64",
-    ]
-    env = {
-        **os.environ,
-        "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""),
-        "OMP_NUM_THREADS": "1",
-    }
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    sets = ["train.epochs=1", "data.train_subset=256", "eval.subset=64"]
+    done = subprocess.run(
+        _torchrun(out, sets), env=_worker_env(), capture_output=True, text=True, timeout=240
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("run directory:") == 2  # rank 0 alone prints (start and end)
     assert main(["train", "--resume", str(out), "--set", "train.epochs=2", "-q"]) == 0
-    epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    epochs = [r for r in epochs if r["kind"] == "epoch"]
+    epochs = read_metrics(out, "epoch")
     assert [r["epoch"] for r in epochs] == [1, 2]
     assert all(0 <= r["robust_acc"] <= 1 for r in epochs)
 
@@ -269,8 +245,7 @@ def _worker_env() -> dict[str, str]:
 def _logged_steps(run: Path) -> list[int]:
     if not (run / "metrics.jsonl").is_file():
         return []
-    lines = (run / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line)["step"] for line in lines if '"kind": "step"' in line]
+    return [r["step"] for r in read_metrics(run, "step")]  # a torn last line is skipped
 
 
 def _worker_pid(torchrun_pid: int, rank: int) -> int:

@@ -16,6 +16,7 @@ import torch
 
 from d2r.checkpoint import load
 from d2r.cli import main
+from d2r.logs import read_metrics
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 # 256 images in batches of 64: 4 steps an epoch, 12 in all; log and checkpoint after every step
@@ -53,8 +54,7 @@ def assert_same_weights(run: Path, reference: Path) -> None:
 
 
 def steps_logged(run: Path) -> list[int]:
-    lines = (run / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line)["step"] for line in lines if '"kind": "step"' in line]
+    return [r["step"] for r in read_metrics(run, "step")]  # a torn last line is skipped
 
 
 def start(out: Path) -> subprocess.Popen:
@@ -122,8 +122,7 @@ def test_resume_with_explicit_set_extends_the_run(tmp_path, reference):
     for f in reference.iterdir():
         (run / f.name).write_bytes(f.read_bytes())
     assert main(["train", "--resume", str(run), "--set", "train.epochs=4", "-q"]) == 0
-    epochs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in epochs if r["kind"] == "epoch"] == [1, 2, 3, 4]
+    assert [r["epoch"] for r in read_metrics(run, "epoch")] == [1, 2, 3, 4]
     assert load(run / "last.safetensors")[1]["epoch"] == 4
 
 

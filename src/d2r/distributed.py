@@ -83,22 +83,24 @@ def wrap(method: nn.Module, ctx: Context, device: torch.device, sync_bn: bool) -
     return nn.parallel.DistributedDataParallel(method, device_ids=ids)
 
 
-def all_mean(x: Tensor) -> Tensor:
-    """The mean of `x` over ranks (x itself for one process)."""
+def all_reduce(x: Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> Tensor:
+    """`x` reduced over ranks by `op` into a copy (x itself for one process)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return x
     x = x.clone()
-    dist.all_reduce(x)
-    return x / dist.get_world_size()
+    dist.all_reduce(x, op=op)
+    return x
+
+
+def all_mean(x: Tensor) -> Tensor:
+    """The mean of `x` over ranks (x itself for one process)."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    return x if world == 1 else all_reduce(x) / world
 
 
 def all_max(x: Tensor) -> Tensor:
     """The elementwise maximum of `x` over ranks (x itself for one process)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return x
-    x = x.clone()
-    dist.all_reduce(x, op=dist.ReduceOp.MAX)
-    return x
+    return all_reduce(x, dist.ReduceOp.MAX)
 
 
 def mean_over_ranks(x: Tensor) -> Tensor:

@@ -12,6 +12,7 @@ import random
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -258,10 +259,15 @@ class StepChecks:
         return bad == 0
 
     def check(
-        self, flags: DeviceFlags, out: dict[str, Tensor], epoch: int, step: int, last: str
+        self,
+        flags: DeviceFlags,
+        out: dict[str, Tensor],
+        epoch: int,
+        step: int,
+        last: Callable[[], str],
     ) -> bool:
         """True if the loss was finite; else warn and count (skip) or raise naming the step,
-        the loss terms and `last`, the last good checkpoint (stop). Every step is checked, not
+        the loss terms and last(), the last good checkpoint (stop). Every step is checked, not
         only log points: one NaN update reaches every weight and momentum buffer at once."""
         if self.finite(flags):
             return True
@@ -276,7 +282,7 @@ class StepChecks:
             return False
         raise NonFiniteLossError(
             f"non-finite loss at {where} ({terms}); the weights were not updated with it; last "
-            f"good checkpoint: {last}; lower train.lr, check the data, or set "
+            f"good checkpoint: {last()}; lower train.lr, check the data, or set "
             "train.nonfinite=skip to skip such batches"
         )
 

@@ -105,6 +105,18 @@ class FastPath:
                 optimizer.state[param]["momentum_buffer"] = buffer
         return optimizer
 
+    def update(self, optimizer: torch.optim.Optimizer, loss: Tensor, flags: DeviceFlags) -> None:
+        """Backward and optimizer step, skipped when flags[0] says the loss was non-finite:
+        fused SGD is told through `found_inf` and skips in its kernel, so the host reads
+        nothing before the update is queued; the other SGDs read the flags first."""
+        optimizer.zero_grad(set_to_none=True)
+        if self.skips_on_device:
+            optimizer.found_inf = flags.tensor[0]
+        elif flags.values()[0] != 0:
+            return
+        loss.backward()
+        optimizer.step()
+
     def prepare(self, models: Iterable[nn.Module]) -> None:
         """Apply the flags to each model in place (state_dict keys stay unchanged)."""
         for model in models:

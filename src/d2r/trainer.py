@@ -209,15 +209,8 @@ class Trainer:
             with self.fast.autocast():  # bf16 for the attack and the loss when enabled
                 out = self.model(self.fast.batch(x), y)
             flags = self.checks.flags(out["loss"])
-            self.optimizer.zero_grad(set_to_none=True)
-            # Fused SGD skips a non-finite step in its kernel, so the host reads the flags only
-            # after the backward and update are queued; other SGDs need the read first.
-            if self.fast.skips_on_device:
-                self.optimizer.found_inf = flags.tensor[0]
-            if self.fast.skips_on_device or self.checks.finite(flags):
-                out["loss"].backward()
-                self.optimizer.step()
-            finite = self.checks.check(flags, out, epoch, self.step, self._last_checkpoint())
+            self.fast.update(self.optimizer, out["loss"], flags)  # no update for a bad loss
+            finite = self.checks.check(flags, out, epoch, self.step, self._last_checkpoint)
             self.method.after_step()
             self.step += 1
             if finite:
