@@ -13,10 +13,10 @@ import torch
 
 from d2r import speed
 from d2r.config import TrainConfig
+from d2r.guard import StepChecks
 from d2r.methods import METHODS, Method
 from d2r.models import MODELS
-from d2r.resume import StepChecks
-from d2r.trainer import pick_device
+from d2r.trainer import pick_device, train_step
 
 
 def add_model_args(parser: argparse.ArgumentParser, batch: int, shape: str) -> None:
@@ -55,17 +55,14 @@ def build(args: argparse.Namespace) -> tuple[Method, torch.Tensor, torch.Tensor,
 
 
 def training_step(method: Method, fast: speed.FastPath, x: torch.Tensor, y: torch.Tensor):
-    """One full D2R-CAG step as Trainer._train_epoch takes it: attack, loss, the step's flags
-    (non-finite loss, signal), backward, SGD, the flags read (one process)."""
+    """One full D2R-CAG step as the Trainer takes it (d2r.trainer.train_step: attack, loss,
+    the step's flags, backward, SGD), then the flags read (one process)."""
     optimizer = fast.sgd(method.parameters(), lr=0.01, momentum=0.9)
     checks = StepChecks(x.device, nonfinite="stop")
 
     def step() -> None:
         method.train()
-        with fast.autocast():
-            out = method(x, y)
-        flags = checks.flags(out["loss"])
-        fast.update(optimizer, out["loss"], flags)
+        _, flags = train_step(method, method, optimizer, fast, checks, x, y)
         checks.finite(flags)  # the trainer's one read per step
 
     return step

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from common import machine
+from d2r import data
 from d2r.config import resolve
 from d2r.losses import d2r_loss, kl_elem
 from d2r.trainer import Trainer
@@ -82,14 +83,14 @@ def main() -> None:
 
 
 def measure(trainer: Trainer, reference: Trainer, cfg, args: argparse.Namespace) -> dict:
-    loader = trainer.train_loader
-    dataset = PILCropFlip(loader.x.cpu(), loader.y.cpu(), trainer.info.crop_padding)
+    loader = trainer.loader
+    dataset = PILCropFlip(loader.x.cpu(), loader.y.cpu(), data.info(cfg.data.name).crop_padding)
     naive = DataLoader(
         dataset, batch_size=cfg.data.batch_size, shuffle=True, num_workers=args.workers
     )
     ours_s, naive_s = [], []
     for epoch in range(args.epochs + 1):  # alternate; epoch 0 warms up both
-        ours_s.append(trainer._train_epoch(epoch)[1])
+        ours_s.append(trainer._train_epoch(epoch)["seconds"])
         naive_s.append(naive_epoch(reference, naive, reference.device))
     ours, plain = min(ours_s[1:]), min(naive_s[1:])
     return {

@@ -11,12 +11,12 @@ import shutil
 import pytest
 import torch
 
-from d2r import checkpoint, speed
+from d2r import checkpoint, guard, speed, weights
 from d2r.cli import main
 from d2r.config import resolve
+from d2r.guard import NonFiniteLossError
 from d2r.methods import METHODS
 from d2r.models import MODELS
-from d2r.resume import NonFiniteLossError
 from d2r.trainer import Trainer
 from tiny_runs import plain_run
 
@@ -94,10 +94,10 @@ def test_pickle_renamed_safetensors_never_runs(run, capsys, tmp_path):
     (run / "last.safetensors").write_bytes(pickle.dumps(_Payload(marker)))
     resume_refused(run, capsys, "truncated or not a safetensors file")
     with pytest.raises(ValueError):
-        checkpoint.read_state_dict(run / "last.safetensors")
+        weights.read_state_dict(run / "last.safetensors")
     torch.save({"w": torch.zeros(1), "x": _Payload(marker)}, tmp_path / "evil.pt")
     with pytest.raises(ValueError, match="refused"):
-        checkpoint.read_state_dict(tmp_path / "evil.pt")
+        weights.read_state_dict(tmp_path / "evil.pt")
     assert not marker.exists()
 
 
@@ -205,8 +205,8 @@ def test_with_fused_sgd_the_host_reads_the_step_flags_after_the_update(tmp_path,
     """No host read between the forward and the update (on a GPU it would drain the queue):
     fused SGD gets the non-finite flag as a device tensor."""
     events = []
-    values = speed.DeviceFlags.values
-    monkeypatch.setattr(speed.DeviceFlags, "values", lambda f: events.append("read") or values(f))
+    values = guard.DeviceFlags.values
+    monkeypatch.setattr(guard.DeviceFlags, "values", lambda f: events.append("read") or values(f))
     cfg = resolve(overrides=[*TINY, "train.optimizer_impl=fused", "train.epochs=1"])
     trainer = Trainer(cfg, tmp_path / "run", progress=False)
     step = trainer.optimizer.step

@@ -4,6 +4,7 @@ import pytest
 import yaml
 
 from d2r.config import Config, apply_overrides, from_dict, parse_number, resolve, to_dict
+from d2r.runs import check_config
 
 
 def test_defaults_are_the_embedded_demo():
@@ -56,8 +57,6 @@ def test_yaml_component_replaces_the_default_whole(tmp_path):
         ("train.epochs=two", "'train.epochs': expected a number"),
         ("train.lr=-0.1", "'train.lr': must be > 0"),
         ("train.lr=0", "'train.lr': must be > 0"),
-        ("method.eps=-0.1", "'method.eps': must be >= 0"),
-        ("method.steps=0", "'method.steps': must be > 0"),
         ("data.verify=maybe", "'data.verify': expected true or false"),
         ("train.decay_at=null", "'train.decay_at': expected list, got null"),
         ("train.epochs=null", "'train.epochs': expected int, got null"),
@@ -68,6 +67,24 @@ def test_yaml_component_replaces_the_default_whole(tmp_path):
 def test_bad_overrides_give_one_line_errors(override, pattern):
     with pytest.raises(ValueError, match=pattern) as info:
         resolve(overrides=[override])
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "override,pattern",
+    [
+        ("method.eps=-0.1", "'method.eps': must be >= 0"),
+        ("method.steps=0", "'method.steps': must be > 0"),
+        ("method.alpha=-1", "'method.alpha': must be >= 0"),
+        ("method.sym_rule=max", "'method.sym_rule': choose one of abs, sign, got 'max'"),
+    ],
+)
+def test_component_ranges_are_checked_by_their_constructors(override, pattern):
+    """config.py knows no method option: the constructor refuses, named by its config key,
+    before any model is allocated (meta device)."""
+    cfg = resolve(overrides=[override])  # structure and types are fine
+    with pytest.raises(ValueError, match=pattern) as info:
+        check_config(cfg)
     assert "\n" not in str(info.value)
 
 

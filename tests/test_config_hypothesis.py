@@ -7,8 +7,7 @@ import math
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from d2r.config import Config, from_dict, resolve, to_dict
-from d2r.resume import flatten
+from d2r.config import Config, flatten, from_dict, resolve, to_dict
 
 VALID_KEYS = sorted(flatten(to_dict(Config())))  # e.g. train.epochs, method.eps, data.root
 SECTIONS = ["seed", "data", "train", "eval", "target", "guide", "method"]

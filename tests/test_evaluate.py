@@ -9,18 +9,13 @@ from safetensors.torch import save_file
 from torch import nn
 
 import d2r
-from d2r import checkpoint
+from d2r import checkpoint, weights
 from d2r.attacks import PGD, AutoAttack
 from d2r.cli import main
-from d2r.evaluate import (
-    EvaluationWarning,
-    check_suite,
-    format_eps,
-    markdown_table,
-    suite_flags,
-    worst_case,
-)
+from d2r.config import format_eps
+from d2r.evaluate import EvaluationWarning, markdown_table, suite_flags, worst_case
 from d2r.models import create
+from d2r.sanity import check_suite
 
 
 def _mlp(seed: int = 0) -> nn.Module:
@@ -215,7 +210,7 @@ def test_module_prefix_and_sub_block1_are_mapped(tmp_path):
     state["module.sub_block1.layer.0.conv1.weight"] = torch.zeros(1)  # the reference WRN's extra
     torch.save(state, tmp_path / "w.pt")
     other = create("mlp", in_channels=1)
-    checkpoint.load_foreign(other, tmp_path / "w.pt")
+    weights.load_foreign(other, tmp_path / "w.pt")
     expected = model.state_dict()
     assert all(torch.equal(v, expected[k]) for k, v in other.state_dict().items())
 
@@ -233,7 +228,7 @@ def test_mismatched_weights_are_refused_with_key_names(tmp_path, change, message
     change(state)
     save_file(state, tmp_path / "w.safetensors")
     with pytest.raises(ValueError, match=message):
-        checkpoint.load_foreign(create("mlp", in_channels=1), tmp_path / "w.safetensors")
+        weights.load_foreign(create("mlp", in_channels=1), tmp_path / "w.safetensors")
 
 
 class _Payload:
@@ -250,7 +245,7 @@ def test_a_code_carrying_pt_file_is_refused_without_running_it(tmp_path):
     marker = tmp_path / "pwned"
     torch.save({"weight": torch.zeros(2), "evil": _Payload(marker)}, tmp_path / "evil.pt")
     with pytest.raises(ValueError, match="refused"):
-        checkpoint.read_state_dict(tmp_path / "evil.pt")
+        weights.read_state_dict(tmp_path / "evil.pt")
     assert not marker.exists()
 
 
@@ -261,9 +256,7 @@ def test_a_d2r_run_checkpoint_gives_its_target(tmp_path):
         **checkpoint.prefixed("guide", guide.state_dict()),
     }
     checkpoint.save(tmp_path / "last.safetensors", tensors, {"epoch": 1})
-    assert set(checkpoint.read_state_dict(tmp_path / "last.safetensors")) == set(
-        target.state_dict()
-    )
+    assert set(weights.read_state_dict(tmp_path / "last.safetensors")) == set(target.state_dict())
 
 
 # `d2r eval` end to end -----------------------------------------------------------------------

@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import d2r
+from d2r.checkpoint import load_run
 from d2r.cli import main
 from d2r.export import META_KEY, export_model, load_model, read_card
-from d2r.trainer import load_run
 from tiny_runs import evaluated_run
 
 

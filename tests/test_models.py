@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from d2r.checkpoint import normalize_keys
 from d2r.models import MODELS, count_parameters, create
+from d2r.weights import normalize_keys
 
 # name -> (options, input shape (C, H, W)) at each model's natural size; small options for `wrn`
 NATURAL = {

@@ -147,7 +147,7 @@ def test_a_second_sigint_exits_at_once_and_the_checkpoint_stays_whole(tmp_path, 
 def test_restored_momentum_takes_the_parameters_memory_format(impl):
     """The file holds contiguous (NCHW) buffers; a channels_last model's fused SGD reads its
     parameter and momentum buffer as flat memory, so a buffer left NCHW gives wrong steps."""
-    from d2r.resume import load_optimizer_state, optimizer_state
+    from d2r.checkpoint import load_optimizer_state, optimizer_state
     from d2r.speed import fused_sgd_available
 
     if impl == "fused" and not fused_sgd_available("cpu"):

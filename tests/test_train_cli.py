@@ -76,7 +76,7 @@ def test_refuses_to_overwrite_an_existing_run(demo_run, capsys):
         ("method.name=nope", "unknown method 'nope'; valid choices: "),
         ("target.name=resnet99", "unknown model 'resnet99'; valid choices: "),
         ("method.gamma=3", "method 'd2r' has no option 'gamma'"),
-        ("method.sym_rule=max", "sym_rule='max' invalid; choose one of abs, sign"),
+        ("method.sym_rule=max", "'method.sym_rule': choose one of abs, sign, got 'max'"),
         ("method.alpha=abc", "'method.alpha': expected a number"),
         ("method.alpha=null", "'method.alpha': expected float, got null"),
         ("data.name=imagenet22k", "unknown data set 'imagenet22k'"),

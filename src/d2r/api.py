@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from d2r.config import Config
-    from d2r.trainer import Run
+    from d2r.runs import Run
 
 
 def make_config(
@@ -24,8 +24,10 @@ def make_config(
     overrides: Mapping[str, Any] | None = None,
 ) -> Config:
     """Defaults <- a YAML path, a nested dict or a Config <- dotted `overrides`, validated as
-    the CLI validates (unknown keys and bad values raise ValueError naming the key)."""
+    the CLI validates (unknown keys and bad values, model and method options included, raise
+    ValueError naming the key)."""
     from d2r.config import Config, apply_overrides, from_dict, load_yaml, to_dict
+    from d2r.runs import check_config
 
     if config_or_path is None:
         raw: dict[str, Any] = {}
@@ -40,7 +42,9 @@ def make_config(
             f"config_or_path: expected a YAML path, a dict or a d2r Config, got "
             f"{type(config_or_path).__name__}"
         )
-    return from_dict(apply_overrides(raw, [_as_set(k, v) for k, v in (overrides or {}).items()]))
+    cfg = from_dict(apply_overrides(raw, [_as_set(k, v) for k, v in (overrides or {}).items()]))
+    check_config(cfg)
+    return cfg
 
 
 def _as_set(key: str, value: Any) -> str:

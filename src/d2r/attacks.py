@@ -9,7 +9,6 @@ and never writes parameter `.grad` (it differentiates with torch.autograd.grad o
 from __future__ import annotations
 
 import logging
-import math
 import re
 import warnings
 from collections.abc import Callable, Iterator
@@ -22,9 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from d2r.losses import kl_elem
-from d2r.registry import Registry
-
-ATTACKS = Registry("attack")
+from d2r.registry import OptionError, check_choice, check_range
 
 
 class EvaluationWarning(UserWarning):
@@ -35,13 +32,11 @@ class EvaluationWarning(UserWarning):
 Objective = Callable[[Tensor], Tensor]
 
 
-def check_budget(name: str, eps: float, step_size: float = 0.0, steps: int = 1) -> None:
+def check_budget(eps: float, step_size: float = 0.0, steps: int = 1) -> None:
     """Refuse a negative or non-finite eps or step size, or fewer than one step."""
-    for key, value in (("eps", eps), ("step_size", step_size)):
-        if not math.isfinite(value) or value < 0:
-            raise ValueError(f"{name}: {key}={value} invalid; use a finite number >= 0, e.g. 8/255")
-    if steps < 1:
-        raise ValueError(f"{name}: steps={steps} invalid; use 1 or more")
+    check_range("eps", eps, hint="e.g. 8/255")
+    check_range("step_size", step_size)
+    check_range("steps", steps, positive=True)
 
 
 def project(x_adv: Tensor, x: Tensor, eps: float) -> Tensor:
@@ -98,7 +93,6 @@ def kl_objective(ref_probs: Tensor) -> Objective:
 _OBJECTIVES = {"ce": ce_objective, "cw": cw_objective}
 
 
-@ATTACKS.register("pgd")
 @dataclass(frozen=True)
 class PGD:
     """Projected gradient descent, Madry et al. 2018 (arXiv:1706.06083): uniform start in the
@@ -115,12 +109,9 @@ class PGD:
     restarts: int = 1
 
     def __post_init__(self) -> None:
-        check_budget("PGD", self.eps, self.step_size, self.steps)
-        if self.loss not in _OBJECTIVES:
-            choices = ", ".join(_OBJECTIVES)
-            raise ValueError(f"PGD loss {self.loss!r} unknown; choose one of {choices}")
-        if self.restarts < 1:
-            raise ValueError(f"PGD restarts={self.restarts} invalid; use 1 or more")
+        check_budget(self.eps, self.step_size, self.steps)
+        check_choice("loss", self.loss, tuple(_OBJECTIVES))
+        check_range("restarts", self.restarts, positive=True)
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         x_adv = self._run(model, x, y)
@@ -149,7 +140,6 @@ class PGD:
         )
 
 
-@ATTACKS.register("fgsm")
 @dataclass(frozen=True)
 class FGSM:
     """Fast gradient sign method, Goodfellow et al. 2015 (arXiv:1412.6572): one signed-gradient
@@ -158,13 +148,12 @@ class FGSM:
     eps: float = 8 / 255
 
     def __post_init__(self) -> None:
-        check_budget("FGSM", self.eps)
+        check_budget(self.eps)
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         return attack_loop(model, x, x, ce_objective(y), eps=self.eps, step_size=self.eps, steps=1)
 
 
-@ATTACKS.register("kl")
 @dataclass(frozen=True)
 class KLAttack:
     """The TRADES attack (Zhang et al. 2019, arXiv:1901.08573): maximize KL(q || p(x')) from
@@ -177,7 +166,7 @@ class KLAttack:
     init_std: float = 0.001
 
     def __post_init__(self) -> None:
-        check_budget("KL attack", self.eps, self.step_size, self.steps)
+        check_budget(self.eps, self.step_size, self.steps)
 
     def __call__(
         self,
@@ -276,7 +265,6 @@ def require_autoattack() -> Any:
     return pyautoattack
 
 
-@ATTACKS.register("autoattack")
 @dataclass(frozen=True)
 class AutoAttack:
     """AutoAttack, Croce & Hein 2020 (arXiv:2003.01690), run by its authors' own code (PyPI
@@ -291,13 +279,10 @@ class AutoAttack:
     attacks: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
-        check_budget("AutoAttack", self.eps)
-        versions = ("standard", "plus", "rand", "custom")
-        if self.version not in versions:
-            choices = ", ".join(versions)
-            raise ValueError(f"AutoAttack version {self.version!r} unknown; use {choices}")
+        check_budget(self.eps)
+        check_choice("version", self.version, ("standard", "plus", "rand", "custom"))
         if (self.version == "custom") != (self.attacks is not None):
-            raise ValueError("AutoAttack: give `attacks` exactly when version='custom'")
+            raise OptionError("attacks", self.attacks, "give it exactly when version='custom'")
 
     def build(self, model: nn.Module, device: torch.device | str = "cpu") -> Any:
         """The package's AutoAttack object (its `attacks_to_run` is the list that will run)."""

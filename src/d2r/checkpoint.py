@@ -1,24 +1,36 @@
-"""Checkpoint files: tensors in safetensors, metadata as JSON inside the same file (one atomic
-rename writes both) and beside it as `<name>.json` for people. Nothing is ever unpickled,
-except foreign `.pt` weights through torch's restricted `weights_only=True` loader."""
+"""The run's whole state, in one place: what `last.safetensors` / `best.safetensors` hold (both
+models, the optimizer by parameter name, every RNG, the loader position, the loop's counters,
+the config), one `save_run` and one `restore_run`, and `load_run` for evaluation and export.
+
+File format: tensors in safetensors, metadata as JSON inside the same file (one atomic rename
+writes both, with a sha256 over the content) and beside it as `<name>.json` for people.
+Nothing is ever unpickled."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import random
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
+if TYPE_CHECKING:
+    from d2r.config import Config
+    from d2r.data import DeviceLoader
+    from d2r.methods import Method
+
 FORMAT = "d2r-checkpoint"
-FORMAT_VERSION = 2  # 2: content sha256 and the full training state
+FORMAT_VERSION = 2  # 2: content sha256 and the full training state (1 never left 0.1.0 dev)
 _META_KEY = "d2r"
 
 
@@ -90,6 +102,16 @@ def load(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     return tensors, meta
 
 
+def is_run_checkpoint(path: str | Path) -> bool:
+    """Whether `path` is a safetensors file whose metadata says d2r wrote it as a checkpoint."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads((f.metadata() or {}).get(_META_KEY, "{}"))
+    except (SafetensorError, OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("format") == FORMAT
+
+
 def content_sha256(tensors: dict[str, Tensor], meta: dict[str, Any]) -> str:
     """sha256 over every tensor (name, dtype, shape, bytes) and the metadata without the hash."""
     digest = hashlib.sha256()
@@ -104,12 +126,12 @@ def content_sha256(tensors: dict[str, Tensor], meta: dict[str, Any]) -> str:
 
 def _verify(path: Path, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
     version = meta.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if version != FORMAT_VERSION:
         raise ValueError(
             f"{str(path)!r} has checkpoint format version {version!r}; this d2r "
-            f"reads up to {FORMAT_VERSION}: upgrade d2r"
+            f"reads {FORMAT_VERSION}: use the d2r version that wrote it"
         )
-    if version >= 2 and meta.get("sha256") != content_sha256(tensors, meta):
+    if meta.get("sha256") != content_sha256(tensors, meta):
         raise ValueError(
             f"checkpoint {str(path)!r} is corrupted (its sha256 does not match its content); "
             "use another checkpoint (e.g. best.safetensors) or retrain"
@@ -134,121 +156,212 @@ def unprefixed(prefix: str, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k[len(start) :]: v for k, v in tensors.items() if k.startswith(start)}
 
 
-def load_weights(model: nn.Module, state: dict[str, Tensor], source: str) -> None:
-    """Strict load: refuse missing or unexpected keys and shape mismatches, listing them.
-    (Never strict=False: that silently evaluates a partly random network.)"""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = [
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    problems = []
-    if missing:
-        problems.append(f"missing keys {_short(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys {_short(unexpected)}")
-    if shapes:
-        problems.append(f"shape mismatches {_short(shapes)}")
-    if problems:
+# The run's state ------------------------------------------------------------------------------
+STATE = "state"  # tensor-key prefix of the training state, beside one prefix per model
+
+
+@dataclass
+class TrainState:
+    """The loop's counters: what, beside models, optimizer, RNGs and loader, a resume needs.
+    `sums`/`count` are the current epoch's loss terms so far (on the device)."""
+
+    epoch: int = 0  # epochs completed
+    step: int = 0
+    best: float = -1.0  # the best per-epoch robust accuracy, which picks best.safetensors
+    history: list[dict[str, Any]] = field(default_factory=list)
+    sums: dict[str, Tensor] = field(default_factory=dict)
+    count: int = 0  # batches in `sums`
+    skipped: int = 0  # batches skipped for a non-finite loss
+    metrics_bytes: int = 0  # metrics.jsonl's size when the checkpoint was taken
+
+    def counters(self) -> dict[str, Any]:
+        names = ("epoch", "step", "best", "history", "count", "skipped", "metrics_bytes")
+        return {k: getattr(self, k) for k in names}
+
+
+def save_run(
+    path: Path,
+    method: Method,
+    optimizer: torch.optim.Optimizer,
+    loader: DeviceLoader,
+    state: TrainState,
+    config: dict[str, Any],
+    record: dict[str, Any] | None,
+) -> None:
+    """Write everything an exact resume needs to `path` (atomic). `record`: the epoch's log
+    line at an epoch end, None mid-epoch."""
+    models = method.models()
+    tensors = {}
+    for name, model in models.items():
+        tensors.update(prefixed(name, model.state_dict()))
+    optim_tensors, optim_meta = optimizer_state(optimizer, models)
+    rng_tensors, rng_meta = capture_rng()
+    position = loader.state_dict()
+    extra = {"loader.generator": position.pop("generator"), **optim_tensors, **rng_tensors}
+    extra.update(prefixed("sums", {k: torch.as_tensor(v) for k, v in state.sums.items()}))
+    tensors.update(prefixed(STATE, extra))
+    train_state = {
+        **state.counters(),
+        "loader": position,
+        "optimizer": optim_meta,
+        "rng": rng_meta,
+    }
+    meta = {
+        "epoch": state.epoch,
+        "step": state.step,
+        "record": record,
+        "config": config,
+        "models": list(models),
+        "train_state": train_state,
+    }
+    save(path, tensors, meta)
+
+
+def restore_run(
+    path: Path, method: Method, optimizer: torch.optim.Optimizer, loader: DeviceLoader
+) -> TrainState:
+    """Load `path` into the method, optimizer and loader, restore every RNG, and return the
+    counters. The RNGs come last: building the models drew from the global RNG."""
+    tensors, meta = load(path)  # format, integrity hash
+    models = method.models()
+    load_models(models, tensors, meta, path)
+    extra = unprefixed(STATE, tensors)
+    ts = meta["train_state"]
+    load_optimizer_state(optimizer, models, extra, ts["optimizer"], str(path))
+    loader.load_state_dict({**ts["loader"], "generator": extra["loader.generator"]})
+    device = next(method.parameters()).device
+    sums = {k: v.to(device) for k, v in unprefixed("sums", extra).items()}
+    counters = {k: ts[k] for k in TrainState().counters()}
+    restore_rng(extra, ts["rng"])
+    return TrainState(**counters, sums=sums)
+
+
+def load_models(
+    models: dict[str, nn.Module], tensors: dict[str, Tensor], meta: dict[str, Any], path: Path
+) -> None:
+    """Each model's weights from a run checkpoint, strictly (a missing model is an error)."""
+    from d2r.weights import load_weights
+
+    for name, model in models.items():
+        if name not in meta.get("models", []):
+            raise ValueError(f"{str(path)!r} holds no {name} model (it has {meta.get('models')})")
+        load_weights(model, model_weights(tensors, name), f"{path}:{name}")
+
+
+def model_weights(tensors: dict[str, Tensor], name: str) -> dict[str, Tensor]:
+    """One model's state dict out of a run checkpoint's tensors (keys `<name>.<key>`)."""
+    return unprefixed(name, tensors)
+
+
+def load_run(run_dir: str | Path, which: str = "last") -> tuple[Config, Method]:
+    """Rebuild a run's method from its config.yaml and load its `which` checkpoint (strictly),
+    in eval mode: what `d2r eval` and `d2r export` start from."""
+    from d2r import data
+    from d2r.config import resolve
+    from d2r.runs import build_method
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{str(run_dir)!r} is not a run directory (no config.yaml)")
+    cfg = resolve(run_dir / "config.yaml")
+    method = build_method(cfg, data.info(cfg.data.name))
+    path = run_dir / f"{which}.safetensors"
+    tensors, meta = load(path)
+    load_models(method.models(), tensors, meta, path)
+    return cfg, method.eval()
+
+
+def remove_stale_temps(run_dir: Path) -> None:
+    """Temp files of a write that was killed (atomic_write's `.<name>.*.tmp`) are debris."""
+    for tmp in run_dir.glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
+# RNG ------------------------------------------------------------------------------------------
+def capture_rng() -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Every generator a step may draw from: torch CPU and CUDA, numpy, Python `random`.
+    (The data pipeline's own generator is saved with the loader state.)"""
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = state
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    tensors["rng.numpy"] = torch.from_numpy(keys.astype(np.int64))
+    version, internal, gauss_next = random.getstate()
+    tensors["rng.python"] = torch.tensor(internal, dtype=torch.int64)  # 625 words < 2**32
+    meta = {
+        "numpy": [kind, int(pos), int(has_gauss), float(gauss)],
+        "python": [version, gauss_next],
+    }
+    return tensors, meta
+
+
+def restore_rng(tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
+    kind, pos, has_gauss, gauss = meta["numpy"]
+    np.random.set_state(
+        (kind, tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, gauss)
+    )
+    version, gauss_next = meta["python"]
+    random.setstate((version, tuple(tensors["rng.python"].tolist()), gauss_next))
+
+
+# Optimizer ------------------------------------------------------------------------------------
+def optimizer_state(
+    optimizer: torch.optim.Optimizer, models: dict[str, nn.Module]
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Per-parameter state keyed `optim.<model>.<parameter name>.<slot>` (e.g. momentum_buffer),
+    not by position, so a reordered model fails loudly instead of loading the wrong buffers;
+    group hyper-parameters (lr, momentum, ...) as JSON."""
+    tensors, scalars = {}, {}
+    for name, model in models.items():
+        for pname, param in model.named_parameters():
+            for slot, value in optimizer.state.get(param, {}).items():
+                key = f"optim.{name}.{pname}.{slot}"
+                if isinstance(value, Tensor):
+                    tensors[key] = value
+                else:
+                    scalars[key] = value
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    return tensors, {"groups": groups, "scalars": scalars}
+
+
+def load_optimizer_state(
+    optimizer: torch.optim.Optimizer,
+    models: dict[str, nn.Module],
+    tensors: dict[str, Tensor],
+    meta: dict[str, Any],
+    source: str,
+) -> None:
+    if len(meta["groups"]) != len(optimizer.param_groups):
         raise ValueError(
-            f"weights in {source!r} do not fit the model ({'; '.join(problems)}); "
-            "check the architecture name and its options"
+            f"{source}: optimizer has {len(meta['groups'])} parameter groups in the "
+            f"file, {len(optimizer.param_groups)} here; resume with the same models"
         )
-    with torch.no_grad():
-        model.load_state_dict(state, strict=True)
+    for group, saved in zip(optimizer.param_groups, meta["groups"], strict=True):
+        group.update(saved)
+    params = {
+        f"optim.{n}.{p}": param for n, m in models.items() for p, param in m.named_parameters()
+    }
+    slots = {k: v for k, v in tensors.items() if k.startswith("optim.")}
+    for key, value in {**slots, **meta["scalars"]}.items():
+        pname, slot = key.rsplit(".", 1)
+        if pname not in params:
+            raise ValueError(
+                f"{source}: optimizer state for unknown parameter {pname[6:]!r}; "
+                "the checkpoint is from another architecture"
+            )
+        optimizer.state[params[pname]][slot] = _like_param(value, params[pname])
 
 
-def _short(items: list[str], limit: int = 8) -> str:
-    more = f" ... and {len(items) - limit} more" if len(items) > limit else ""
-    return ", ".join(items[:limit]) + more
-
-
-# Foreign checkpoints -------------------------------------------------------------------------
-# `.pt` files are read with torch.load(weights_only=True): PyTorch's restricted unpickler
-# accepts tensors and plain containers only, so a file carrying code is refused, not run.
-TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar")
-_NESTED = ("state_dict", "model_state_dict", "model", "net", "target")  # common wrappers
-
-
-def read_state_dict(path: str | Path) -> dict[str, Tensor]:
-    """Tensors of a weights file: safetensors, or a torch `.pt` read with weights_only=True.
-    A d2r run checkpoint (target + guide) gives its target. Keys are not yet mapped: see
-    `normalize_keys`."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file {str(path)!r} not found")
-    if path.suffix == ".safetensors":
-        try:
-            state = st_load(path.read_bytes())
-        except (SafetensorError, ValueError) as err:
-            raise ValueError(f"{str(path)!r} is not a readable safetensors file ({err})") from None
-    elif path.suffix in TORCH_SUFFIXES:
-        state = _torch_state(path)
-    else:
-        raise ValueError(
-            f"{str(path)!r}: unknown weights format; use .safetensors or a torch file "
-            f"({', '.join(TORCH_SUFFIXES)})"
-        )
-    return _target_only(state)
-
-
-def _torch_state(path: Path) -> dict[str, Tensor]:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # UnpicklingError for code, RuntimeError for a broken zip, ...
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(
-            f"refused to load {str(path)!r}: not a plain tensor file under "
-            f"torch.load(weights_only=True) ({first}); it may carry code. Re-save its state_dict "
-            "(or convert it to safetensors) in a trusted environment"
-        ) from None
-    while isinstance(obj, dict) and not _is_tensor_dict(obj):
-        inner = next((obj[k] for k in _NESTED if isinstance(obj.get(k), dict)), None)
-        if inner is None:
-            break
-        obj = inner
-    if not isinstance(obj, dict) or not _is_tensor_dict(obj):
-        raise ValueError(f"{str(path)!r} holds no state dict of tensors (keys: {_keys_of(obj)})")
-    return dict(obj)
-
-
-def _is_tensor_dict(obj: dict) -> bool:
-    return bool(obj) and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items())
-
-
-def _keys_of(obj: object) -> str:
-    return _short(sorted(map(str, obj))) if isinstance(obj, dict) else type(obj).__name__
-
-
-def _target_only(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    # A d2r checkpoint stores "target.*" and "guide.*"; only the target is ever evaluated.
-    prefixes = {k.split(".", 1)[0] for k in state}
-    if "target" in prefixes and prefixes <= {"target", "guide", "state"}:  # state: resume only
-        return unprefixed("target", state)
-    return state
-
-
-def normalize_keys(
-    state: dict[str, Tensor], expected: set[str] | list[str] | None = None
-) -> dict[str, Tensor]:
-    """Map a foreign state dict's keys onto ours: strip DataParallel's `module.` and
-    torch.compile's `_orig_mod.` prefixes, and drop the reference WRN's unused `sub_block1`
-    stage (SPEC section 6) unless the model has one. Anything else must match exactly."""
-    out = {}
-    for key, value in state.items():
-        while key.startswith(("module.", "_orig_mod.")):
-            key = key.split(".", 1)[1]
-        out[key] = value
-    has_sub_block = expected is not None and any(k.startswith("sub_block1.") for k in expected)
-    if not has_sub_block:
-        out = {k: v for k, v in out.items() if not k.startswith("sub_block1.")}
-    return out
-
-
-def load_foreign(model: nn.Module, path: str | Path) -> None:
-    """Read `path`, map its keys and load it into `model` strictly (refusing any mismatch)."""
-    state = normalize_keys(read_state_dict(path), set(model.state_dict()))
-    load_weights(model, state, str(path))
+def _like_param(value: Any, param: Tensor) -> Any:
+    """A restored buffer in its parameter's memory format and device (the file holds contiguous
+    NCHW): fused SGD walks a channels_last parameter and its momentum buffer as flat memory."""
+    if isinstance(value, Tensor) and value.shape == param.shape:
+        return torch.empty_like(param, dtype=value.dtype).copy_(value)
+    if isinstance(value, Tensor):
+        return value.to(param.device)
+    return value

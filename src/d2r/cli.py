@@ -4,14 +4,12 @@ one line, exit 2."""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from d2r import checkpoint
 from d2r.config import parse_number, resolve
-from d2r.resume import Preempted
+from d2r.guard import Preempted
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -35,7 +33,7 @@ def _train(args: argparse.Namespace) -> int:
     finally:
         distributed.cleanup()
     if main_rank:
-        print(_summary_table(run.history, cfg.eval.attack, cfg.eval.eps))
+        print(_summary_table(run.history, cfg.eval.attack))
         print(f"run directory: {run.dir}")
     return 0
 
@@ -45,8 +43,7 @@ def _train_config(args: argparse.Namespace):
     named with --set may change (a -c file that differs elsewhere is refused)."""
     if not args.resume:
         return resolve(args.config, args.set)
-    from d2r.config import to_dict
-    from d2r.resume import check_resume_config
+    from d2r.config import check_resume_config, to_dict
 
     if args.out:
         raise ValueError("--resume continues in the run's own directory; drop --out")
@@ -61,132 +58,58 @@ def _train_config(args: argparse.Namespace):
     return cfg
 
 
-def _summary_table(history: list[dict], attack: str, eps: float) -> str:
+def _summary_table(history: list[dict], attack: str) -> str:
+    from d2r.tables import markdown
+
     evaluated = [r for r in history if "robust_acc" in r]
     if not evaluated:
         return "no evaluation recorded"
     last = evaluated[-1]
     best = max(evaluated, key=lambda r: r["robust_acc"])
-    lines = [
-        f"| checkpoint | epoch | clean | {attack.upper()} (eps={eps:.4g}) |",
-        "|---|---|---|---|",
+    head = ["checkpoint", "epoch", "clean", f"{attack.upper()} (eps={last['check_eps']:.4g})"]
+    rows = [
+        [name, str(r["epoch"]), f"{100 * r['clean_acc']:.2f}%", f"{100 * r['robust_acc']:.2f}%"]
+        for name, r in (("last", last), ("best", best))
     ]
-    for name, r in (("last", last), ("best", best)):
-        lines.append(
-            f"| {name} | {r['epoch']} | {100 * r['clean_acc']:.2f}% | "
-            f"{100 * r['robust_acc']:.2f}% |"
-        )
-    return "\n".join(lines)
+    return "\n".join(markdown(head, rows))
 
 
 def _eval(args: argparse.Namespace) -> int:
     """Evaluate a run's checkpoints (last, best) or foreign weights; write eval.json, eval.md."""
-    from d2r.evaluate import build_suite, evaluate, markdown_table
-    from d2r.trainer import pick_device
+    from d2r.evaluate import evaluate_run, evaluate_weights, markdown_table, weights_eval_dir
 
-    device = pick_device(args.device)
     attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
-    build_suite(attacks, args.eps, args.seed)  # bad names or eps fail before any loading
+    options = {
+        "n": args.n,
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+        "device": args.device,
+        "checks": not args.no_checks,
+        "progress": not args.quiet,
+    }
     if args.weights:
-        models, (name, root, verify), out = _eval_foreign(args)
-    else:
-        models, (name, root, verify), out = _eval_run(args)
-    x, y = _eval_data(name, root, verify, args.n)
-    results, rows = {}, {}
-    for key, (model, label, extra) in models.items():
-        same = [r for r in results.values() if r["sha256"] == extra["sha256"]]
-        if same:  # best.safetensors often is last.safetensors: the same bytes, the same numbers
-            results[key] = rows[label] = {**same[0], **extra}
-            continue
-        print(f"evaluating {label} on {name} ({len(y)} test images, {device})", file=sys.stderr)
-        result = evaluate(
-            model.to(device),
-            x,
-            y,
-            attacks=attacks,
-            eps=args.eps,
-            seed=args.seed,
-            batch_size=args.batch_size,
-            device=device,
-            checks=not args.no_checks,
-            progress=not args.quiet,
+        if not args.model:
+            raise ValueError("--weights needs --model ARCH (see `d2r list` for the architectures)")
+        if args.run_dir:
+            raise ValueError("give either a run directory or --model/--weights, not both")
+        report = evaluate_weights(
+            args.model, args.weights, attacks, args.eps, data=args.data, root=args.root,
+            num_classes=args.num_classes, out=args.out, **options,
+        )  # fmt: skip
+    elif args.run_dir:
+        report = evaluate_run(
+            args.run_dir, attacks, args.eps, checkpoint=args.checkpoint, out=args.out, **options
         )
-        results[key] = {**extra, "data": name, "argv": sys.argv[1:], **result}
-        rows[label] = results[key]
-    out.mkdir(parents=True, exist_ok=True)
-    warned = [f"{key}: {w}" for key, r in results.items() for w in r["warnings"]]
-    report = {**results, "warnings": warned}  # one entry per checkpoint, then all warnings
-    checkpoint.atomic_write_text(out / "eval.json", json.dumps(report, indent=2))
-    table = markdown_table(rows)
-    checkpoint.atomic_write_text(out / "eval.md", table)
-    print(table)
+    else:
+        raise ValueError("give a run directory, or --model ARCH --weights FILE")
+    print(markdown_table({r["label"]: r for k, r in report.items() if k != "warnings"}))
+    out = Path(args.out or args.run_dir or weights_eval_dir(args.weights))
     print(f"wrote {out / 'eval.json'} and {out / 'eval.md'}")
     return 0
 
 
-def _eval_run(args: argparse.Namespace) -> tuple[dict, tuple, Path]:
-    """The run's target at each requested checkpoint, named "last" / "best" (with its epoch)."""
-    from d2r.trainer import load_run
-
-    if not args.run_dir:
-        raise ValueError("give a run directory, or --model ARCH --weights FILE")
-    run_dir = Path(args.run_dir)
-    which = args.checkpoint or ("both" if (run_dir / "best.safetensors").is_file() else "last")
-    names = ["last", "best"] if which == "both" else [which]
-    models = {}
-    for key in names:
-        cfg, method = load_run(run_dir, key)
-        epoch = _checkpoint_epoch(run_dir / f"{key}.json")
-        label = f"{key} (epoch {epoch})" if epoch is not None else key
-        digest = _sha256(run_dir / f"{key}.safetensors")
-        extra = {"checkpoint": key, "epoch": epoch, "sha256": digest}
-        models[key] = (method.target, label, extra)
-    return models, (cfg.data.name, cfg.data.root, cfg.data.verify), Path(args.out or run_dir)
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _checkpoint_epoch(sidecar: Path) -> int | None:
-    try:
-        return json.loads(sidecar.read_text()).get("epoch")
-    except (OSError, ValueError):
-        return None
-
-
-def _eval_foreign(args: argparse.Namespace) -> tuple[dict, tuple, Path]:
-    """A registered architecture with a foreign state dict, loaded strictly after key mapping."""
-    from d2r import data
-    from d2r.models import MODELS
-
-    if not args.model:
-        raise ValueError("--weights needs --model ARCH (see `d2r list` for the architectures)")
-    if args.run_dir:
-        raise ValueError("give either a run directory or --model/--weights, not both")
-    info = data.info(args.data)
-    model = MODELS.create(
-        args.model, num_classes=args.num_classes or info.num_classes, in_channels=info.channels
-    )
-    checkpoint.load_foreign(model, args.weights)
-    model.eval()  # a freshly built model is in train mode; evaluate() would warn about it
-    weights = Path(args.weights)
-    extra = {"checkpoint": str(weights), "model": args.model, "sha256": _sha256(weights)}
-    out = Path(args.out) if args.out else weights.parent / f"{weights.stem}-eval"
-    return {weights.name: (model, weights.name, extra)}, (args.data, args.root, True), out
-
-
-def _eval_data(name: str, root: str, verify: bool, n: int | None):
-    from d2r import data
-
-    x, y = data.load(name, root, "test", verify=verify)
-    return (x[:n], y[:n]) if n else (x, y)
-
-
 def _list(args: argparse.Namespace) -> int:
-    from d2r.attacks import ATTACKS, EVAL_NAMES
+    from d2r.attacks import EVAL_NAMES
     from d2r.data import DATASETS
     from d2r.methods import METHODS
     from d2r.models import MODELS
@@ -194,7 +117,6 @@ def _list(args: argparse.Namespace) -> int:
     for title, registry in (
         ("models", MODELS),
         ("methods", METHODS),
-        ("attacks", ATTACKS),
         ("data sets", DATASETS),
     ):
         print(f"{title}: {', '.join(registry.names())}")

@@ -1,8 +1,11 @@
 """Run configuration: typed dataclasses, YAML in/out, `--set a.b=c` overrides, "8/255" parsing.
 
+Structure and types only. The sections `data`, `train`, `eval` are dataclasses whose
+annotations are their types (Literal for choices) and whose numeric fields carry their range.
 Component sections (`target`, `guide`, `method`) are plain dicts `{name: ..., **options}`: the
-registered constructor's signature is their schema, so a new model or method needs no edit here.
-Every error is a one-line ValueError naming the key and what is valid.
+registered constructor's signature is their schema and the constructor checks their ranges
+(`registry.build`), so a new model or method needs no edit here. Every error is a one-line
+ValueError naming the key and what is valid.
 """
 
 from __future__ import annotations
@@ -13,11 +16,17 @@ import math
 import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
 _FRACTION = re.compile(r"^\s*([0-9.eE+-]+)\s*/\s*([0-9.eE+-]+)\s*$")
+
+
+def _num(default: Any = dataclasses.MISSING, *, positive: bool = False, **kwargs: Any) -> Any:
+    """A numeric field and its range: >= 0, or > 0 with `positive` (checked by `_fill_section`)."""
+    return field(default=default, metadata={"positive": positive, "range": True}, **kwargs)
 
 
 @dataclass
@@ -25,51 +34,54 @@ class DataConfig:
     name: str = "digits"
     root: str = "data"
     verify: bool = True
-    batch_size: int = 128
+    batch_size: int = _num(128, positive=True)
     augment: bool = True
-    train_subset: int | None = None  # first N training images (or a seeded sample, see subset_seed)
-    test_subset: int | None = None
+    # first N training images (or a seeded sample, see subset_seed)
+    train_subset: int | None = _num(None, positive=True)
+    test_subset: int | None = _num(None, positive=True)
     subset_seed: int | None = None
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 15
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 2e-4
+    epochs: int = _num(15, positive=True)
+    lr: float = _num(0.1, positive=True)
+    momentum: float = _num(0.9)
+    weight_decay: float = _num(2e-4)
     nesterov: bool = False
     # The reference schedule, scaled to `epochs`: lr * warmup_factor in the first epoch, then
     # x0.1 at each fraction of the run in `decay_at` (75% and 90%, i.e. epochs 76 and 91 of 100).
-    warmup_factor: float = 0.2
-    decay_at: list[float] = field(default_factory=lambda: [0.75, 0.9])
+    warmup_factor: float = _num(0.2)
+    decay_at: list[float] = _num(default_factory=lambda: [0.75, 0.9])
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    log_every: int = 20  # steps between metrics.jsonl lines (the only host sync of the loop)
+    # steps between metrics.jsonl lines (the only host sync of the loop)
+    log_every: int = _num(20, positive=True)
     tensorboard: bool = False  # mirror metrics.jsonl to RUN_DIR/tensorboard (d2r[tensorboard])
     # Speed (d2r.speed; README "Speed"). "auto": on for CUDA (and, except compile, for CPUs with
     # native bf16), off elsewhere; true/false force a flag. Evaluation always runs in fp32.
-    amp: str | bool = "auto"  # auto | bf16 | off: bf16 autocast of the training step and attack
-    channels_last: str | bool = "auto"  # auto | on | off: NHWC models and batches
-    compile: str | bool = "auto"  # auto | on | off: torch.compile of both models (CUDA only)
-    optimizer_impl: str = "auto"  # auto | fused | foreach | for_loop (SGD's implementation)
+    amp: Literal["auto", "bf16", "off"] | bool = "auto"  # bf16 autocast of the step and attack
+    channels_last: Literal["auto", "on", "off"] | bool = "auto"  # NHWC models and batches
+    compile: Literal["auto", "on", "off"] | bool = "auto"  # torch.compile of both models
+    optimizer_impl: Literal["auto", "fused", "foreach", "for_loop"] = "auto"  # SGD's kernels
     # torchrun: BatchNorm statistics over the global batch (torch's SyncBatchNorm on CUDA, else
     # d2r.distributed.GlooSyncBatchNorm)
     sync_bn: bool = False
     # last.safetensors is also written mid-epoch every this many minutes (0: at epoch ends only),
     # so a preemption or crash loses at most that much work.
-    checkpoint_minutes: float = 10.0
-    nonfinite: str = "stop"  # a NaN/inf loss: stop (error) | skip (no update for that batch)
+    checkpoint_minutes: float = _num(10.0)
+    nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss: stop (error) | skip the batch
 
 
 @dataclass
 class EvalConfig:
-    """Per-epoch check of the target on the held-out split (the full protocol is `d2r eval`)."""
+    """The per-epoch check of the target on the held-out images (the full protocol is
+    `d2r eval`)."""
 
-    eps: float = 0.1
+    eps: float | None = _num(None)  # None: the method's training eps
     attack: str = "pgd20"
-    subset: int | None = 1000  # test images used per epoch (None: all)
-    batch_size: int = 500
-    every: int = 1  # epochs between evaluations (the last epoch is always evaluated)
+    subset: int | None = _num(1000, positive=True)  # test images used per epoch (None: all)
+    batch_size: int = _num(500, positive=True)
+    every: int = _num(1, positive=True)  # epochs between checks (the last is always checked)
 
 
 @dataclass
@@ -89,31 +101,8 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-# Range rules by option name, applied wherever the name appears (sections and component dicts).
-_POSITIVE = {"lr", "batch_size", "steps", "epochs", "log_every", "every", "restarts"}
-_NON_NEGATIVE = {
-    "eps",
-    "step_size",
-    "weight_decay",
-    "momentum",
-    "lam",
-    "alpha",
-    "beta",
-    "awp_gamma",
-    "train_subset",
-    "test_subset",
-    "subset",
-    "warmup_factor",
-    "checkpoint_minutes",
-}
+# Component sections: {name, **options}, checked by the registered constructor (registry.build).
 _COMPONENT_SECTIONS = ("target", "guide", "method")
-_CHOICES = {
-    "train.nonfinite": ("stop", "skip"),
-    "train.amp": ("auto", "bf16", "off", True, False),
-    "train.channels_last": ("auto", "on", "off", True, False),
-    "train.compile": ("auto", "on", "off", True, False),
-    "train.optimizer_impl": ("auto", "fused", "foreach", "for_loop"),
-}
 
 
 def parse_number(text: str) -> float:
@@ -178,70 +167,72 @@ def coerce(key: str, value: Any, like: Any) -> Any:
             f"config key {key!r}: expected {type(like).__name__}, got {type(value).__name__} "
             f"{value!r}"
         )
-    if isinstance(like, list) and like and isinstance(like[0], float):  # e.g. train.decay_at
+    if isinstance(like, list) and like:  # e.g. train.decay_at: each item as the example's
         value = [coerce(f"{key}[{i}]", v, like[0]) for i, v in enumerate(value)]
-        for i, v in enumerate(value):
-            _check_range(f"{key}[{i}]", v)
     return value
 
 
-def _check_range(key: str, value: Any) -> None:
-    name = key.rsplit(".", 1)[-1]
-    if key in _CHOICES and value not in _CHOICES[key]:
-        raise ValueError(
-            f"config key {key!r}: choose one of {', '.join(map(str, _CHOICES[key]))}, got {value!r}"
-        )
-    if isinstance(value, list):  # e.g. a component option given as a list: each item
+def _check_finite(key: str, value: Any) -> None:
+    """nan/inf would only surface as a NaN loss hours later: refused in every option, lists too."""
+    if isinstance(value, list):
         for item in value:
-            _check_range(key, item)
-        return
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        return
-    if not math.isfinite(value):  # nan/inf would only surface as a NaN loss hours later
+            _check_finite(key, item)
+    elif isinstance(value, float) and not math.isfinite(value):
         raise ValueError(f"config key {key!r}: must be a finite number, got {value}")
-    if name in _POSITIVE and value <= 0:
-        raise ValueError(f"config key {key!r}: must be > 0, got {value}")
-    if name in _NON_NEGATIVE and value < 0:
-        raise ValueError(f"config key {key!r}: must be >= 0, got {value}")
 
 
-def _section_defaults(section: Any) -> dict[str, Any]:
-    return {f.name: getattr(section, f.name) for f in fields(section)}
+def _check_field(key: str, f: dataclasses.Field, hint: Any, value: Any) -> None:
+    """A section field's range (from `_num`) and choices (from a Literal annotation)."""
+    _check_finite(key, value)
+    choices = _literal_choices(hint)
+    if choices and not isinstance(value, bool) and value not in choices:
+        raise ValueError(f"config key {key!r}: choose one of {', '.join(choices)}, got {value!r}")
+    if not f.metadata.get("range") or value is None:
+        return
+    for v in value if isinstance(value, list) else [value]:
+        if f.metadata["positive"] and v <= 0:
+            raise ValueError(f"config key {key!r}: must be > 0, got {v}")
+        if v < 0:
+            raise ValueError(f"config key {key!r}: must be >= 0, got {v}")
+
+
+def _literal_choices(hint: Any) -> tuple[Any, ...]:
+    union = get_origin(hint) in (Union, UnionType)
+    literals = [a for a in (get_args(hint) if union else (hint,)) if get_origin(a) is Literal]
+    return tuple(c for lit in literals for c in get_args(lit))
 
 
 def _fill_section(prefix: str, section: Any, raw: dict[str, Any]) -> None:
-    defaults = _section_defaults(section)
+    by_name = {f.name: f for f in fields(section)}
+    hints = get_type_hints(type(section))
     for key, value in raw.items():
         full = f"{prefix}.{key}"
-        if key not in defaults:
-            raise ValueError(f"unknown config key {full!r}; valid keys: {', '.join(defaults)}")
-        like = defaults[key]
-        if like is None and value is None:  # an optional setting switched off again
-            setattr(section, key, None)
-            continue
-        if like is None:  # Optional fields: the annotation says which type
-            like = _optional_like(section, key, value)
-        elif isinstance(value, bool) and _accepts_bool(section, key):
-            like = False  # "auto"-or-switch fields (train.amp, ...): true/false also valid
-        value = coerce(full, value, like)
-        _check_range(full, value)
+        if key not in by_name:
+            raise ValueError(f"unknown config key {full!r}; valid keys: {', '.join(by_name)}")
+        value = _typed(full, value, hints[key])
+        _check_field(full, by_name[key], hints[key], value)
         setattr(section, key, value)
 
 
-def _accepts_bool(section: Any, key: str) -> bool:
-    annotation = str(next(f.type for f in fields(section) if f.name == key))
-    return "bool" in annotation
+def _typed(key: str, value: Any, hint: Any) -> Any:
+    """`value` converted to the annotated type `hint` (int, float, str, bool, list[float], a
+    Literal of strings, or a union of those with None), or a one-line error."""
+    options = get_args(hint) if get_origin(hint) in (Union, UnionType) else (hint,)
+    if value is None and type(None) in options:  # an optional setting switched off
+        return None
+    kinds = [o for o in options if o is not type(None)]
+    if isinstance(value, bool) and bool in kinds:  # "auto"-or-switch fields take true/false
+        return value
+    return coerce(key, value, _example(kinds[0]))
 
 
-def _optional_like(section: Any, key: str, value: Any) -> Any:
-    annotation = str(next(f.type for f in fields(section) if f.name == key))
-    if "int" in annotation and not isinstance(value, bool):
-        return 0
-    if "float" in annotation:
-        return 0.0
-    if "str" in annotation:
-        return ""
-    return None
+def _example(kind: Any) -> Any:
+    """A value of the annotated type, for `coerce` (which converts to the type of an example)."""
+    if get_origin(kind) is Literal:
+        return get_args(kind)[0]
+    if get_origin(kind) is list:
+        return [_example(get_args(kind)[0])]
+    return kind()
 
 
 def _component(key: str, raw: Any) -> dict[str, Any] | None:
@@ -252,7 +243,7 @@ def _component(key: str, raw: Any) -> dict[str, Any] | None:
     if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
         raise ValueError(f"config key {key!r}: expected a mapping with a 'name', got {raw!r}")
     for option, value in raw.items():
-        _check_range(f"{key}.{option}", value)
+        _check_finite(f"{key}.{option}", value)
     return dict(raw)
 
 
@@ -341,3 +332,36 @@ def dump_yaml(cfg: Config) -> str:
 
 def replace(cfg: Config, **changes: Any) -> Config:
     return dataclasses.replace(cfg, **changes)
+
+
+# Resuming ---------------------------------------------------------------------------------------
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    a, b = flatten(old), flatten(new)
+    return sorted(k for k in set(a) | set(b) if a.get(k, ...) != b.get(k, ...))
+
+
+def check_resume_config(
+    old: dict[str, Any], new: dict[str, Any], overrides: list[str], source: Path
+) -> None:
+    """A resumed run must be the run that was started: refuse any difference that the user did
+    not ask for by name with `--set KEY=VALUE` (a `-c` file that differs is refused)."""
+    allowed = [item.partition("=")[0].strip() for item in overrides]
+    refused = [
+        k
+        for k in changed_keys(old, new)
+        if not any(k == a or k.startswith(a + ".") for a in allowed)
+    ]
+    if refused:
+        raise ValueError(
+            f"the config differs from the run's {str(source)!r} in {', '.join(refused)}; resume "
+            "with the run's own config, or change a key explicitly with --set KEY=VALUE"
+        )

@@ -29,8 +29,7 @@ def export_model(
 ) -> dict[str, Any]:
     """Write the target of `run_dir`'s `checkpoint` ('last' or 'best') to `out` (default
     RUN_DIR/model-<checkpoint>.safetensors) and its card to `out` with .json; return the card."""
-    from d2r.checkpoint import atomic_write, atomic_write_text
-    from d2r.trainer import load_run
+    from d2r.checkpoint import atomic_write, atomic_write_text, load_run
 
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else run_dir / f"model-{checkpoint}.safetensors"
@@ -133,7 +132,7 @@ def read_card(path: str | Path) -> dict[str, Any]:
         raise ValueError(
             f"{str(path)!r} has no d2r model card; export models with "
             "`d2r export RUN_DIR --out FILE`, or load foreign weights with "
-            "d2r.checkpoint.load_foreign(model, path)"
+            "d2r.weights.load_foreign(model, path)"
         )
     try:
         card = json.loads(meta[META_KEY])
@@ -171,12 +170,12 @@ def load_model(path: str | Path, *, checkpoint: str = "last") -> nn.Module:
     taking float images in [0, 1] and returning logits: ready for any attack library. Its card
     is attached as `model.d2r_card`. Refuses files without a valid card and weights that do
     not fit the card's architecture exactly."""
-    from d2r.checkpoint import load_weights
     from d2r.models import MODELS
+    from d2r.weights import load_weights
 
     path = Path(path)
     if path.is_dir():  # a run directory: its target, as the trainer saved it
-        from d2r.trainer import load_run
+        from d2r.checkpoint import load_run
 
         _, method = load_run(path, checkpoint)
         return method.target.eval()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -89,3 +90,43 @@ class TensorBoardLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+class MetricsLog:
+    """RUN_DIR/metrics.jsonl, appended one record at a time (rank 0 only: `enabled`), mirrored
+    to TensorBoard when asked. A resumed run cuts the file back to its size at the checkpoint:
+    lines logged after it (a kill between log and checkpoint) would otherwise appear twice."""
+
+    def __init__(self, run_dir: Path, *, tensorboard: bool, enabled: bool = True) -> None:
+        self.path, self.enabled = Path(run_dir) / "metrics.jsonl", enabled
+        # a missing tensorboard package fails here, before any data or directory
+        self.tensorboard = TensorBoardLog() if tensorboard else None
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as err:
+            raise ValueError(
+                f"could not append to {str(self.path)!r} ({err.strerror}); free disk "
+                f"space, then: d2r train --resume {self.path.parent}"
+            ) from None
+        if self.tensorboard is not None:
+            self.tensorboard.write(self.path.parent, record)
+
+    def size(self) -> int:
+        try:
+            return os.path.getsize(self.path)
+        except OSError:
+            return 0
+
+    def truncate(self, size: int) -> None:
+        if self.path.is_file() and self.path.stat().st_size > size:
+            with open(self.path, "r+b") as f:
+                f.truncate(size)
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()

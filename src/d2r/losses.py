@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from d2r.registry import check_choice
+
 KL_REDUCTIONS = ("mean_bc", "batchmean")
 GapMean = Callable[[Tensor], Tensor]
 SYM_RULES = ("abs", "sign")
@@ -26,11 +28,6 @@ def kl_elem(log_q: Tensor, p: Tensor) -> Tensor:
 def _reduce(kl: Tensor, reduction: str) -> Tensor:
     # mean_bc: mean over all B*C elements (the reference); batchmean: sum over C, mean over B.
     return kl.mean() if reduction == "mean_bc" else kl.sum() / kl.shape[0]
-
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name}={value!r} is not valid; choose one of {', '.join(choices)}")
 
 
 def _symmetric_term(
@@ -80,8 +77,8 @@ def d2r_loss(
     by default; data-parallel training passes the mean over ranks (d2r.distributed), since the
     absolute value of a mean is not the mean of the per-shard absolute values.
     """
-    _check_choice("sym_rule", sym_rule, SYM_RULES)
-    _check_choice("kl_reduction", kl_reduction, KL_REDUCTIONS)
+    check_choice("sym_rule", sym_rule, SYM_RULES)
+    check_choice("kl_reduction", kl_reduction, KL_REDUCTIONS)
     if kl_reduction == "batchmean":
         num_classes = logits_clean.shape[1]
         alpha, beta = alpha / num_classes, beta / num_classes

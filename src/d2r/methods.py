@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from d2r import distributed
-from d2r.attacks import PGD, KLAttack, attack_loop, cag, ce_objective
+from d2r.attacks import PGD, KLAttack, attack_loop, cag, ce_objective, check_budget
 from d2r.losses import KL_REDUCTIONS, SYM_RULES, d2r_loss, lbgat_loss, mart_loss, trades_loss
-from d2r.registry import Registry
+from d2r.registry import Registry, check_choice, check_range
 
 METHODS = Registry("method")
 
@@ -54,12 +54,6 @@ def frozen_buffers(*models: nn.Module) -> Iterator[None]:
         with torch.no_grad():
             for buffer, value in saved:
                 buffer.copy_(value)
-
-
-def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        valid = ", ".join(choices)
-        raise ValueError(f"method option {name}={value!r} invalid; choose one of {valid}")
 
 
 def awp_perturbation(model: nn.Module, loss: Tensor, gamma: float) -> Perturbation:
@@ -113,8 +107,7 @@ class Method(nn.Module):
                 name = type(self).__name__
                 raise ValueError(f"method {name} needs a guide model (config 'guide')")
             self.guide = guide
-        if awp_gamma < 0:
-            raise ValueError(f"method option awp_gamma={awp_gamma} must be >= 0 (5e-3 in AWP)")
+        check_range("awp_gamma", awp_gamma, hint="5e-3 in AWP")
         self.awp_gamma = awp_gamma
         self._awp: Perturbation = []
 
@@ -198,6 +191,7 @@ class TRADES(Method):
         awp_gamma: float = 0.0,
     ) -> None:
         super().__init__(target, awp_gamma=awp_gamma)
+        check_range("beta", beta)
         self.beta = beta
         self.kl_attack = KLAttack(eps=eps, step_size=step_size, steps=steps)
 
@@ -237,6 +231,8 @@ class MART(Method):
     ) -> None:
         super().__init__(target, awp_gamma=awp_gamma)
         check_choice("start", start, MART_STARTS)
+        check_range("beta", beta)
+        check_budget(eps, step_size, steps)
         self.beta, self.start = beta, start
         self.budget = {"eps": eps, "step_size": step_size, "steps": steps}
 
@@ -275,6 +271,7 @@ class LBGAT(Method):
         awp_gamma: float = 0.0,
     ) -> None:
         super().__init__(target, guide, awp_gamma=awp_gamma)
+        check_range("beta", beta)
         self.beta = beta
         self.kl_attack = KLAttack(eps=eps, step_size=step_size, steps=steps)
 
@@ -325,6 +322,9 @@ class D2R(Method):
         check_choice("attack", attack, ATTACK_CHOICES)
         check_choice("sym_rule", sym_rule, SYM_RULES)
         check_choice("kl_reduction", kl_reduction, KL_REDUCTIONS)
+        for name, value in (("lam", lam), ("alpha", alpha), ("beta", beta)):
+            check_range(name, value)
+        check_budget(eps, step_size, steps)
         self.lam, self.alpha, self.beta = lam, alpha, beta
         self.attack, self.sym_rule, self.kl_reduction = attack, sym_rule, kl_reduction
         self.budget = {"eps": eps, "step_size": step_size, "steps": steps}

@@ -9,7 +9,7 @@ statistics).
 
 Module names follow the reference code (TRADES/LBGAT `WideResNet`, the CIFAR `ResNet` and
 `PreActResNet` of the D2R/LAS-AT repositories), so their checkpoints load with
-`load_state_dict(d2r.checkpoint.normalize_keys(state))` (or `d2r eval --weights`).
+`load_state_dict(d2r.weights.normalize_keys(state))` (or `d2r eval --weights`).
 """
 
 from __future__ import annotations

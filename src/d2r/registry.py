@@ -3,8 +3,31 @@
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 from typing import Any
+
+
+class OptionError(ValueError):
+    """A constructor refusing the value of one of its options. Raised directly it reads
+    "eps=-1.0 invalid; must be >= 0"; `build` names the config key instead."""
+
+    def __init__(self, option: str, value: Any, rule: str) -> None:
+        self.option, self.value, self.rule = option, value, rule
+        super().__init__(f"{option}={value!r} invalid; {rule}")
+
+
+def check_range(option: str, value: float, *, positive: bool = False, hint: str = "") -> None:
+    """The one range rule of numeric options: a finite number >= 0 (> 0 with `positive`)."""
+    ok = math.isfinite(value) and (value > 0 if positive else value >= 0)
+    if not ok:
+        rule = "must be > 0" if positive else "must be >= 0"
+        raise OptionError(option, value, rule + (f" ({hint})" if hint else ""))
+
+
+def check_choice(option: str, value: Any, choices: tuple[Any, ...]) -> None:
+    if value not in choices:
+        raise OptionError(option, value, f"choose one of {', '.join(map(str, choices))}")
 
 
 class Registry:
@@ -37,6 +60,11 @@ class Registry:
             )
         return self._entries[name]
 
+    def defaults(self, name: str) -> dict[str, Any]:
+        """The constructor's keyword options and their defaults (the schema of its config)."""
+        params = inspect.signature(self.get(name)).parameters.values()
+        return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+
     def check_kwargs(self, name: str, kwargs: dict[str, Any], skip: tuple[str, ...] = ()) -> None:
         """Raise ValueError naming any keyword the constructor does not accept."""
         params = inspect.signature(self.get(name)).parameters
@@ -67,4 +95,8 @@ def build(registry: Registry, spec: dict[str, Any], *args: Any, key: str = "") -
         default = params[option].default if option in params else None
         like = None if default is inspect.Parameter.empty else default
         options[option] = coerce(f"{key}.{option}" if key else option, value, like)
-    return registry.get(name)(*args, **options)
+    try:
+        return registry.get(name)(*args, **options)
+    except OptionError as err:  # the constructor's own check, named by its config key
+        where = f"{key}.{err.option}" if key else err.option
+        raise ValueError(f"config key {where!r}: {err.rule}, got {err.value!r}") from None

@@ -15,15 +15,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from d2r.attacks import PAPER_ATTACKS
 from d2r.attacks import label as attack_label
 from d2r.checkpoint import atomic_write_text
 from d2r.config import format_eps, load_yaml
 from d2r.curves import write_curves
 from d2r.logs import read_metrics
+from d2r.tables import PAPER_COLUMNS
+from d2r.tables import markdown as markdown_lines
 
-# The paper's Table 1 columns, in its order; other attacks of an evaluation follow them.
-PAPER_COLUMNS = {"clean": "Clean", **PAPER_ATTACKS}
 WORST = "worst_case"
 EVAL_JSON = "eval.json"
 EPOCH_CHECK = "per-epoch check"  # the source label of the metrics.jsonl fallback
@@ -149,10 +148,11 @@ def _from_epoch_check(run_dir: Path, cfg: dict[str, Any]) -> dict[str, Any]:
     if not evaluated:
         return {"eps": None, "source": "not evaluated", "detail": "no eval.json, no epoch check"}
     last, attack = evaluated[-1], ev.get("attack", "robust")
-    subset = ev.get("subset")
-    detail = f"{attack}, epoch {last['epoch']}" + (f", n={subset}" if subset else "")
+    n = last.get("check_n")  # the images actually checked (the trainer records them)
+    detail = f"{attack}, epoch {last['epoch']}" + (f", n={n}" if n else "")
     metrics = {"clean": last["clean_acc"], attack: last["robust_acc"]}
-    return {"eps": ev.get("eps"), "source": EPOCH_CHECK, "detail": detail, "metrics": metrics}
+    eps = last.get("check_eps", ev.get("eps"))
+    return {"eps": eps, "source": EPOCH_CHECK, "detail": detail, "metrics": metrics}
 
 
 # Grouping -------------------------------------------------------------------------------------
@@ -235,10 +235,7 @@ def notes(groups: list[dict[str, Any]]) -> list[str]:
 
 def markdown(groups: list[dict[str, Any]], columns: list[str]) -> str:
     head = ["Data", "Model", "Method", "eps (Linf)", "Seeds", *map(column_label, columns), "Source"]
-    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
-    for g in groups:
-        cells = _row_cells(g, columns, "±")
-        lines.append("| " + " | ".join(cells) + " |")
+    lines = markdown_lines(head, [_row_cells(g, columns, "±") for g in groups])
     runs = [f"- row {i}: {', '.join(g['runs'])}" for i, g in enumerate(groups, 1)]
     return "\n".join([*lines, "", *notes(groups), "", "Runs:", *runs]) + "\n"
 

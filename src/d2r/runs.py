@@ -1,8 +1,10 @@
-"""What a run is: its method built from the config, its directory and environment record,
-and loading it back from a checkpoint. The training loop itself is in `trainer`."""
+"""What a run is: its method built from the config, its directory and environment record.
+The training loop is in `trainer`; the run's saved state (and loading a run back) in
+`checkpoint`."""
 
 from __future__ import annotations
 
+import json
 import platform
 import subprocess
 import sys
@@ -33,6 +35,33 @@ def build_method(cfg: Config, info: data.DatasetInfo) -> Method:
         guide = build(MODELS, {**sizes, **cfg.guide}, key="guide")
     args = (target, guide) if method_cls.uses_guide else (target,)
     return build(METHODS, cfg.method, *args, key="method")
+
+
+def eval_eps(cfg: Config) -> float:
+    """The per-epoch check's eps: `eval.eps` when given, else the method's own training eps
+    (set in the config, or its constructor's default)."""
+    if cfg.eval.eps is not None:
+        return cfg.eval.eps
+    return float(cfg.method.get("eps", METHODS.defaults(cfg.method["name"]).get("eps", 0.0)))
+
+
+def check_config(cfg: Config) -> None:
+    """Every option a run would refuse, refused now (one-line ValueError): the models and the
+    method are built on the meta device, which allocates nothing, so even WRN-34-10 is cheap."""
+    with torch.device("meta"):
+        build_method(cfg, data.info(cfg.data.name))
+
+
+def write_env(
+    run_dir: Path, device: torch.device, extra: dict[str, Any], resumed_step: int | None
+) -> None:
+    """env.json: versions, git hash, device; a resumed run (resumed_step: where it resumed)
+    keeps the original start and lists each resume after it."""
+    env = {**environment(device), **extra}
+    if resumed_step is not None:
+        old = json.loads((run_dir / "env.json").read_text())
+        env = {**old, "resumes": [*old.get("resumes", []), {**env, "step": resumed_step}]}
+    checkpoint.atomic_write_text(run_dir / "env.json", json.dumps(env, indent=2))
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -110,20 +139,3 @@ class Run:
     @property
     def final(self) -> dict[str, Any]:
         return self.history[-1] if self.history else {}
-
-
-def load_run(run_dir: str | Path, which: str = "last") -> tuple[Config, Method]:
-    """Rebuild a run's method from its config.yaml and load the `which` checkpoint (strictly)."""
-    from d2r.config import resolve
-
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise FileNotFoundError(f"{str(run_dir)!r} is not a run directory (no config.yaml)")
-    cfg = resolve(run_dir / "config.yaml")
-    method = build_method(cfg, data.info(cfg.data.name))
-    path = run_dir / f"{which}.safetensors"
-    tensors, _ = checkpoint.load(path)
-    for name, model in method.models().items():
-        checkpoint.load_weights(model, checkpoint.unprefixed(name, tensors), f"{path}:{name}")
-    method.eval()
-    return cfg, method

@@ -1,6 +1,7 @@
 """The fast path of the training step: bf16 autocast, channels_last, torch.compile and a
 fused (or multi-tensor) optimizer, each a flag of `train` with one code path (`enabled=`),
-never two; and DeviceFlags, the step's checks read without stalling the device.
+never two. These configure objects (models, optimizer, the batch's layout); the step itself is
+`d2r.trainer.train_step`.
 
 `"auto"` turns a flag on where it pays off: on CUDA every flag; on a CPU channels_last (oneDNN's
 NHWC convolutions: 1.1-1.2x faster steps, measured in benchmarks/RESULTS.md), fused SGD, and
@@ -23,9 +24,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-AMP_CHOICES = ("auto", "bf16", "off")
-SWITCH_CHOICES = ("auto", "on", "off")
-OPTIMIZER_IMPLS = ("auto", "fused", "foreach", "for_loop")
 # Passed to torch.compile, e.g. {"mode": "max-autotune"}; tests use {"backend": "aot_eager"}
 # (the same graphs and guards as inductor without a C compiler's minutes on a CPU).
 COMPILE_OPTIONS: dict[str, Any] = {}
@@ -105,18 +103,6 @@ class FastPath:
                 optimizer.state[param]["momentum_buffer"] = buffer
         return optimizer
 
-    def update(self, optimizer: torch.optim.Optimizer, loss: Tensor, flags: DeviceFlags) -> None:
-        """Backward and optimizer step, skipped when flags[0] says the loss was non-finite:
-        fused SGD is told through `found_inf` and skips in its kernel, so the host reads
-        nothing before the update is queued; the other SGDs read the flags first."""
-        optimizer.zero_grad(set_to_none=True)
-        if self.skips_on_device:
-            optimizer.found_inf = flags.tensor[0]
-        elif flags.values()[0] != 0:
-            return
-        loss.backward()
-        optimizer.step()
-
     def prepare(self, models: Iterable[nn.Module]) -> None:
         """Apply the flags to each model in place (state_dict keys stay unchanged)."""
         for model in models:
@@ -142,26 +128,21 @@ def _logits_to_fp32(module: nn.Module, inputs: Any, output: Tensor) -> Tensor:
     return output.float()
 
 
-def _switch(key: str, value: str | bool, choices: tuple[str, ...], on: str = "on") -> str:
-    """Normalize a flag written as a string or as YAML true/false ("on"/"off" are booleans
-    in YAML 1.1), refusing anything else."""
+def _switch(value: str | bool, on: str = "on") -> str:
+    """A flag written as YAML true/false ("on"/"off" are booleans in YAML 1.1) as its string
+    (the config has checked the choice)."""
     if isinstance(value, bool):
-        value = on if value else "off"
-    if value not in choices:
-        raise ValueError(
-            f"config key 'train.{key}': {value!r} invalid; choose one of "
-            f"{', '.join(choices)} (or true/false)"
-        )
+        return on if value else "off"
     return value
 
 
 def resolve(train: Any, device: torch.device) -> FastPath:
     """Turn the `train` section's speed flags into a FastPath for `device`."""
     fast_device = device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
-    amp = _switch("amp", train.amp, AMP_CHOICES, on="bf16")
-    channels_last = _switch("channels_last", train.channels_last, SWITCH_CHOICES)
-    compiled = _switch("compile", train.compile, SWITCH_CHOICES)
-    impl = _switch("optimizer_impl", train.optimizer_impl, OPTIMIZER_IMPLS)
+    amp = _switch(train.amp, on="bf16")
+    channels_last = _switch(train.channels_last)
+    compiled = _switch(train.compile)
+    impl = train.optimizer_impl
     if impl == "auto":
         impl = "fused" if fused_sgd_available(device.type) else "foreach"
     if impl == "fused" and not fused_sgd_available(device.type):
@@ -177,28 +158,3 @@ def resolve(train: Any, device: torch.device) -> FastPath:
         compile=compiled == "on" or (compiled == "auto" and device.type == "cuda"),
         optimizer_impl=impl,
     )
-
-
-class DeviceFlags:
-    """Flags computed on the device and read by the host without draining the device's queue:
-    the copy to pinned host memory is queued right after the flags, and `values` waits for that
-    copy only, not for the backward pass and update queued after it. On a CPU, a plain read."""
-
-    def __init__(self, flags: Tensor) -> None:
-        self.tensor = flags
-        self._values: list[float] | None = None
-        self._event = None
-        if flags.is_cuda:
-            self._host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
-            self._host.copy_(flags, non_blocking=True)
-            self._event = torch.cuda.Event()
-            self._event.record()
-        else:
-            self._host = flags
-
-    def values(self) -> list[float]:
-        if self._values is None:
-            if self._event is not None:
-                self._event.synchronize()
-            self._values = self._host.tolist()
-        return self._values

@@ -9,7 +9,7 @@ verified downloads; augmentation on the batch.
 """
 
 from d2r.data.download import download, md5sum, require
-from d2r.data.loading import CACHE_DIR, load, subset
+from d2r.data.loading import CACHE_DIR, load, load_splits, subset
 from d2r.data.pipeline import DeviceLoader, crop_flip
 from d2r.data.sources import DATASETS, SPLITS, DatasetInfo, RemoteFile, digits_split, info
 
@@ -25,6 +25,7 @@ __all__ = [
     "download",
     "info",
     "load",
+    "load_splits",
     "md5sum",
     "require",
     "subset",

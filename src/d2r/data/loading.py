@@ -7,6 +7,7 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -130,3 +131,15 @@ def subset(
     index = np.sort(np.random.RandomState(seed).permutation(len(x))[:n])
     index = torch.from_numpy(index).to(x.device)
     return x[index], y[index]
+
+
+def load_splits(d: Any, check_subset: int | None = None) -> tuple[torch.Tensor, ...]:
+    """What a training run reads, from the `data` config section `d`: (x, y) of the training
+    split (data.train_subset) and (x, y) of the per-epoch check's images (data.test_subset,
+    then the first `check_subset`). Every file is looked for before any is read."""
+    for split in ("train", "test"):
+        require(d.name, d.root, split)
+    x, y = subset(*load(d.name, d.root, "train", verify=d.verify), d.train_subset, d.subset_seed)
+    x_test, y_test = load(d.name, d.root, "test", verify=d.verify)
+    x_test, y_test = subset(x_test, y_test, d.test_subset, d.subset_seed)
+    return x, y, x_test[:check_subset], y_test[:check_subset]
