@@ -6,7 +6,9 @@ returns the dict of a loss function (`loss`: scalar "loss" + detached terms). It
 about optimizers, devices or checkpoints. Two-model methods hold `self.target` and `self.guide`;
 only the target is evaluated. Every method is a row of the same loop: `method.name` picks it.
 
-Attack modes differ between the references, so each `generate` says which it follows.
+Attack modes differ between the references, so each `generate` says which it follows; and
+each method makes its reference's train-mode passes in their order, since every one of them
+moves the BatchNorm running statistics (docs/methods.md, "Train-mode passes").
 """
 
 from __future__ import annotations
@@ -57,10 +59,11 @@ def frozen_buffers(*models: nn.Module) -> Iterator[None]:
 
 
 def bn_only_pass(model: nn.Module, x: Tensor) -> None:
-    """A reference's repeated forward whose logits equal an earlier pass's (train mode: batch
-    statistics, no dropout in the paper's models), kept for the one thing it changes: the
-    BatchNorm running statistics, which drive every later eval-mode attack and the evaluation.
-    Run without autograd, so the gradient is exactly that of the passes that feed the loss."""
+    """A released code's forward whose output d2r needs for no gradient (TRADES' repeated z(x),
+    whose train-mode logits equal the first's; PGD-AT's restart selection and training-accuracy
+    passes), kept for what it changes in train mode: the BatchNorm running statistics, which
+    drive every later eval-mode attack and the evaluation. Without autograd, so the gradient is
+    exactly that of the passes that feed the loss."""
     with torch.no_grad():
         model(x)
 
