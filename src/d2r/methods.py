@@ -147,7 +147,8 @@ class Method(nn.Module):
         return self.loss(x, y, x_adv)
 
     def after_step(self) -> None:
-        """Called by the trainer after each optimizer step: removes the AWP perturbation."""
+        """Called by the trainer after each optimizer step: removes the AWP perturbation (and a
+        method whose reference makes a pass after the step, PGD-AT in train mode, makes it)."""
         self._remove_awp()
 
     def _remove_awp(self) -> None:
