@@ -18,9 +18,13 @@ PATHS = sorted(CONFIGS.rglob("*.yaml"))
 TABLE1 = {
     "cifar10/d2r_cag.yaml": ("wrn34_10", "d2r", {"attack": "cag", "lam": 1.0, "alpha": 30.0}),
     "cifar10/lbgat.yaml": ("wrn34_10", "lbgat", {"beta": 0.0}),
-    "cifar10/trades.yaml": ("wrn34_10", "trades", {"beta": 6.0}),
-    "cifar10/trades_awp.yaml": ("wrn34_10", "trades", {"beta": 6.0, "awp_gamma": 5e-3}),
-    "cifar10/pgd_at.yaml": ("wrn34_10", "pgd_at", {}),
+    "cifar10/trades.yaml": ("wrn34_10", "trades", {"beta": 6.0, "bn_passes": "reference"}),
+    "cifar10/trades_awp.yaml": (
+        "wrn34_10",
+        "trades",
+        {"beta": 6.0, "awp_gamma": 5e-3, "bn_passes": "reference"},
+    ),
+    "cifar10/pgd_at.yaml": ("wrn34_10", "pgd_at", {"attack_mode": "eval"}),
     "cifar10/mart.yaml": ("wrn34_10", "mart", {"beta": 6.0}),
     "cifar100/d2r_cag.yaml": ("wrn34_10", "d2r", {"attack": "cag", "lam": 0.1, "beta": 20.0}),
     "cifar100/lbgat.yaml": ("wrn34_10", "lbgat", {"beta": 6.0}),

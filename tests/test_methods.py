@@ -98,6 +98,8 @@ def test_build_method_passes_the_models_the_method_takes(name):
     [
         (["method.name=trades", "method.alpha=1"], "alpha"),
         (["method.name=mart", "method.start=zero"], "start"),
+        (["method.name=trades", "method.bn_passes=all"], "bn_passes"),
+        (["method.name=pgd_at", "method.attack_mode=test"], "attack_mode"),
         (["method.name=d2r", "method.attack=pgd"], "attack"),
         (["method.name=lbgat", "guide=null"], "guide"),
     ],

@@ -6,7 +6,9 @@ returns the dict of a loss function (`loss`: scalar "loss" + detached terms). It
 about optimizers, devices or checkpoints. Two-model methods hold `self.target` and `self.guide`;
 only the target is evaluated. Every method is a row of the same loop: `method.name` picks it.
 
-Attack modes differ between the references, so each `generate` says which it follows.
+Attack modes differ between the references, so each `generate` says which it follows; and
+each method makes its reference's train-mode passes in their order, since every one of them
+moves the BatchNorm running statistics (docs/methods.md, "Train-mode passes").
 """
 
 from __future__ import annotations
@@ -54,6 +56,16 @@ def frozen_buffers(*models: nn.Module) -> Iterator[None]:
         with torch.no_grad():
             for buffer, value in saved:
                 buffer.copy_(value)
+
+
+def bn_only_pass(model: nn.Module, x: Tensor) -> None:
+    """A released code's forward whose output d2r needs for no gradient (TRADES' repeated z(x),
+    whose train-mode logits equal the first's; PGD-AT's restart selection and training-accuracy
+    passes), kept for what it changes in train mode: the BatchNorm running statistics, which
+    drive every later eval-mode attack and the evaluation. Without autograd, so the gradient is
+    exactly that of the passes that feed the loss."""
+    with torch.no_grad():
+        model(x)
 
 
 def awp_perturbation(model: nn.Module, loss: Tensor, gamma: float) -> Perturbation:
@@ -128,14 +140,18 @@ class Method(nn.Module):
         return self.loss(x, y, x_adv)
 
     def after_step(self) -> None:
-        """Called by the trainer after each optimizer step: removes the AWP perturbation."""
+        """Called by the trainer after each optimizer step: removes the AWP perturbation (and a
+        method whose reference makes a pass after the step, PGD-AT in train mode, makes it)."""
+        self._remove_awp()
+
+    def _remove_awp(self) -> None:
         with torch.no_grad():
             for param, offset in self._awp:
                 param.sub_(offset)
         self._awp = []
 
     def _perturb_target(self, x: Tensor, y: Tensor, x_adv: Tensor) -> None:
-        self.after_step()  # a forward without a step in between must not stack perturbations
+        self._remove_awp()  # a forward without a step in between must not stack perturbations
         # BatchNorm saves its running statistics for backward: restore them after the gradient.
         with frozen_buffers(*self.models().values()):
             loss = self.loss(x, y, x_adv)["loss"]
@@ -145,11 +161,22 @@ class Method(nn.Module):
                 param.add_(offset)
 
 
+ATTACK_MODES = ("eval", "train")
+
+
 @METHODS.register("pgd_at")
 class PGDAT(Method):
     """PGD adversarial training: Madry, Makelov, Schmidt, Tsipras, Vladu, "Towards deep learning
     models resistant to adversarial attacks", ICLR 2018 (arXiv:1706.06083).
-    min CE(z(x'), y), x' = PGD on CE from a uniform start in the eps-ball (no early stop)."""
+    min CE(z(x'), y), x' = PGD on CE from a uniform start in the eps-ball (no early stop).
+
+    `attack_mode="eval"` (default) attacks in eval mode, the convention of the TRADES and MART
+    PyTorch code; the loss on x' is the only train-mode pass. `attack_mode="train"` is the
+    PyTorch PGD-AT behind Rice, Wong, Kolter, "Overfitting in adversarially robust deep
+    learning" (ICML 2020, arXiv:2002.11569) and AWP's AT-AWP: the attack runs in train mode, so
+    BatchNorm's running statistics see each of its `steps` passes, then, as there, its restart-
+    selection pass on x', the loss pass on x', and after the optimizer step a clean pass (their
+    training-accuracy pass): steps + 3 train-mode passes, each kept for its BatchNorm update."""
 
     def __init__(
         self,
@@ -158,27 +185,53 @@ class PGDAT(Method):
         eps: float = 0.031,
         step_size: float = 0.007,
         steps: int = 10,
+        attack_mode: str = "eval",
         awp_gamma: float = 0.0,
     ) -> None:
         super().__init__(target, awp_gamma=awp_gamma)
+        check_choice("attack_mode", attack_mode, ATTACK_MODES)
+        self.attack_mode = attack_mode
         self.pgd = PGD(eps=eps, step_size=step_size, steps=steps, early_stop=False)
+        self._clean_after_step: Tensor | None = None
 
     def generate(self, x: Tensor, y: Tensor) -> Tensor:
-        # Eval mode, the convention of the TRADES/MART PyTorch code (Madry's TF code and Rice et
-        # al.'s PGD-AT attack with BatchNorm in train mode; we follow the PyTorch references).
-        with eval_mode(self.target):
-            return self.pgd(self.target, x, y)
+        if self.attack_mode == "eval":
+            with eval_mode(self.target):
+                return self.pgd(self.target, x, y)
+        # Train mode (during training): the model's own mode, as Rice et al.'s and AWP's code.
+        x_adv = self.pgd(self.target, x, y)
+        if self.target.training:
+            bn_only_pass(self.target, x_adv)  # their attack's last pass picks the best restart
+            self._clean_after_step = x
+        return x_adv
 
     def loss(self, x: Tensor, y: Tensor, x_adv: Tensor) -> dict[str, Tensor]:
         ce = F.cross_entropy(self.target(x_adv), y)
         return {"loss": ce, "ce": ce.detach()}
+
+    def after_step(self) -> None:
+        super().after_step()  # AWP removed first: the reference's clean pass is at restored w
+        if self._clean_after_step is not None:
+            bn_only_pass(self.target, self._clean_after_step)
+            self._clean_after_step = None
+
+
+BN_PASSES = ("reference", "minimal")
 
 
 @METHODS.register("trades")
 class TRADES(Method):
     """TRADES: Zhang, Yu, Jiao, Xing, El Ghaoui, Jordan, "Theoretically principled trade-off
     between robustness and accuracy", ICML 2019 (arXiv:1901.08573).
-    x' maximizes KL(p(x) || p(x')) from x + 0.001 N(0, I); loss `trades_loss`, beta = 6."""
+    x' maximizes KL(p(x) || p(x')) from x + 0.001 N(0, I); loss `trades_loss`, beta = 6.
+
+    `bn_passes="reference"` (default) makes the released code's train-mode passes in its order:
+    z(x) for the CE, then z(x') and z(x) again for the KL (`trades_loss` of the TRADES code);
+    with AWP (`awp_gamma > 0`), AWP's TRADES step: z(x'), z(x) for the KL, z(x) for the CE. The
+    repeated z(x) has the same logits, so it changes no gradient, but BatchNorm's running
+    statistics see three batches per step instead of two, and they drive the eval-mode attack of
+    every later step and the final evaluation. `"minimal"` drops it (z(x), z(x')): the same
+    gradients, one forward fewer, other running statistics."""
 
     def __init__(
         self,
@@ -188,11 +241,13 @@ class TRADES(Method):
         eps: float = 0.031,
         step_size: float = 0.007,
         steps: int = 10,
+        bn_passes: str = "reference",
         awp_gamma: float = 0.0,
     ) -> None:
         super().__init__(target, awp_gamma=awp_gamma)
         check_range("beta", beta)
-        self.beta = beta
+        check_choice("bn_passes", bn_passes, BN_PASSES)
+        self.beta, self.bn_passes = beta, bn_passes
         self.kl_attack = KLAttack(eps=eps, step_size=step_size, steps=steps)
 
     def generate(self, x: Tensor, y: Tensor) -> Tensor:
@@ -201,9 +256,15 @@ class TRADES(Method):
             return self.kl_attack(self.target, x)
 
     def loss(self, x: Tensor, y: Tensor, x_adv: Tensor) -> dict[str, Tensor]:
-        # The reference runs z(x) twice (CE, KL); in train mode both give the same logits.
-        logits_clean = self.target(x)
-        logits_adv = self.target(x_adv)
+        reference = self.bn_passes == "reference"
+        if reference and self.awp_gamma > 0:  # AWP's train_trades_cifar.py order
+            logits_adv = self.target(x_adv)
+            logits_clean = self.target(x)
+        else:  # the TRADES code's order (and the minimal form's)
+            logits_clean = self.target(x)
+            logits_adv = self.target(x_adv)
+        if reference:
+            bn_only_pass(self.target, x)  # the released code's second z(x)
         return trades_loss(logits_clean, logits_adv, y, beta=self.beta)
 
 
