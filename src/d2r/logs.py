@@ -13,6 +13,9 @@ from typing import Any
 from d2r.checkpoint import atomic_write_text
 
 TENSORBOARD_HINT = 'pip install "d2r[tensorboard]"'
+# Numbers of a record that are bookkeeping ("n": images of the per-epoch check); every other
+# number is an accuracy ("*_acc") or one of the method's loss terms.
+BOOKKEEPING = frozenset({"kind", "epoch", "step", "seconds", "lr", "skipped_batches", "n"})
 
 
 def read_metrics(run_dir: str | Path, kind: str | None = None) -> list[dict[str, Any]]:

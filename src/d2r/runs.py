@@ -15,10 +15,14 @@ import torch
 
 import d2r
 from d2r import checkpoint, data
-from d2r.config import Config
+from d2r.config import Config, load_yaml, replace, resolve, to_dict
 from d2r.methods import METHODS, Method
 from d2r.models import MODELS
-from d2r.registry import build
+from d2r.registry import build, resolve_spec
+
+# Model options that build_method fills from the data set, not from the config: a config that
+# does not name them follows its data set (data.name is recorded), so they are not filled in.
+DATA_SIZED = ("num_classes", "in_channels")
 
 
 def build_method(cfg: Config, info: data.DatasetInfo) -> Method:
@@ -33,6 +37,37 @@ def build_method(cfg: Config, info: data.DatasetInfo) -> Method:
         guide = build(MODELS, {**sizes, **cfg.guide}, key="guide")
     args = (target, guide) if method_cls.uses_guide else (target,)
     return build(METHODS, cfg.method, *args, key="method")
+
+
+def resolved_config(cfg: Config) -> Config:
+    """`cfg` with every option of target, guide and method at the value used, defaults included
+    (the data, train and eval sections always hold every key). What a run records in
+    config.yaml, its checkpoints and its model card. The guide is None for a method that trains
+    none (it would not be built). Raises ValueError as building them would."""
+    method = resolve_spec(METHODS, cfg.method, key="method")
+    target = resolve_spec(MODELS, cfg.target, skip=DATA_SIZED, key="target")
+    guide = None
+    if METHODS.get(method["name"]).uses_guide and cfg.guide is not None:
+        guide = resolve_spec(MODELS, cfg.guide, skip=DATA_SIZED, key="guide")
+    return replace(cfg, method=method, target=target, guide=guide)
+
+
+def read_config(run_dir: str | Path) -> tuple[Config, list[str]]:
+    """A run's config.yaml, resolved, and the keys it does not record (an older d2r wrote it):
+    their values in the Config are this version's defaults, not what the run was known to use,
+    so callers must say so (`d2r report` compares them as "not recorded")."""
+    from d2r.resume import flatten
+
+    path = Path(run_dir) / "config.yaml"
+    raw, cfg = load_yaml(path), resolve(path)  # errors name the file
+    try:
+        cfg = resolved_config(cfg)
+    except ValueError as err:
+        raise ValueError(f"{str(path)!r}: {err}") from None
+    given = flatten({k: {"name": v} if isinstance(v, str) else v for k, v in raw.items()})
+    recorded = set(given) | {k.rsplit(".", 1)[0] for k in given}  # guide.* records "guide"
+    missing = [k for k in flatten(to_dict(cfg)) if k not in recorded]
+    return cfg, missing
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -114,8 +149,6 @@ class Run:
 
 def load_run(run_dir: str | Path, which: str = "last") -> tuple[Config, Method]:
     """Rebuild a run's method from its config.yaml and load the `which` checkpoint (strictly)."""
-    from d2r.config import resolve
-
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"{str(run_dir)!r} is not a run directory (no config.yaml)")

@@ -35,6 +35,7 @@ from d2r.runs import (  # noqa: F401  (re-exported: the public home of these nam
     environment,
     load_run,
     prepare_run_dir,
+    resolved_config,
 )
 
 
@@ -63,6 +64,7 @@ class Trainer:
         progress: bool = True,
         resume: bool = False,
     ):
+        cfg = resolved_config(cfg)  # every option's value, defaults included, is recorded
         self.cfg, self.progress = cfg, progress
         self.dist = distributed.from_env()  # one process, or a rank under torchrun
         self.device = pick_device(distributed.device_name(cfg.train.device, self.dist))
@@ -271,6 +273,7 @@ class Trainer:
         result = {
             "clean_acc": clean.float().mean().item(),
             "robust_acc": robust.float().mean().item(),
+            "n": len(self.y_test),  # images evaluated (eval.subset may exceed the test split)
         }
         if self.method.uses_guide:
             with eval_mode(self.method.guide):
