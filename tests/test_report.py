@@ -239,6 +239,8 @@ def test_the_ablation_grid_gives_one_row_per_alpha_beta_attack(tmp_path):
 def test_a_seed_twice_in_one_row_is_refused_naming_both_runs(tmp_path, capsys):
     first = _fake_run(tmp_path, "first", clean=0.8)
     second = _fake_run(tmp_path, "second", clean=0.7)
+    again = tmp_path / ".." / tmp_path.name / "first"  # one directory named twice counts once
+    assert _groups([first, again])[0]["runs"] == [str(first)]
     assert main(["report", str(first), str(second), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "d2r: error:" in err and "same seed 0" in err
@@ -301,13 +303,22 @@ def test_the_per_epoch_check_reports_the_images_evaluated(runs):
 
 
 @pytest.mark.parametrize("name", METHODS.names())
-def test_the_resolved_config_lists_every_option_of_the_method(name):
+def test_the_resolved_config_lists_every_option_of_the_method(name, tmp_path):
     cfg = resolved_config(resolve(None, [f"method.name={name}"]))
     params = inspect.signature(METHODS.get(name)).parameters
     options = [p for p, v in params.items() if v.default is not inspect.Parameter.empty]
     assert list(cfg.method) == ["name", *options]
     assert (cfg.guide is not None) == METHODS.get(name).uses_guide  # no unused guide recorded
     assert resolved_config(cfg) == cfg  # resolving twice changes nothing
+    (tmp_path / "config.yaml").write_text(dump_yaml(cfg))
+    assert resolve(tmp_path / "config.yaml") == cfg  # config.yaml loads back as it was
+
+
+@pytest.mark.parametrize("name", MODELS.names())
+def test_every_models_resolved_options_are_plain_yaml(name):
+    """config.yaml is safe YAML: a default such as a tuple could not be written."""
+    spec = resolve_spec(MODELS, {"name": name}, skip=DATA_SIZED)
+    assert yaml.safe_load(yaml.safe_dump(spec)) == spec
 
 
 def test_resolve_spec_converts_fills_and_refuses():

@@ -69,8 +69,8 @@ class RunResult:
 
 
 def find_runs(paths: list[str | Path]) -> list[Path]:
-    """Run directories among `paths`; a directory that is not a run but holds runs (e.g.
-    runs/) stands for all of them."""
+    """Run directories among `paths`, each once (`runs/*` and `runs/a` name runs/a twice); a
+    directory that is not a run but holds runs (e.g. runs/) stands for all of them."""
     runs = []
     for path in map(Path, paths):
         if (path / "config.yaml").is_file():
@@ -83,7 +83,10 @@ def find_runs(paths: list[str | Path]) -> list[Path]:
                 "holds none; pass directories written by `d2r train`"
             )
         runs += inner
-    return runs
+    unique: dict[Path, Path] = {}
+    for run in runs:
+        unique.setdefault(run.resolve(), run)
+    return list(unique.values())
 
 
 def read_run(run_dir: str | Path, checkpoint: str = "last") -> RunResult:
@@ -282,7 +285,7 @@ def notes(groups: list[dict[str, Any]], by: list[str] | None = None) -> list[str
     """The table's notes: how rows were formed, the † one only when a row carries the mark,
     and every run whose config.yaml does not record some keys."""
     marked = any(g["source"] == EPOCH_CHECK for g in groups)
-    out = [NOTES[0], *NOTES[1:2] * marked, _grouping_note(groups, by)]
+    out = [NOTES[0], *(NOTES[1:] if marked else []), _grouping_note(groups, by)]
     missing: dict[tuple, list[str]] = {}
     for g in groups:
         for run, keys in g["not_recorded"].items():
@@ -302,8 +305,9 @@ def _grouping_note(groups: list[dict[str, Any]], by: list[str] | None) -> str:
             f"change a result ({', '.join(sorted(NON_RESULT_KEYS))}); Setting names what tells "
             "rows of one method apart."
         )
-    pooled = [f"row {i} pools {', '.join(g['varies'])}" for i, g in enumerate(groups, 1)]
-    pooled = [p for p, g in zip(pooled, groups, strict=True) if g["varies"]]
+    pooled = [
+        f"row {i} pools {', '.join(g['varies'])}" for i, g in enumerate(groups, 1) if g["varies"]
+    ]
     return (
         f"Rows grouped on purpose by --group-by {','.join(by)} (and eps and source): their "
         "runs may differ in other keys" + (f" ({'; '.join(pooled)})." if pooled else ".")
