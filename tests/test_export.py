@@ -4,9 +4,11 @@ round trip, and refusal of files whose card or tensors do not fit."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
 import d2r
@@ -51,7 +53,7 @@ def test_card_describes_the_model(run_dir, exported):
     assert card["d2r_version"] == d2r.__version__
     assert card["architecture"] == {
         "name": "small_cnn",
-        "options": {"num_classes": 10, "in_channels": 1},
+        "options": {"num_classes": 10, "in_channels": 1, "hidden": 128},  # every option
     }
     assert card["data"] == {
         "name": "digits",
@@ -62,6 +64,9 @@ def test_card_describes_the_model(run_dir, exported):
     assert card["normalization"].startswith("none") and card["eps"] == 0.1
     assert card["training"]["method"]["name"] == "d2r" and card["training"]["method"]["steps"] == 3
     assert card["training"]["guide"] == {"name": "tiny_cnn"}
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert card["training"]["config"] == saved and card["training"]["not_recorded"] == []
+    assert card["training"]["method"]["alpha"] == 30.0  # a default, recorded all the same
     full = json.loads((run_dir / "eval.json").read_text())["last"]
     assert card["evaluation"]["pgd20"] == full["pgd20"]
     assert card["evaluation"]["settings"]["eps"] == 0.1
@@ -118,3 +123,16 @@ def test_refuses_tensors_that_do_not_fit(exported, tmp_path):
 def test_load_model_from_a_run_directory(run_dir):
     model = load_model(run_dir)
     assert type(model).__name__ == "SmallCNN" and not model.training
+
+
+def test_card_of_an_older_run_lists_what_its_config_does_not_record(run_dir, tmp_path):
+    """A value config.yaml lacks would be this version's default: left out, and named."""
+    old = tmp_path / "old"
+    shutil.copytree(run_dir, old)
+    raw = yaml.safe_load((old / "config.yaml").read_text())
+    del raw["method"]["beta"]
+    (old / "config.yaml").write_text(yaml.safe_dump(raw))
+    card = export_model(old, tmp_path / "m.safetensors")
+    assert card["training"]["not_recorded"] == ["method.beta"]
+    assert "beta" not in card["training"]["method"]
+    assert "beta" not in card["training"]["config"]["method"]

@@ -4,6 +4,7 @@ mean +- std over seeds, Markdown/LaTeX/JSON, curves.png, metrics.csv."""
 from __future__ import annotations
 
 import csv
+import inspect
 import json
 import shutil
 import statistics
@@ -12,9 +13,15 @@ import matplotlib.image
 import pytest
 import yaml
 
+from d2r import checkpoint
 from d2r.cli import main
+from d2r.config import dump_yaml, resolve, to_dict
 from d2r.logs import read_metrics
-from d2r.report import column_label, eval_entries, read_run, report, write_curves
+from d2r.methods import METHODS
+from d2r.models import MODELS
+from d2r.registry import resolve_spec
+from d2r.report import NON_RESULT_KEYS, column_label, eval_entries, read_run, report, write_curves
+from d2r.runs import DATA_SIZED, read_config, resolved_config
 from tiny_runs import evaluated_run, plain_run
 
 
@@ -149,3 +156,188 @@ def test_an_attack_has_one_label_in_tables_and_plots(name, text):
     assert attacks.label(name) == text
     assert column_label(name) == text
     assert attack_label is attacks.label and attacks_mod.label is attacks.label
+
+
+# One row per experiment (issue 19) ------------------------------------------------------------
+
+
+def _fake_run(root, name: str, *sets: str, seed: int = 0, clean: float, robust: float = 0.5):
+    """A run directory as `d2r train` + `d2r eval` leave it, without training: the resolved
+    config.yaml of `sets`, an eval.json with these numbers (300 images) and no epoch records."""
+    run = root / name
+    run.mkdir(parents=True)
+    cfg = resolved_config(resolve(None, [*sets, f"seed={seed}"]))
+    (run / "config.yaml").write_text(dump_yaml(cfg))
+    attacks = {"pgd20": {}}
+    settings = {"eps": 0.1, "n": 300, "attacks": attacks}
+    entry = {"clean": clean, "pgd20": robust, "worst_case": robust, "settings": settings}
+    (run / "eval.json").write_text(json.dumps({"last": entry}))
+    (run / "metrics.jsonl").write_text("")
+    return run
+
+
+def _seeds(root, name: str, *sets: str, clean: list[float]):
+    return [
+        _fake_run(root, f"{name}-s{seed}", *sets, seed=seed, clean=c)
+        for seed, c in enumerate(clean)
+    ]
+
+
+def _groups(paths, **kwargs) -> list[dict]:
+    return json.loads(report(paths, curves=False, **kwargs)["json"])["groups"]
+
+
+def test_d2r_with_and_without_cag_are_two_rows_with_their_own_means(tmp_path):
+    cag = _seeds(tmp_path, "cag", clean=[0.80, 0.82, 0.84])
+    no_cag = _seeds(tmp_path, "trades-attack", "method.attack=trades", clean=[0.60, 0.62, 0.67])
+    texts = report([*cag, *no_cag], curves=False)
+    rows = json.loads(texts["json"])["groups"]
+    assert [row["seeds"] for row in rows] == [[0, 1, 2], [0, 1, 2]]
+    assert [row["label"] for row in rows] == ["attack=cag", "attack=trades"]
+    assert rows[0]["metrics"]["clean"]["mean"] == pytest.approx(0.82)
+    assert rows[1]["metrics"]["clean"]["mean"] == pytest.approx(statistics.fmean([0.6, 0.62, 0.67]))
+    assert rows[1]["runs"] == [str(p) for p in no_cag]
+    assert "| Setting |" in texts["md"] and "| attack=trades |" in texts["md"]
+    assert "attack=cag" in texts["tex"]
+
+
+def test_trades_and_trades_awp_are_two_rows(tmp_path):
+    plain = _fake_run(tmp_path, "trades", "method.name=trades", clean=0.8)
+    awp = _fake_run(tmp_path, "awp", "method.name=trades", "method.awp_gamma=5e-3", clean=0.7)
+    rows = _groups([plain, awp])
+    assert [row["label"] for row in rows] == ["awp_gamma=0", "awp_gamma=0.005"]
+    assert [row["method"] for row in rows] == ["trades", "trades"]
+
+
+def test_a_default_given_explicitly_or_left_out_is_one_row(tmp_path):
+    given = _fake_run(tmp_path, "given", "method.alpha=30", "method.lam=1", seed=0, clean=0.8)
+    left_out = _fake_run(tmp_path, "left-out", seed=1, clean=0.9)
+    (row,) = _groups([given, left_out])
+    assert row["seeds"] == [0, 1] and row["label"] == ""
+    assert row["metrics"]["clean"]["mean"] == pytest.approx(0.85)
+
+
+def test_the_ablation_grid_gives_one_row_per_alpha_beta_attack(tmp_path):
+    """The paper's Table 2: (alpha, beta) with CAG, and (30, 20) without it."""
+    grid = [(0, 1, "cag"), (1, 0, "cag"), (20, 1, "cag"), (30, 1, "cag"), (30, 20, "cag")]
+    grid.append((30, 20, "trades"))
+    runs = []
+    for i, (alpha, beta, attack) in enumerate(grid):
+        sets = (f"method.alpha={alpha}", f"method.beta={beta}", f"method.attack={attack}")
+        runs += [
+            _fake_run(tmp_path, f"{i}-s{seed}", *sets, seed=seed, clean=0.5 + i / 100)
+            for seed in (0, 1)
+        ]
+    rows = _groups(runs)
+    labels = [f"alpha={a}, beta={b}, attack={c}" for a, b, c in grid]
+    assert [row["label"] for row in rows] == labels
+    assert all(row["seeds"] == [0, 1] for row in rows)
+    for i, row in enumerate(rows):
+        assert row["metrics"]["clean"]["mean"] == pytest.approx(0.5 + i / 100)
+
+
+def test_a_seed_twice_in_one_row_is_refused_naming_both_runs(tmp_path, capsys):
+    first = _fake_run(tmp_path, "first", clean=0.8)
+    second = _fake_run(tmp_path, "second", clean=0.7)
+    again = tmp_path / ".." / tmp_path.name / "first"  # one directory named twice counts once
+    assert _groups([first, again])[0]["runs"] == [str(first)]
+    assert main(["report", str(first), str(second), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "d2r: error:" in err and "same seed 0" in err
+    assert str(first) in err and str(second) in err
+    assert not (tmp_path / "out").exists()  # refused before anything is written
+
+
+def test_keys_that_cannot_change_a_result_do_not_split_a_row(tmp_path):
+    a = _fake_run(tmp_path, "a", "train.device=cpu", "train.log_every=5", seed=0, clean=0.8)
+    b = _fake_run(tmp_path, "b", "data.root=/elsewhere", "train.compile=off", seed=1, clean=0.8)
+    (row,) = _groups([a, b])
+    assert row["seeds"] == [0, 1]
+    assert {"train.device", "data.root", "train.compile"} <= NON_RESULT_KEYS
+    c = _fake_run(tmp_path, "c", "data.train_subset=100", seed=2, clean=0.8)  # a result key
+    labels = ["data.train_subset=none", "data.train_subset=100"]
+    assert [row["label"] for row in _groups([a, c])] == labels
+
+
+def test_group_by_pools_on_purpose_and_says_so(tmp_path, capsys):
+    runs = [
+        _fake_run(tmp_path, f"alpha{alpha}", f"method.alpha={alpha}", seed=seed, clean=0.8)
+        for seed, alpha in enumerate((20, 30))
+    ]
+    assert len(_groups(runs)) == 2
+    assert main(["report", *map(str, runs), "--group-by", "method.name", "--no-curves"]) == 0
+    out = capsys.readouterr().out
+    assert "--group-by method.name" in out and "row 1 pools method.alpha" in out
+    (row,) = _groups(runs, group_by=["method.name"])
+    assert row["seeds"] == [0, 1] and row["varies"] == ["method.alpha"]
+    with pytest.raises(ValueError, match=r"--group-by 'method\.alpah'"):
+        report(runs, curves=False, group_by=["method.alpah"])
+
+
+def test_an_older_config_is_never_filled_in_silently(tmp_path):
+    new = _fake_run(tmp_path, "new", seed=0, clean=0.8)
+    old = _fake_run(tmp_path, "old", seed=1, clean=0.7)
+    raw = yaml.safe_load((old / "config.yaml").read_text())
+    del raw["method"]["lam"], raw["train"]["sync_bn"]  # options an older d2r did not write
+    (old / "config.yaml").write_text(yaml.safe_dump(raw))
+    result = read_run(old)
+    assert result.not_recorded == ["method.lam", "train.sync_bn"]
+    assert result.config["method.lam"] == "not recorded"
+    texts = report([new, old], curves=False)
+    rows = json.loads(texts["json"])["groups"]
+    labels = ["lam=1, train.sync_bn=false", "lam=not recorded, train.sync_bn=not recorded"]
+    assert [row["label"] for row in rows] == labels  # not pooled with the new run
+    assert f"{old}: config.yaml does not record method.lam, train.sync_bn" in texts["md"]
+
+
+def test_the_per_epoch_check_reports_the_images_evaluated(runs):
+    """eval.subset=1000 on digits, whose test split has 300 images: n=300, never 1000."""
+    plain = runs[1]
+    assert yaml.safe_load((plain / "config.yaml").read_text())["eval"]["subset"] == 1000
+    assert read_metrics(plain, "epoch")[-1]["check_n"] == 300
+    texts = report([plain], curves=False)
+    assert "n=300" in texts["md"] and "n=1000" not in texts["md"]
+
+
+# The resolved config ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_the_resolved_config_lists_every_option_of_the_method(name, tmp_path):
+    cfg = resolved_config(resolve(None, [f"method.name={name}"]))
+    params = inspect.signature(METHODS.get(name)).parameters
+    options = [p for p, v in params.items() if v.default is not inspect.Parameter.empty]
+    assert list(cfg.method) == ["name", *options]
+    assert (cfg.guide is not None) == METHODS.get(name).uses_guide  # no unused guide recorded
+    assert resolved_config(cfg) == cfg  # resolving twice changes nothing
+    (tmp_path / "config.yaml").write_text(dump_yaml(cfg))
+    assert resolve(tmp_path / "config.yaml") == cfg  # config.yaml loads back as it was
+
+
+@pytest.mark.parametrize("name", MODELS.names())
+def test_every_models_resolved_options_are_plain_yaml(name):
+    """config.yaml is safe YAML: a default such as a tuple could not be written."""
+    spec = resolve_spec(MODELS, {"name": name}, skip=DATA_SIZED)
+    assert yaml.safe_load(yaml.safe_dump(spec)) == spec
+
+
+def test_resolve_spec_converts_fills_and_refuses():
+    spec = resolve_spec(METHODS, {"name": "d2r", "alpha": 30, "eps": "8/255"}, key="method")
+    assert spec["alpha"] == 30.0 and isinstance(spec["alpha"], float)
+    assert spec["eps"] == pytest.approx(8 / 255) and spec["beta"] == 20.0
+    model = resolve_spec(MODELS, {"name": "small_cnn"}, skip=DATA_SIZED)
+    assert model == {"name": "small_cnn", "hidden": 128}  # the data set sizes it
+    with pytest.raises(ValueError, match="has no option 'alfa'"):
+        resolve_spec(METHODS, {"name": "d2r", "alfa": 1})
+
+
+def test_a_trained_runs_config_yaml_and_checkpoint_hold_the_resolved_config(runs):
+    evaluated = runs[0]
+    saved = yaml.safe_load((evaluated / "config.yaml").read_text())
+    params = inspect.signature(METHODS.get("d2r")).parameters
+    assert set(saved["method"]) == {"name", *params} - {"target", "guide"}
+    assert saved["method"]["steps"] == 3 and saved["target"] == {"name": "small_cnn", "hidden": 128}
+    _, meta = checkpoint.load(evaluated / "last.safetensors")
+    assert meta["config"] == saved
+    cfg, missing = read_config(evaluated)  # loads back, nothing missing
+    assert to_dict(cfg) == saved and missing == []

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from d2r.checkpoint import load
 from d2r.cli import main
@@ -121,7 +122,15 @@ def test_resume_with_explicit_set_extends_the_run(tmp_path, reference):
     run.mkdir()
     for f in reference.iterdir():
         (run / f.name).write_bytes(f.read_bytes())
-    assert main(["train", "--resume", str(run), "--set", "train.epochs=4", "-q"]) == 0
+    # config.yaml records every method option; a -c file that leaves them at their defaults
+    # is the same config: both sides of the comparison are resolved alike
+    saved = yaml.safe_load((reference / "config.yaml").read_text())
+    assert saved["method"]["alpha"] == 30.0 and saved["method"]["sym_rule"] == "abs"
+    saved["method"] = {k: saved["method"][k] for k in ("name", "eps", "step_size", "steps")}
+    given = tmp_path / "given.yaml"
+    given.write_text(yaml.safe_dump(saved))
+    args = ["train", "--resume", str(run), "-c", str(given), "--set", "train.epochs=4", "-q"]
+    assert main(args) == 0
     assert [r["epoch"] for r in read_metrics(run, "epoch")] == [1, 2, 3, 4]
     assert load(run / "last.safetensors")[1]["epoch"] == 4
 

@@ -53,5 +53,7 @@ def evaluated_run(factory: pytest.TempPathFactory) -> Path:
 
 
 def plain_run(factory: pytest.TempPathFactory) -> Path:
-    """PGD-AT, one epoch, never evaluated (only the per-epoch check in metrics.jsonl)."""
-    return tiny_run(factory, "pgd_at-seed0", "train.epochs=1", "method.name=pgd_at")
+    """PGD-AT, one epoch, never evaluated (only the per-epoch check in metrics.jsonl), whose
+    eval.subset (1000) exceeds the digits test split (300 images)."""
+    sets = ("train.epochs=1", "method.name=pgd_at", "eval.subset=1000")
+    return tiny_run(factory, "pgd_at-seed0", *sets)

@@ -44,6 +44,7 @@ def _train_config(args: argparse.Namespace):
     if not args.resume:
         return resolve(args.config, args.set)
     from d2r.config import check_resume_config, to_dict
+    from d2r.runs import resolved_config
 
     if args.out:
         raise ValueError("--resume continues in the run's own directory; drop --out")
@@ -54,7 +55,9 @@ def _train_config(args: argparse.Namespace):
             "run directory written by `d2r train`"
         )
     cfg = resolve(args.config or saved_path, args.set)
-    check_resume_config(to_dict(resolve(saved_path)), to_dict(cfg), args.set, saved_path)
+    # both sides resolved (defaults filled) alike: a config.yaml records every option
+    old, new = (to_dict(resolved_config(c)) for c in (resolve(saved_path), cfg))
+    check_resume_config(old, new, args.set, saved_path)
     return cfg
 
 

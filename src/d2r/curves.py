@@ -12,7 +12,7 @@ from typing import Any
 from d2r.attacks import label as attack_label
 from d2r.checkpoint import atomic_write
 from d2r.config import format_eps, load_yaml
-from d2r.logs import read_metrics
+from d2r.logs import BOOKKEEPING, read_metrics
 
 # Curves (the paper's Fig. 2) ------------------------------------------------------------------
 
@@ -22,15 +22,7 @@ ACC_CURVES = (
     ("guide_clean_acc", "guide clean"),
 )
 # bookkeeping in epoch records; every other number is one of the method's loss terms
-_NOT_TERMS = {
-    "kind",
-    "epoch",
-    "step",
-    "seconds",
-    "lr",
-    "skipped_batches",
-    *(k for k, _ in ACC_CURVES),
-}
+_NOT_TERMS = {*BOOKKEEPING, *(k for k, _ in ACC_CURVES)}
 
 
 def write_curves(run_dir: str | Path) -> Path:
@@ -82,7 +74,8 @@ def _plot_accuracy(ax, records, epochs, ev: dict[str, Any]) -> None:
         if points:
             label = f"{label} ({attack})" if key == "robust_acc" else label
             ax.plot(*zip(*points, strict=True), marker="o", label=label)
-    ax.set_ylabel("accuracy on the test subset (%)")
+    n = next((r["check_n"] for r in reversed(records) if "check_n" in r), None)  # older: none
+    ax.set_ylabel(f"accuracy on {n} test images (%)" if n else "accuracy on the test subset (%)")
     ax.set_title("accuracy per epoch")
     if ax.lines:
         ax.legend()

@@ -34,8 +34,10 @@ def export_model(
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else run_dir / f"model-{checkpoint}.safetensors"
     _check_out(out, run_dir)
-    cfg, method = load_run(run_dir, checkpoint)  # strict: a broken checkpoint fails here
-    card = model_card(run_dir, checkpoint, cfg)
+    from d2r.runs import read_config
+
+    _, method = load_run(run_dir, checkpoint)  # strict: a broken checkpoint fails here
+    card = model_card(run_dir, checkpoint, *read_config(run_dir))
     state = {k: v.detach().cpu().contiguous() for k, v in method.target.state_dict().items()}
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out, st_save(state, metadata={META_KEY: json.dumps(card, sort_keys=True)}))
@@ -54,19 +56,26 @@ def _check_out(out: Path, run_dir: Path) -> None:
         )
 
 
-def model_card(run_dir: Path, checkpoint: str, cfg: Any) -> dict[str, Any]:
-    """Everything needed to rebuild and trust the model, as plain JSON."""
+def model_card(
+    run_dir: Path, checkpoint: str, cfg: Any, not_recorded: list[str] | tuple = ()
+) -> dict[str, Any]:
+    """Everything needed to rebuild and trust the model, as plain JSON. `training.config` is the
+    run's resolved config (every option, defaults included) without the `not_recorded` keys
+    (d2r.runs.read_config), which `training.not_recorded` lists instead of guessing them."""
     import d2r
     from d2r import data
-    from d2r.methods import METHODS
+    from d2r.config import to_dict
+    from d2r.runs import resolved_config
 
+    cfg = resolved_config(cfg)
     info = data.info(cfg.data.name)
+    # every option of the architecture, as built: the card rebuilds it alone (load_model)
     options = {
         "num_classes": info.num_classes,
         "in_channels": info.channels,
         **{k: v for k, v in cfg.target.items() if k != "name"},
     }
-    uses_guide = METHODS.get(cfg.method["name"]).uses_guide
+    config = _without(to_dict(cfg), list(not_recorded))
     return {
         "format": CARD_FORMAT,
         "format_version": CARD_VERSION,
@@ -79,19 +88,34 @@ def model_card(run_dir: Path, checkpoint: str, cfg: Any) -> dict[str, Any]:
             "input_size": [info.channels, info.size, info.size],
         },
         "normalization": NORMALIZATION,
-        "eps": cfg.method.get("eps"),
+        "eps": config["method"].get("eps"),
         "norm": "Linf",
         "training": {
-            "method": dict(cfg.method),
-            "guide": dict(cfg.guide) if uses_guide else None,
-            "epochs": cfg.train.epochs,
-            "seed": cfg.seed,
+            "method": config["method"],
+            "guide": config["guide"],
+            "epochs": config["train"].get("epochs"),
+            "seed": config.get("seed"),
             "checkpoint": checkpoint,
             "epoch": _checkpoint_epoch(run_dir, checkpoint),
+            "config": config,
+            "not_recorded": list(not_recorded),
         },
         "evaluation": _evaluation(run_dir, checkpoint),
         "source": {"run_dir": str(run_dir), "checkpoint": f"{checkpoint}.safetensors"},
     }
+
+
+def _without(config: dict[str, Any], keys: list[str]) -> dict[str, Any]:
+    """`config` without the dotted `keys`: a value the run's config.yaml does not record would
+    be this version's default, not necessarily what was trained."""
+    for key in keys:
+        *parents, last = key.split(".")
+        node: Any = config
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(last, None)
+    return config
 
 
 def _checkpoint_epoch(run_dir: Path, checkpoint: str) -> int | None:

@@ -15,6 +15,8 @@ from typing import Any, Literal, TextIO
 
 from tqdm import tqdm
 
+from d2r.logs import BOOKKEEPING
+
 Mode = Literal["auto", "bar", "lines", "off"]
 _ACC_KEYS = (("clean_acc", "clean"), ("robust_acc", "robust"), ("guide_clean_acc", "guide"))
 
@@ -77,7 +79,7 @@ class Progress:
 
 def _loss_keys(record: dict[str, Any]) -> list[str]:
     """The method's terms in an epoch record: everything that is not bookkeeping or accuracy."""
-    skip = {"kind", "epoch", "step", "seconds", "lr", "skipped_batches", *(k for k, _ in _ACC_KEYS)}
+    skip = {*BOOKKEEPING, *(k for k, _ in _ACC_KEYS)}
     return [k for k, v in record.items() if k not in skip and isinstance(v, (int, float))]
 
 

@@ -60,11 +60,6 @@ class Registry:
             )
         return self._entries[name]
 
-    def defaults(self, name: str) -> dict[str, Any]:
-        """The constructor's keyword options and their defaults (the schema of its config)."""
-        params = inspect.signature(self.get(name)).parameters.values()
-        return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
-
     def check_kwargs(self, name: str, kwargs: dict[str, Any], skip: tuple[str, ...] = ()) -> None:
         """Raise ValueError naming any keyword the constructor does not accept."""
         params = inspect.signature(self.get(name)).parameters
@@ -85,18 +80,49 @@ class Registry:
 def build(registry: Registry, spec: dict[str, Any], *args: Any, key: str = "") -> Any:
     """Build from a config dict `{name: ..., **options}`, converting each option to the type of
     the constructor's default (YAML says 30 where the default is 30.0) with a one-line error."""
-    from d2r.config import coerce  # config imports nothing from here; avoid a cycle at import
-
-    options = {k: v for k, v in spec.items() if k != "name"}
     name = spec["name"]
     params = inspect.signature(registry.get(name)).parameters
-    registry.check_kwargs(name, options, skip=tuple(params)[: len(args)])
-    for option, value in options.items():
-        default = params[option].default if option in params else None
-        like = None if default is inspect.Parameter.empty else default
-        options[option] = coerce(f"{key}.{option}" if key else option, value, like)
+    options = _options(registry, spec, key, skip=tuple(params)[: len(args)])
     try:
         return registry.get(name)(*args, **options)
     except OptionError as err:  # the constructor's own check, named by its config key
         where = f"{key}.{err.option}" if key else err.option
         raise ValueError(f"config key {where!r}: {err.rule}, got {err.value!r}") from None
+
+
+def resolve_spec(
+    registry: Registry, spec: dict[str, Any], *, skip: tuple[str, ...] = (), key: str = ""
+) -> dict[str, Any]:
+    """`spec` with every keyword option of its constructor, in the signature's order: the given
+    ones converted as `build` converts them, the others at their default. This is what a run
+    records (config.yaml, checkpoints, model cards), so it says what was trained even after a
+    default changes. `skip`: options the caller fills, not the config (a model's data-set
+    sizes); they stay out unless given. Options without a default (a method's models) too."""
+    name = spec["name"]
+    params = inspect.signature(registry.get(name)).parameters
+    options = _options(registry, spec, key)
+    keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    defaults = {
+        p.name: p.default
+        for p in params.values()
+        if p.kind in keyword and p.default is not p.empty and p.name not in skip
+    }
+    return {"name": name, **defaults, **options}
+
+
+def _options(
+    registry: Registry, spec: dict[str, Any], key: str, skip: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """The options of `spec` checked against the constructor (`skip`: positional arguments the
+    caller passes) and converted to the type of each default."""
+    from d2r.config import coerce  # config imports nothing from here; avoid a cycle at import
+
+    options = {k: v for k, v in spec.items() if k != "name"}
+    name = spec["name"]
+    params = inspect.signature(registry.get(name)).parameters
+    registry.check_kwargs(name, options, skip=skip)
+    for option, value in options.items():
+        default = params[option].default if option in params else None
+        like = None if default is inspect.Parameter.empty else default
+        options[option] = coerce(f"{key}.{option}" if key else option, value, like)
+    return options

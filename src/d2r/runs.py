@@ -17,10 +17,14 @@ import torch
 
 import d2r
 from d2r import checkpoint, data
-from d2r.config import Config
+from d2r.config import Config, load_yaml, replace, resolve, to_dict
 from d2r.methods import METHODS, Method
 from d2r.models import MODELS
-from d2r.registry import build
+from d2r.registry import build, resolve_spec
+
+# Model options that build_method fills from the data set, not from the config: a config that
+# does not name them follows its data set (data.name is recorded), so they are not filled in.
+DATA_SIZED = ("num_classes", "in_channels")
 
 
 def build_method(cfg: Config, info: data.DatasetInfo) -> Method:
@@ -42,7 +46,7 @@ def eval_eps(cfg: Config) -> float:
     (set in the config, or its constructor's default)."""
     if cfg.eval.eps is not None:
         return cfg.eval.eps
-    return float(cfg.method.get("eps", METHODS.defaults(cfg.method["name"]).get("eps", 0.0)))
+    return float(resolve_spec(METHODS, cfg.method, key="method").get("eps", 0.0))
 
 
 def check_config(cfg: Config) -> None:
@@ -62,6 +66,37 @@ def write_env(
         old = json.loads((run_dir / "env.json").read_text())
         env = {**old, "resumes": [*old.get("resumes", []), {**env, "step": resumed_step}]}
     checkpoint.atomic_write_text(run_dir / "env.json", json.dumps(env, indent=2))
+
+
+def resolved_config(cfg: Config) -> Config:
+    """`cfg` with every option of target, guide and method at the value used, defaults included
+    (the data, train and eval sections always hold every key). What a run records in
+    config.yaml, its checkpoints and its model card. The guide is None for a method that trains
+    none (it would not be built). Raises ValueError as building them would."""
+    method = resolve_spec(METHODS, cfg.method, key="method")
+    target = resolve_spec(MODELS, cfg.target, skip=DATA_SIZED, key="target")
+    guide = None
+    if METHODS.get(method["name"]).uses_guide and cfg.guide is not None:
+        guide = resolve_spec(MODELS, cfg.guide, skip=DATA_SIZED, key="guide")
+    return replace(cfg, method=method, target=target, guide=guide)
+
+
+def read_config(run_dir: str | Path) -> tuple[Config, list[str]]:
+    """A run's config.yaml, resolved, and the keys it does not record (an older d2r wrote it):
+    their values in the Config are this version's defaults, not what the run was known to use,
+    so callers must say so (`d2r report` compares them as "not recorded")."""
+    from d2r.config import flatten
+
+    path = Path(run_dir) / "config.yaml"
+    raw, cfg = load_yaml(path), resolve(path)  # errors name the file
+    try:
+        cfg = resolved_config(cfg)
+    except ValueError as err:
+        raise ValueError(f"{str(path)!r}: {err}") from None
+    given = flatten({k: {"name": v} if isinstance(v, str) else v for k, v in raw.items()})
+    recorded = set(given) | {k.rsplit(".", 1)[0] for k in given}  # guide.* records "guide"
+    missing = [k for k in flatten(to_dict(cfg)) if k not in recorded]
+    return cfg, missing
 
 
 def environment(device: torch.device) -> dict[str, Any]:

@@ -22,7 +22,15 @@ from d2r.guard import DeviceFlags, StepChecks
 from d2r.logs import MetricsLog
 from d2r.methods import Method, eval_mode
 from d2r.progress import Progress
-from d2r.runs import Run, build_method, default_run_dir, eval_eps, prepare_run_dir, write_env
+from d2r.runs import (
+    Run,
+    build_method,
+    default_run_dir,
+    eval_eps,
+    prepare_run_dir,
+    resolved_config,
+    write_env,
+)
 
 
 def lr_factor(epoch: int, epochs: int, warmup_factor: float, decay_at: list[float]) -> float:
@@ -82,6 +90,7 @@ class Trainer:
         progress: bool = True,
         resume: bool = False,
     ):
+        cfg = resolved_config(cfg)  # every option's value, defaults included, is recorded
         self.cfg = cfg
         self.dist = distributed.from_env()  # one process, or a rank under torchrun
         self.device = pick_device(distributed.device_name(cfg.train.device, self.dist))
