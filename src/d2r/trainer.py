@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from d2r import checkpoint, data, distributed, speed
-from d2r.attacks import from_name
+from d2r.attacks import from_name, norm_label
 from d2r.checkpoint import TrainState
 from d2r.config import Config, dump_yaml, to_dict
 from d2r.evaluate import correct_flags
@@ -27,8 +27,10 @@ from d2r.runs import (
     build_method,
     default_run_dir,
     eval_eps,
+    eval_norm,
     prepare_run_dir,
     resolved_config,
+    weight_files,
     write_env,
 )
 
@@ -96,16 +98,20 @@ class Trainer:
         self.device = pick_device(distributed.device_name(cfg.train.device, self.dist))
         distributed.setup(self.dist, self.device)
         seed_everything(cfg.seed)
-        self.method = build_method(cfg, data.info(cfg.data.name)).to(self.device)  # bad options
+        # bad options fail here; a resumed run takes its weights from its checkpoint instead
+        info = data.info(cfg.data.name)
+        self.method = build_method(cfg, info, initial_weights=not resume).to(self.device)
         self.fast = speed.resolve(cfg.train, self.device)
         self.model = self._prepare_model()  # what the step calls: the method, or DDP around it
         self.loader, self.x_check, self.y_check = self._load_data()
-        groups = [{"params": m.parameters(), "name": n} for n, m in self.method.models().items()]
+        # a frozen guide is no group: the optimizer never touches it (it is still checkpointed)
+        trained = self.method.trained_models()
+        groups = [{"params": m.parameters(), "name": n} for n, m in trained.items()]
         t = cfg.train
         self.optimizer = self.fast.sgd(
             groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay, nesterov=t.nesterov
         )
-        self.check_attack = from_name(cfg.eval.attack, eval_eps(cfg))
+        self.check_attack = from_name(cfg.eval.attack, eval_eps(cfg), norm=eval_norm(cfg))
         run_dir = Path(out) if out else default_run_dir(cfg)
         # built before the directory: a missing tensorboard package fails with nothing written
         self.log = MetricsLog(run_dir, tensorboard=t.tensorboard, enabled=self.dist.is_main)
@@ -181,6 +187,8 @@ class Trainer:
         if self.dist.is_main:
             checkpoint.atomic_write_text(self.run_dir / "config.yaml", dump_yaml(self.cfg))
             extra = {"fast_path": self.fast.describe(), "world_size": self.dist.world_size}
+            if not self.resumed and weight_files(self.cfg):  # the bytes the models start from
+                extra["weights"] = weight_files(self.cfg)
             resumed_step = self.state.step if self.resumed else None
             write_env(self.run_dir, self.device, extra, resumed_step)
 
@@ -264,6 +272,7 @@ class Trainer:
             "clean_acc": clean.float().mean().item(),
             "robust_acc": robust.float().mean().item(),
             "check_eps": self.check_attack.eps,
+            "check_norm": norm_label(self.check_attack.norm),
             "check_n": len(y),
         }
         if self.method.uses_guide:
