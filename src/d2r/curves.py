@@ -84,7 +84,7 @@ def _plot_accuracy(ax, records, epochs, ev: dict[str, Any]) -> None:
 
 
 def check_budget(records: list[dict[str, Any]], ev: dict[str, Any]) -> str:
-    """"eps 0.1 (Linf)": the per-epoch check's radius and norm as its records say (older
+    """ "eps 0.1 (Linf)": the per-epoch check's radius and norm as its records say (older
     records: the config's eval.eps, and Linf, the only norm then)."""
     last = next((r for r in reversed(records) if "check_eps" in r), {})
     eps = last.get("check_eps", ev.get("eps"))

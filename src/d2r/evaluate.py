@@ -167,14 +167,11 @@ def evaluate(
     progress: bool = False,
 ) -> dict[str, Any]:
     """Clean, per-attack and worst-case accuracy (fractions in [0, 1]) of `model` on (x, y), in
-    eval mode and fp32, for any nn.Module taking [0, 1] inputs (x float in [0, 1] or uint8).
-    `norm`: the threat model of the named attacks, "linf" (default) or "l2" (eps is then an L2
-    radius, e.g. 0.5 on CIFAR-10); a mapping of attacks brings its own.
-
-    Returns {"clean", <each attack>, "worst_case", "settings", "seconds", "warnings"}, the
-    norm in "settings"; every warning is also raised as an `EvaluationWarning`. `checks=True`
-    adds the cheap sanity checks on up to 64 samples (large eps, more steps, smaller step,
-    zero gradient)."""
+    eval mode and fp32, for any nn.Module taking [0, 1] inputs (x float in [0, 1] or uint8), in
+    `norm` "linf" (default) or "l2" (eps an L2 radius; a mapping of attacks brings its own).
+    Returns {"clean", <each attack>, "worst_case", "settings" (eps, norm, ...), "seconds",
+    "warnings"}; each warning is also raised as an `EvaluationWarning`. `checks=True` adds the
+    cheap sanity checks on up to 64 samples (large eps, more steps, smaller step, zero grad)."""
     from d2r import sanity  # it builds on this module's helpers
 
     _check_inputs(x, y)

@@ -462,12 +462,15 @@ def add_command(sub: Any) -> None:
     p.add_argument(
         "runs", nargs="+", metavar="RUN_DIR", help="run directories (or a folder of runs)"
     )
-    p.add_argument("--out", help="directory for report.md / report.tex / report.json")
+    p.add_argument(
+        "--out", help="directory for report.md / report.tex / report.json (or --figure's PNG)"
+    )
     p.add_argument(
         "--checkpoint",
         choices=["last", "best"],
         default="last",
-        help="which eval.json entry to report when it holds several (default: last)",
+        help="which eval.json entry to report when it holds several, and the models of "
+        "--figure fig3 (default: last)",
     )
     p.add_argument(
         "--csv",
@@ -482,6 +485,9 @@ def add_command(sub: Any) -> None:
         "that differ elsewhere; default: runs share a row only when their configs are equal "
         "except for the seed",
     )
+    from d2r import figures  # matplotlib is imported only when a figure is drawn
+
+    figures.add_arguments(p)
     p.set_defaults(func=_command)
 
 
@@ -496,6 +502,10 @@ def parse_group_by(text: str | None) -> list[str] | None:
 
 
 def _command(args: Any) -> int:
+    if args.figure or args.index is not None:  # the paper's figures (d2r.figures)
+        from d2r.figures import command
+
+        return command(args)
     texts = report(
         args.runs,
         args.out,
