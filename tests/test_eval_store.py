@@ -249,3 +249,32 @@ def test_report_at_each_eps(tmp_path_factory, tmp_path):
     assert row["source"] == "no result at this eps" and row["metrics"] == {}
     line = next(x for x in texts["md"].splitlines() if x.startswith("| digits"))
     assert "| — | — |" in line and "no result (at eps 51/255)" in line
+
+
+def test_eval_md_shows_every_result_and_never_mixes_eps(tmp_path):
+    """Two seeds of one checkpoint, an attack stored twice under one name (other settings),
+    and two eps: every result has its row; each worst case covers its own row only."""
+    from d2r.evalstore import commit, make_entry, result_key
+
+    images, sha = {"data": "digits", "split": "test", "n": 4, "sha256": "0" * 64}, "a" * 64
+
+    def entry(attack, settings, eps, seed, *bits):
+        key = result_key(sha, attack, settings, eps, None if eps is None else "Linf", images, seed)
+        return make_entry(key, torch.tensor(bits, dtype=torch.bool), 1.0)
+
+    entries = [
+        entry(CLEAN, {}, None, 0, 1, 1, 1, 0),
+        entry(CLEAN, {}, None, 1, 1, 1, 0, 1),
+        entry("aa", {"package": "0.2.0"}, 0.031, 0, 1, 1, 0, 0),
+        entry("aa", {"package": "0.3.0"}, 0.031, 0, 1, 0, 0, 0),
+        entry("aa", {"package": "0.3.0"}, 0.031, 1, 0, 1, 0, 1),
+        entry("pgd20", {"steps": 20}, 8 / 255, 0, 1, 0, 1, 0),
+    ]
+    commit(tmp_path, [{"checkpoint": "last", "label": "last", "sha256": sha}], entries)
+    lines = (tmp_path / "eval.md").read_text().splitlines()
+    at_aa = {r.split(" | ")[0][2:]: r for r in lines if "| 0.031 |" in r}
+    worst = {label: r.split(" | ")[-2] for label, r in at_aa.items()}
+    assert worst == {"last": "50.00", "last #2": "25.00", "last (seed 1)": "50.00"}
+    (pgd,) = [r for r in lines if "| 8/255 |" in r]  # clean and PGD-20: never AA at 0.031
+    assert pgd.startswith("| last | 4 | 8/255 | 0 | 75.00 | 50.00 |")
+    assert pgd.endswith("| 50.00 | Clean, PGD-20 |")

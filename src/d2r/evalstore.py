@@ -193,21 +193,31 @@ def rows(store: Store) -> list[dict[str, Any]]:
     """Every result in table rows: one per checkpoint (name and sha256), test images, seed and
     d2r version at each (eps, norm), holding "clean", each attack and "worst_case" (fractions)
     with "worst_case_over" (the results it is the per-sample worst case of) and "settings",
-    the shape `d2r.evaluate.markdown_table` takes. Results at other eps are never mixed in."""
-    groups: dict[tuple, dict[tuple, dict[str, dict]]] = {}
+    the shape `d2r.evaluate.markdown_table` takes. Results at other eps are never mixed in; an
+    attack stored twice under one name (other settings, e.g. a newer pyautoattack) gets a row
+    of its own."""
+    groups: dict[tuple, dict[tuple, list[dict[str, dict]]]] = {}
     for entry in store.results:
         k = entry["key"]
         base = (k["sha256"], json.dumps(k["images"], sort_keys=True), k["seed"], k["version"])
         threat = (None, None) if k["attack"] == CLEAN else (k["eps"], k["norm"])
-        groups.setdefault(base, {}).setdefault(threat, {})[k["attack"]] = entry
+        sets = groups.setdefault(base, {}).setdefault(threat, [])
+        free = [d for d in sets if k["attack"] not in d]
+        (free[0] if free else _appended(sets))[k["attack"]] = entry
     out = []
     for base, threats in groups.items():
-        clean = threats.pop((None, None), {})
-        # a clean-only evaluation is a row of its own; clean joins every eps of its group
-        for (eps, norm), attacks in (threats or {(None, None): {}}).items():
-            row = _row({**clean, **attacks}, eps, norm)
-            out += [{**_identity(c), **row} for c in _names(store, base[0])]
+        clean = threats.pop((None, None), [{}])[0]
+        # clean joins every eps of its group; a clean-only evaluation is a row of its own
+        for (eps, norm), sets in (threats or {(None, None): [{}]}).items():
+            for attacks in sets:
+                row = _row({**clean, **attacks}, eps, norm)
+                out += [{**_identity(c), **row} for c in _names(store, base[0])]
     return sorted(out, key=lambda r: (r["norm"] or "", r["eps"] or 0.0))
+
+
+def _appended(items: list[dict]) -> dict:
+    items.append({})
+    return items[-1]
 
 
 def _names(store: Store, sha256: str) -> list[dict[str, Any]]:
@@ -228,6 +238,7 @@ def _row(entries: Mapping[str, dict], eps: float | None, norm: str | None) -> di
         "eps_text": format_eps(eps) if eps is not None else "—",
         "norm": norm,
         **{k: first["images"][k] for k in ("data", "split", "n")},
+        "images_sha256": first["images"]["sha256"],
         "seed": first["seed"],
         "version": first["version"],
         "attacks": {n: e["key"]["settings"] for n, e in entries.items() if n != CLEAN},
@@ -251,12 +262,30 @@ def markdown(store: Store) -> str:
 
     tables: dict[tuple, dict[str, dict]] = {}
     for row in rows(store):
-        tables.setdefault((row["eps"], row["norm"]), {})[row["label"]] = row
+        table = tables.setdefault((row["eps"], row["norm"]), {})
+        table[_unique_label(table, row)] = row
     parts = ["# Evaluation results", ""]
     for (eps, norm), table in tables.items():
         title = f"eps = {format_eps(eps)} ({norm})" if eps is not None else "clean only"
         parts += [f"## {title}", "", markdown_table(table)]
     return "\n".join(parts)
+
+
+def _unique_label(table: Mapping[str, Any], row: Mapping[str, Any]) -> str:
+    """The row's label, with what tells it apart from a row of that label already in the
+    table (seed, d2r version, test images), or a number when only attack settings differ."""
+    label, s = row["label"], row["settings"]
+    if label not in table:
+        return label
+    other = table[label]["settings"]
+    fields = {"seed": "seed", "version": "d2r", "n": "n", "images_sha256": "images"}
+    diffs = [f"{name} {str(s[k])[:8]}" for k, name in fields.items() if s[k] != other[k]]
+    base = f"{label} ({', '.join(diffs)})" if diffs else label
+    unique, count = base, 1
+    while unique in table:
+        count += 1
+        unique = f"{base} #{count}"
+    return unique
 
 
 def summary(

@@ -218,8 +218,8 @@ def evaluate(
     device = torch.device(device) if device is not None else _device_of(model)
     options = {"seed": seed, "batch_size": batch_size, "device": device}
     messages: list[str] = []
-    flags, seconds = _checked_flags(model, x, y, suite, eps, options, messages, checks=checks,
-                                    progress=progress, ledger=ledger)  # fmt: skip
+    run = {"checks": checks, "progress": progress, "ledger": ledger}
+    flags, seconds = _checked_flags(model, x, y, suite, eps, options, messages, **run)
     result: dict[str, Any] = {name: f.float().mean().item() for name, f in flags.items()}
     result["worst_case"] = worst_case(flags).float().mean().item()
     result["worst_case_over"] = list(flags)
@@ -321,7 +321,7 @@ def markdown_table(results: Mapping[str, Mapping[str, Any]]) -> str:
 def _describe(settings: Mapping[str, Any]) -> str:
     skip = {"type"}
     body = ", ".join(f"{k}={_fmt(v)}" for k, v in settings.items() if k not in skip)
-    return f"{settings['type']}({body})"
+    return f"{settings.get('type', '')}({body})"
 
 
 def _fmt(value: Any) -> str:
@@ -467,20 +467,25 @@ def evaluate_models(
     images = images_id(data_spec[0], x, y)
     jobs = _jobs(models, plan, out, images, seed, meta, guard, force)  # partial states checked
     commit(out, checkpoints=[{**extra, "label": label} for _, label, extra in models.values()])
-    options = {"checks": checks, "progress": progress}
+    options = {"seed": seed, "batch_size": batch_size, "device": device}
     with guard:
-        for model, label, e, suite, ledger in jobs:
-            where = f"{label} at eps {format_eps(e)} on {data_spec[0]} ({len(y)} test images"
-            if all(ledger.cached(name) is not None for name in [CLEAN, *suite]):
-                print(f"{where}): already in {out / 'eval.json'} (--force reruns)", file=sys.stderr)
-                continue
-            print(f"evaluating {where}, {device})", file=sys.stderr)
-            model = model.to(device)
-            result = evaluate(
-                model, x, y, suite, e, seed, batch_size, device, **options, ledger=ledger
-            )
-            ledger.add_warnings(result["warnings"])
+        for job in jobs:
+            _run_job(job, x, y, data_spec[0], options, checks=checks, progress=progress)
     return commit(out).content()
+
+
+def _run_job(job: tuple, x: Tensor, y: Tensor, data: str, options: dict, **flags: bool) -> None:
+    """One model at one eps: nothing when the store holds every key, else `evaluate` through
+    the job's ledger, then the evaluation's warnings onto its results."""
+    model, label, eps, suite, ledger = job
+    where = f"{label} at eps {format_eps(eps)} on {data} ({len(y)} test images"
+    if all(ledger.cached(name) is not None for name in [CLEAN, *suite]):
+        print(f"{where}): already in {ledger.out / 'eval.json'} (--force reruns)", file=sys.stderr)
+        return
+    print(f"evaluating {where}, {options['device']})", file=sys.stderr)
+    model = model.to(options["device"])
+    result = evaluate(model, x, y, suite, eps, **options, **flags, ledger=ledger)
+    ledger.add_warnings(result["warnings"])
 
 
 def _jobs(models, plan, out, images, seed, meta, guard, force) -> list[tuple]:
