@@ -223,7 +223,7 @@ def _wait_for_partial(out: Path, attack: str, process: subprocess.Popen) -> None
     pytest.fail(f"no partial state of {attack} appeared (exit code {process.poll()})")
 
 
-def test_report_at_each_eps(tmp_path_factory, tmp_path):
+def test_report_at_each_eps(tmp_path_factory, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(evaluated_run(tmp_path_factory), run)  # pgd20, cw20 at 0.1 on 50 images
     eval_args = ["eval", str(run), "--checkpoint", "last", "--n", "50", "--no-checks", "-q"]
@@ -244,9 +244,11 @@ def test_report_at_each_eps(tmp_path_factory, tmp_path):
     assert "Every run at eps = 0.05 (--eps)" in texts["md"]
     assert "worst case of Clean, PGD-5" in texts["md"]
 
+    assert main(["report", str(run), "--eps", "8//255", "--no-curves"]) == 2  # before any work
     texts = report([run], curves=False, eps=0.2)
     (row,) = json.loads(texts["json"])["groups"]
     assert row["source"] == "no result at this eps" and row["metrics"] == {}
+    assert "--eps '8//255': give one number" in capsys.readouterr().err
     line = next(x for x in texts["md"].splitlines() if x.startswith("| digits"))
     assert "| — | — |" in line and "no result (at eps 51/255)" in line
 
