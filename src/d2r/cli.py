@@ -88,10 +88,10 @@ def _eval(args: argparse.Namespace) -> int:
     attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
     build_suite(attacks, args.eps, args.seed)  # bad names or eps fail before any loading
     if args.weights:
-        models, (name, root, verify), out = _eval_foreign(args)
+        models, (name, root, verify, like), out = _eval_foreign(args)
     else:
-        models, (name, root, verify), out = _eval_run(args)
-    x, y = _eval_data(name, root, verify, args.n)
+        models, (name, root, verify, like), out = _eval_run(args)
+    x, y = _eval_data(name, root, verify, args.n, like)
     results, rows = {}, {}
     for key, (model, label, extra) in models.items():
         same = [r for r in results.values() if r["sha256"] == extra["sha256"]]
@@ -141,7 +141,8 @@ def _eval_run(args: argparse.Namespace) -> tuple[dict, tuple, Path]:
         digest = _sha256(run_dir / f"{key}.safetensors")
         extra = {"checkpoint": key, "epoch": epoch, "sha256": digest}
         models[key] = (method.target, label, extra)
-    return models, (cfg.data.name, cfg.data.root, cfg.data.verify), Path(args.out or run_dir)
+    data_args = (cfg.data.name, cfg.data.root, cfg.data.verify, cfg.data.like)
+    return models, data_args, Path(args.out or run_dir)
 
 
 def _sha256(path: Path) -> str:
@@ -175,13 +176,13 @@ def _eval_foreign(args: argparse.Namespace) -> tuple[dict, tuple, Path]:
     weights = Path(args.weights)
     extra = {"checkpoint": str(weights), "model": args.model, "sha256": _sha256(weights)}
     out = Path(args.out) if args.out else weights.parent / f"{weights.stem}-eval"
-    return {weights.name: (model, weights.name, extra)}, (args.data, args.root, True), out
+    return {weights.name: (model, weights.name, extra)}, (args.data, args.root, True, None), out
 
 
-def _eval_data(name: str, root: str, verify: bool, n: int | None):
+def _eval_data(name: str, root: str, verify: bool, n: int | None, like: str | None = None):
     from d2r import data
 
-    x, y = data.load(name, root, "test", verify=verify)
+    x, y = data.load(name, root, "test", verify=verify, like=like)
     return (x[:n], y[:n]) if n else (x, y)
 
 

@@ -30,6 +30,9 @@ class DataConfig:
     train_subset: int | None = None  # first N training images (or a seeded sample, see subset_seed)
     test_subset: int | None = None
     subset_seed: int | None = None
+    # data.name=synthetic only: the real set whose image shape, classes and split sizes it takes
+    # (cifar10 when unset); see d2r.data.synthetic
+    like: str | None = None
 
 
 @dataclass

@@ -61,7 +61,7 @@ def model_card(run_dir: Path, checkpoint: str, cfg: Any) -> dict[str, Any]:
     from d2r import data
     from d2r.methods import METHODS
 
-    info = data.info(cfg.data.name)
+    info = data.info(cfg.data.name, cfg.data.like)
     options = {
         "num_classes": info.num_classes,
         "in_channels": info.channels,

@@ -120,7 +120,7 @@ def load_run(run_dir: str | Path, which: str = "last") -> tuple[Config, Method]:
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"{str(run_dir)!r} is not a run directory (no config.yaml)")
     cfg = resolve(run_dir / "config.yaml")
-    method = build_method(cfg, data.info(cfg.data.name))
+    method = build_method(cfg, data.info(cfg.data.name, cfg.data.like))
     path = run_dir / f"{which}.safetensors"
     tensors, _ = checkpoint.load(path)
     for name, model in method.models().items():

@@ -68,7 +68,7 @@ class Trainer:
         self.device = pick_device(distributed.device_name(cfg.train.device, self.dist))
         distributed.setup(self.dist, self.device)
         torch.manual_seed(cfg.seed)
-        self.info = data.info(cfg.data.name)
+        self.info = data.info(cfg.data.name, cfg.data.like)
         self.method = build_method(cfg, self.info).to(self.device)  # bad options fail here
         # a missing tensorboard package fails here too, before any data or directory
         self.tensorboard = TensorBoardLog() if cfg.train.tensorboard else None
@@ -119,8 +119,8 @@ class Trainer:
         d = self.cfg.data
         for split in ("train", "test"):  # a missing file fails before any reading
             data.require(d.name, d.root, split)
-        x, y = data.load(d.name, d.root, "train", verify=d.verify)
-        x_test, y_test = data.load(d.name, d.root, "test", verify=d.verify)
+        x, y = data.load(d.name, d.root, "train", verify=d.verify, like=d.like)
+        x_test, y_test = data.load(d.name, d.root, "test", verify=d.verify, like=d.like)
         if d.train_subset:
             x, y = data.subset(x, y, d.train_subset, seed=d.subset_seed)
         if d.test_subset:
