@@ -3,8 +3,9 @@ recompilation, fused SGD's on-device skip, the pinned read-back of the step's fl
 and checkpoints across devices, and DDP on NCCL under torchrun. `pytest -m cuda` selects them;
 without CUDA each is skipped with the reason. `benchmarks/gpu_check.py` runs them first.
 
-Models are the small ones on synthetic CIFAR-10-shaped data (3x32x32), so the whole file takes
-about two minutes on one H100 (most of it compiling). Comparisons that claim fp32 agreement turn
+Models are the small ones on synthetic CIFAR-10-shaped data (3x32x32), so the whole file should
+take about two minutes on one H100, most of it compiling (an estimate: no GPU has run it yet);
+the compiled tests come last. Comparisons that claim fp32 agreement turn
 TF32 off (the `fp32` fixture): cuDNN convolutions default to TF32 on Ampere and later GPUs."""
 
 import copy
@@ -108,59 +109,6 @@ def test_bf16_autocast_step_is_finite_and_close_to_fp32(method, fp32):
     assert out["loss"].item() == pytest.approx(ref["loss"].item(), rel=0.03)
     assert out["ce"].item() == pytest.approx(ref["ce"].item(), rel=0.03)
     assert F.cosine_similarity(grad, ref_grad, dim=0) > 0.9  # the same direction of descent
-
-
-def test_channels_last_and_compile_match_eager(method, fp32):
-    """channels_last, and compiled (inductor) with channels_last, against eager NCHW: eval-mode
-    logits to 1e-4 and the training loss without attack (eps=0) to 1e-4; with the 10-step CAG
-    attack to 1e-2, because a rounding difference in an input gradient near zero flips its sign
-    and moves that pixel by two steps (on a CPU, channels_last alone: logits equal to 2e-8, the
-    loss 3e-4 apart). CUDA's default (every flag on, bf16): within bf16's 3 %."""
-    x, y = batch()
-    no_attack = make_method("method.eps=0")
-    ref, ref_no_attack = step(method, fast_path(), x, y)[0], step(no_attack, fast_path(), x, y)[0]
-    target = copy.deepcopy(method.target).eval()
-    with torch.no_grad():
-        ref_logits = target(x)
-    variants = {  # (compile alone: the same graphs in the other memory format, not worth it)
-        "channels_last": fast_path(channels_last="on"),
-        "channels_last+compile": fast_path(channels_last="on", compile="on"),
-    }
-    for name, fast in variants.items():
-        out = step(no_attack, fast, x, y)[0]
-        assert out["loss"].item() == pytest.approx(ref_no_attack["loss"].item(), rel=1e-4), name
-        out = step(method, fast, x, y)[0]
-        assert out["loss"].item() == pytest.approx(ref["loss"].item(), rel=1e-2), name
-        model = copy.deepcopy(method.target).eval()
-        fast.prepare([model])
-        with torch.no_grad():
-            logits = model(fast.batch(x))
-        torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4, msg=name)
-    auto = speed.resolve(resolve(None, []).train, CUDA)
-    assert (auto.amp, auto.channels_last, auto.compile) == (True, True, True)
-    out, _ = step(method, auto, x, y)
-    assert torch.isfinite(out["loss"])
-    assert out["loss"].item() == pytest.approx(ref["loss"].item(), rel=0.03)
-
-
-def test_compiled_training_does_not_recompile_after_its_first_batches(tmp_path):
-    """Every step runs both models in eval mode (attack) and train mode (loss), and each epoch
-    ends with an fp32 evaluation. Two runs of d2r.train, 4 and 8 batches of the same size, must
-    compile the same number of graphs: batches 5 to 8 compile nothing."""
-    import torch._dynamo
-
-    graphs = {}
-    for batches in (4, 8):
-        torch._dynamo.reset()
-        torch._dynamo.utils.counters.clear()
-        sets = [*SMALL, f"data.train_subset={64 * batches}", "data.batch_size=64"]
-        sets += ["train.epochs=1", "train.compile=on", "eval.subset=64", "eval.batch_size=64"]
-        sets += ["eval.attack=pgd5", "train.device=cuda"]
-        run = d2r.train(out=tmp_path / str(batches), overrides=_dict(sets), quiet=True)
-        assert torch.isfinite(torch.tensor(run.final["loss"]))
-        graphs[batches] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    torch._dynamo.reset()
-    assert graphs[4] > 0 and graphs[8] == graphs[4], graphs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,3 +284,60 @@ def test_torchrun_one_process_on_nccl_with_sync_batchnorm_matches_a_plain_run(tm
     assert len(ref) == len(got) == 4
     for r, g in zip(ref, got, strict=True):
         assert g == pytest.approx(r, rel=1e-3, abs=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# compiled (last: most of this file's time is inductor compiling)
+
+
+def test_channels_last_and_compile_match_eager(method, fp32):
+    """channels_last, and compiled (inductor) with channels_last, against eager NCHW: eval-mode
+    logits to 1e-4 and the training loss without attack (eps=0) to 1e-4; with the 10-step CAG
+    attack to 1e-2, because a rounding difference in an input gradient near zero flips its sign
+    and moves that pixel by two steps (on a CPU, channels_last alone: logits equal to 2e-8, the
+    loss 3e-4 apart). CUDA's default (every flag on, bf16): within bf16's 3 %."""
+    x, y = batch()
+    no_attack = make_method("method.eps=0")
+    ref, ref_no_attack = step(method, fast_path(), x, y)[0], step(no_attack, fast_path(), x, y)[0]
+    target = copy.deepcopy(method.target).eval()
+    with torch.no_grad():
+        ref_logits = target(x)
+    variants = {  # (compile alone: the same graphs in the other memory format, not worth it)
+        "channels_last": fast_path(channels_last="on"),
+        "channels_last+compile": fast_path(channels_last="on", compile="on"),
+    }
+    for name, fast in variants.items():
+        out = step(no_attack, fast, x, y)[0]
+        assert out["loss"].item() == pytest.approx(ref_no_attack["loss"].item(), rel=1e-4), name
+        out = step(method, fast, x, y)[0]
+        assert out["loss"].item() == pytest.approx(ref["loss"].item(), rel=1e-2), name
+        model = copy.deepcopy(method.target).eval()
+        fast.prepare([model])
+        with torch.no_grad():
+            logits = model(fast.batch(x))
+        torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4, msg=name)
+    auto = speed.resolve(resolve(None, []).train, CUDA)
+    assert (auto.amp, auto.channels_last, auto.compile) == (True, True, True)
+    out, _ = step(method, auto, x, y)
+    assert torch.isfinite(out["loss"])
+    assert out["loss"].item() == pytest.approx(ref["loss"].item(), rel=0.03)
+
+
+def test_compiled_training_does_not_recompile_after_its_first_batches(tmp_path):
+    """Every step runs both models in eval mode (attack) and train mode (loss), and each epoch
+    ends with an fp32 evaluation. Two runs of d2r.train, 4 and 8 batches of the same size, must
+    compile the same number of graphs: batches 5 to 8 compile nothing."""
+    import torch._dynamo
+
+    graphs = {}
+    for batches in (4, 8):
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        sets = [*SMALL, f"data.train_subset={64 * batches}", "data.batch_size=64"]
+        sets += ["train.epochs=1", "train.compile=on", "eval.subset=64", "eval.batch_size=64"]
+        sets += ["eval.attack=pgd5", "train.device=cuda"]
+        run = d2r.train(out=tmp_path / str(batches), overrides=_dict(sets), quiet=True)
+        assert torch.isfinite(torch.tensor(run.final["loss"]))
+        graphs[batches] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    assert graphs[4] > 0 and graphs[8] == graphs[4], graphs
