@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import resource
+from collections.abc import Callable
 
 import torch
 
@@ -25,6 +26,30 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def peak_memory(step: Callable[[], None], device: torch.device) -> dict[str, float | str]:
+    """Peak memory of one call of `step` (see the module docstring for what each device
+    reports). On CUDA a first call warms up, so the optimizer's buffers already exist."""
+    if device.type == "cuda":
+        step()
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        step()
+        torch.cuda.synchronize(device)
+        return {
+            "peak_allocated_mib": round(torch.cuda.max_memory_allocated(device) / 2**20, 1),
+            "resident_before_mib": round(before / 2**20, 1),
+            "measure": "cuda_max_allocated",
+        }
+    before = peak_rss_mib()
+    step()
+    return {
+        "peak_rss_growth_mib": round(peak_rss_mib() - before, 1),
+        "peak_rss_mib": round(peak_rss_mib(), 1),
+        "measure": "ru_maxrss_growth",
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_model_args(parser, batch=0, shape="3,32,32")
@@ -33,31 +58,8 @@ def main() -> None:
     cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
     args.batch = args.batch or (128 if cuda else 8)
     method, x, y, fast = build(args)
-    step = training_step(method, fast, x, y)  # as Trainer._train_epoch
-
-    figures: dict[str, float] = {}
-    if x.device.type == "cuda":
-        step()
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        step()
-        torch.cuda.synchronize()
-        figures = {
-            "peak_allocated_mib": torch.cuda.max_memory_allocated() / 2**20,
-            "resident_before_mib": before / 2**20,
-            "measure": "cuda_max_allocated",
-        }
-    else:
-        before = peak_rss_mib()
-        step()
-        figures = {
-            "peak_rss_growth_mib": peak_rss_mib() - before,
-            "peak_rss_mib": peak_rss_mib(),
-            "measure": "ru_maxrss_growth",
-        }
+    figures = peak_memory(training_step(method, fast, x, y), x.device)  # as the trainer's step
     params = sum(p.numel() for p in method.parameters())
-    figures = {k: round(v, 1) if isinstance(v, float) else v for k, v in figures.items()}
     print_figures(
         "memory", {**figures, "parameters_m": round(params / 1e6, 2)}, args, fast, x.device
     )

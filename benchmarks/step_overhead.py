@@ -19,13 +19,8 @@ import torch
 from common import add_model_args, build, interleaved_median, print_figures, training_step
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_model_args(parser, batch=128, shape="1,8,8")
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3)
-    args = parser.parse_args()
-    method, x, y, fast = build(args)
+def measure(method, x, y, fast, repeats: int = 20, warmup: int = 3) -> dict[str, float]:
+    """The full step and its bare passes, alternated: medians over `repeats` after `warmup`."""
     target, guide, steps = method.target, method.guide, method.budget["steps"]
     full_step = training_step(method, fast, x, y)  # as Trainer._train_epoch
 
@@ -44,13 +39,23 @@ def main() -> None:
         total.backward()
 
     fns = {"step": full_step, "bare": bare_passes}
-    interleaved_median(fns, args.warmup, x.device)
-    median = interleaved_median(fns, args.repeats, x.device)
-    figures = {
+    interleaved_median(fns, warmup, x.device)
+    median = interleaved_median(fns, repeats, x.device)
+    return {
         "ratio": round(median["step"] / median["bare"], 4),
         "step_ms": round(1e3 * median["step"], 3),
         "bare_ms": round(1e3 * median["bare"], 3),
     }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_model_args(parser, batch=128, shape="1,8,8")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    args = parser.parse_args()
+    method, x, y, fast = build(args)
+    figures = measure(method, x, y, fast, args.repeats, args.warmup)
     print_figures("step_overhead", figures, args, fast, x.device)
 
 

@@ -72,14 +72,19 @@ def main() -> None:
         "target.name=wrn34_10 guide.name=resnet18",
     )
     args = parser.parse_args()
-    cfg_args = [f"train.device={args.device}", "train.checkpoint_minutes=0", *args.set]
+    print(json.dumps(compare(args.set, args.device, args.epochs, args.workers)))
+
+
+def compare(sets: list[str], device: str = "auto", epochs: int = 1, workers: int = 0) -> dict:
+    """Our Trainer and the plain loop on the config `sets`, alternated epoch by epoch."""
+    cfg_args = [f"train.device={device}", "train.checkpoint_minutes=0", *sets]
     cfg = resolve(None, cfg_args)
     plain = [f"train.{flag}=off" for flag in ("amp", "channels_last", "compile")]
     with tempfile.TemporaryDirectory() as out, tempfile.TemporaryDirectory() as out2:
         trainer = Trainer(cfg, out, progress=False)
         # the same models and init (same seed), but as the reference runs them
         reference = Trainer(resolve(None, [*cfg_args, *plain]), out2, progress=False)
-        print(json.dumps(measure(trainer, reference, cfg, args)))
+        return measure(trainer, reference, cfg, argparse.Namespace(epochs=epochs, workers=workers))
 
 
 def measure(trainer: Trainer, reference: Trainer, cfg, args: argparse.Namespace) -> dict:

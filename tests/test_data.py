@@ -236,7 +236,7 @@ def assert_equal(x: torch.Tensor, y: torch.Tensor, expected: tuple) -> None:
 
 
 def test_registry_and_info():
-    assert DATASETS.names() == sorted(sources.INFO)
+    assert DATASETS.names() == sorted([*sources.INFO, "synthetic"])  # synthetic: no INFO
     assert set(DATASETS.names()) == {
         "cifar10",
         "cifar100",
@@ -244,6 +244,7 @@ def test_registry_and_info():
         "mnist",
         "tiny_imagenet",
         "digits",
+        "synthetic",
     }
     assert not info("svhn").flip and not info("mnist").flip and info("cifar10").flip
     assert info("tiny_imagenet").size == 64 and info("tiny_imagenet").num_classes == 200

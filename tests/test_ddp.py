@@ -227,6 +227,38 @@ def test_torchrun_two_processes_then_resume_with_one(tmp_path):
     assert all(0 <= r["robust_acc"] <= 1 for r in epochs)
 
 
+def test_torchrun_with_one_process_runs_ddp_and_matches_a_plain_process(tmp_path):
+    """Under torchrun a single process is distributed too (process group, DDP, SyncBatchNorm):
+    all of the N-GPU path that one GPU allows (test_cuda runs it on NCCL). Its steps are a
+    plain process's (eps=0; BatchNorm synchronized over one process is BatchNorm)."""
+    sets = [*EXACT, "train.sync_bn=true", "target.name=small_cnn", "guide.name=tiny_cnn"]
+    sets.append("method.beta=20")
+    plain, launched = tmp_path / "plain", tmp_path / "launched"
+    assert main(["train", "-q", "--out", str(plain), *_set_args(sets)]) == 0
+    done = subprocess.run(
+        torchrun_worker(launched, sets), env=_worker_env(), capture_output=True, text=True,
+        timeout=240,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    wrapped = json.loads((launched / "wrapped.json").read_text())
+    assert wrapped == {
+        "model": "DistributedDataParallel",
+        "backend": "gloo",
+        "norms": ["GlooSyncBatchNorm"],
+    }
+    ref, got = _step_losses(plain), _step_losses(launched)
+    assert len(ref) == len(got) == 4
+    for r, g in zip(ref, got, strict=True):
+        assert g == pytest.approx(r, rel=1e-4, abs=1e-6)
+
+
+def torchrun_worker(out: Path, sets: list[str], nproc: int = 1) -> list[str]:
+    """The command of tests/torchrun_worker.py under torchrun (records how it was wrapped)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
+    worker = Path(__file__).with_name("torchrun_worker.py")
+    return [*cmd, f"--master_port={free_port()}", str(worker), str(out), *sets]
+
+
 def _set_args(sets: list[str]) -> list[str]:
     return [a for kv in sets for a in ("--set", kv)]
 

@@ -40,6 +40,9 @@ class DataConfig:
     train_subset: int | None = _num(None, positive=True)
     test_subset: int | None = _num(None, positive=True)
     subset_seed: int | None = None
+    # data.name=synthetic only: the real set whose image shape, classes and split sizes it takes
+    # (cifar10 when unset); see d2r.data.synthetic
+    like: str | None = None
 
 
 @dataclass

@@ -23,11 +23,13 @@ from torch import Tensor, nn
 
 @dataclass(frozen=True)
 class Context:
-    """Where this process stands: rank r of world_size, local_rank on its machine."""
+    """Where this process stands: rank r of world_size, local_rank on its machine; `launched`
+    when a launcher (torchrun) set up the process group's rendezvous."""
 
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    launched: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -35,14 +37,24 @@ class Context:
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        """Distributed (process group, DDP): under torchrun even as its only process, so that
+        `torchrun --nproc_per_node=1` on one GPU runs the code path of N GPUs (NCCL, DDP,
+        SyncBatchNorm) and can test it."""
+        return self.launched or self.world_size > 1
+
+
+# What torchrun sets, and what init_process_group's env:// rendezvous reads
+_LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def from_env() -> Context:
     """The context torchrun sets in RANK, WORLD_SIZE, LOCAL_RANK (a single process without)."""
     env = os.environ
     return Context(
-        int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
+        int(env.get("RANK", 0)),
+        int(env.get("WORLD_SIZE", 1)),
+        int(env.get("LOCAL_RANK", 0)),
+        launched=all(key in env for key in _LAUNCHER_VARS),
     )
 
 

@@ -418,7 +418,7 @@ def evaluate_run(
         # the content sha256 load_run just verified, read from the header (no rehashing)
         digest = stored_sha256(run_dir / f"{key}.safetensors")
         models[key] = (method.target, label, {"checkpoint": key, "epoch": epoch, "sha256": digest})
-    data_spec = (cfg.data.name, cfg.data.root, cfg.data.verify)
+    data_spec = (cfg.data.name, cfg.data.root, cfg.data.verify, cfg.data.like)
     return evaluate_models(models, data_spec, attacks, eps, Path(out or run_dir), **options)
 
 
@@ -452,7 +452,7 @@ def evaluate_weights(
     out = Path(out) if out else weights_eval_dir(weights)
     # a freshly built model is in train mode; evaluate() would warn about it
     models = {weights.name: (model.eval(), weights.name, extra)}
-    return evaluate_models(models, (data, root, True), attacks, eps, out, **options)
+    return evaluate_models(models, (data, root, True, None), attacks, eps, out, **options)
 
 
 class EvaluationStopped(Preempted):
@@ -466,7 +466,7 @@ class EvaluationStopped(Preempted):
 
 def evaluate_models(
     models: Mapping[str, tuple[nn.Module, str, dict[str, Any]]],
-    data_spec: tuple[str, str | Path, bool],
+    data_spec: tuple[str, str | Path, bool, str | None],
     attacks: Sequence[str],
     eps: float | Sequence[float],
     out: Path,
@@ -481,7 +481,7 @@ def evaluate_models(
     force: bool = False,
 ) -> dict[str, Any]:
     """Evaluate each model ({key: (model, its row label, what identifies it: "checkpoint",
-    "sha256", ...)}) on the first `n` test images of `data_spec` (name, root, verify) with
+    "sha256", ...)}) on the first `n` test images of `data_spec` (name, root, verify, like) with
     `attacks` at each eps (`attack_plan`). Each result goes into the store in `out` (eval.json,
     eval.md; d2r.evalstore) as soon as its attack finishes; a key already stored is reused
     (`force`: computed again), and a stopped evaluation resumes from its partial state.
@@ -582,8 +582,8 @@ def _checkpoint_epoch(sidecar: Path) -> int | None:
         return None
 
 
-def _test_images(name: str, root: str | Path, verify: bool, n: int | None):
+def _test_images(name: str, root: str | Path, verify: bool, like: str | None, n: int | None):
     from d2r import data
 
-    x, y = data.load(name, root, "test", verify=verify)
+    x, y = data.load(name, root, "test", verify=verify, like=like)
     return (x[:n], y[:n]) if n else (x, y)

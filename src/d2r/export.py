@@ -69,7 +69,7 @@ def model_card(
     from d2r.runs import resolved_config, split_model_spec
 
     cfg = resolved_config(cfg)
-    info = data.info(cfg.data.name)
+    info = data.info(cfg.data.name, cfg.data.like)
     # every option of the architecture, as built: the card rebuilds it alone (load_model)
     # (target.weights, where the training started from, is no option of the architecture)
     arch = split_model_spec("target", cfg.target)[0]

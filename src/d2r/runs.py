@@ -156,7 +156,7 @@ def check_config(cfg: Config) -> None:
     """Every option a run would refuse, refused now (one-line ValueError): the models and the
     method are built on the meta device, which allocates nothing, so even WRN-34-10 is cheap."""
     with torch.device("meta"):  # weights files are read and checked against the shapes
-        build_method(cfg, data.info(cfg.data.name))
+        build_method(cfg, data.info(cfg.data.name, cfg.data.like))
 
 
 def write_env(

@@ -99,7 +99,7 @@ class Trainer:
         distributed.setup(self.dist, self.device)
         seed_everything(cfg.seed)
         # bad options fail here; a resumed run takes its weights from its checkpoint instead
-        info = data.info(cfg.data.name)
+        info = data.info(cfg.data.name, cfg.data.like)
         self.method = build_method(cfg, info, initial_weights=not resume).to(self.device)
         self.fast = speed.resolve(cfg.train, self.device)
         self.model = self._prepare_model()  # what the step calls: the method, or DDP around it
@@ -137,7 +137,7 @@ class Trainer:
     def _load_data(self) -> tuple[data.DeviceLoader, Tensor, Tensor]:
         """The training loader (uint8 on the device, augmented per batch) and the images of
         the per-epoch check."""
-        d, info = self.cfg.data, data.info(self.cfg.data.name)
+        d, info = self.cfg.data, data.info(self.cfg.data.name, self.cfg.data.like)
         x, y, x_check, y_check = data.load_splits(d, self.cfg.eval.subset)
         loader = data.DeviceLoader(
             x,

@@ -6,17 +6,28 @@ verified downloads; augmentation on the batch.
     loader = d2r.data.DeviceLoader(x, y, 128, crop_padding=info.crop_padding, flip=info.flip,
                                    seed=0, device="cuda")
     for x_batch, y_batch in loader: ...                   # float (B, C, H, W) in [0, 1]
+    x, y = d2r.data.load("synthetic", root, "train", like="cifar10")  # generated, no file
 """
 
+from d2r.data import synthetic  # registers `synthetic`; synthetic.generate(like, split, n)
 from d2r.data.download import download, md5sum, require
 from d2r.data.loading import CACHE_DIR, load, load_splits, subset
 from d2r.data.pipeline import DeviceLoader, crop_flip
-from d2r.data.sources import DATASETS, SPLITS, DatasetInfo, RemoteFile, digits_split, info
+from d2r.data.sources import (
+    DATASETS,
+    SPLITS,
+    SYNTHETIC,
+    DatasetInfo,
+    RemoteFile,
+    digits_split,
+    info,
+)
 
 __all__ = [
     "CACHE_DIR",
     "DATASETS",
     "SPLITS",
+    "SYNTHETIC",
     "DatasetInfo",
     "DeviceLoader",
     "RemoteFile",
@@ -29,4 +40,5 @@ __all__ = [
     "md5sum",
     "require",
     "subset",
+    "synthetic",
 ]

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from d2r.data.download import require, split_files, verify_file
-from d2r.data.sources import DATASETS, SPLITS, DatasetInfo, fix_hint, info
+from d2r.data.sources import DATASETS, SPLITS, SYNTHETIC, DatasetInfo, fix_hint, info
 
 CACHE_DIR = "d2r_cache"  # under root, next to the archives it was converted from
 _CACHE_VERSION = 1  # bump when a reader's output changes, so older caches are not reused
@@ -87,7 +87,13 @@ def _check_split(name: str, split: str) -> None:
 
 
 def load(
-    name: str, root: str | Path, split: str, verify: bool = True, *, cache: bool = True
+    name: str,
+    root: str | Path,
+    split: str,
+    verify: bool = True,
+    *,
+    cache: bool = True,
+    like: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A split of data set `name` as `(x uint8 (N, C, H, W), y int64 (N,))` CPU tensors.
 
@@ -95,8 +101,9 @@ def load(
     for the embedded `digits`. Missing files: FileNotFoundError naming file, URL and place.
     Each file's MD5 is checked first: a mismatch is a ValueError, or with `verify=False` a
     warning (for a user's own subset or mirror in the official layout). The converted arrays
-    are cached under `root/d2r_cache/`, keyed by the archives' MD5, unless `cache=False`."""
-    spec = info(name)
+    are cached under `root/d2r_cache/`, keyed by the archives' MD5, unless `cache=False`.
+    `synthetic` is generated in the shape of `like` (see d2r.data.synthetic): no file, no cache."""
+    spec = info(name, like)
     _check_split(name, split)
     root = Path(root).expanduser()
     paths = require(name, root, split)  # fails before any reading when a file is missing
@@ -107,7 +114,9 @@ def load(
     cached = _read_cache(cache_path) if cache_path and cache_path.is_file() else None
     if cached is not None:
         return cached
-    x, y = DATASETS.get(name)(paths, split)
+    reader = DATASETS.get(name)
+    # synthetic alone is parametrized: by the real set whose shape it takes
+    x, y = reader(paths, split, like=like) if name == SYNTHETIC else reader(paths, split)
     _check_arrays(spec, x, y, paths)
     x, y = _tensor(x, np.uint8), _tensor(y, np.int64)
     if cache_path is not None:
@@ -139,7 +148,8 @@ def load_splits(d: Any, check_subset: int | None = None) -> tuple[torch.Tensor, 
     then the first `check_subset`). Every file is looked for before any is read."""
     for split in ("train", "test"):
         require(d.name, d.root, split)
-    x, y = subset(*load(d.name, d.root, "train", verify=d.verify), d.train_subset, d.subset_seed)
-    x_test, y_test = load(d.name, d.root, "test", verify=d.verify)
+    read = {"verify": d.verify, "like": d.like}
+    x, y = subset(*load(d.name, d.root, "train", **read), d.train_subset, d.subset_seed)
+    x_test, y_test = load(d.name, d.root, "test", **read)
     x_test, y_test = subset(x_test, y_test, d.test_subset, d.subset_seed)
     return x, y, x_test[:check_subset], y_test[:check_subset]

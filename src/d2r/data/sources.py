@@ -7,6 +7,7 @@ when the archive does not have the official layout; checksums are checked before
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import io
@@ -121,10 +122,36 @@ INFO: dict[str, DatasetInfo] = {
 }
 
 
-def info(name: str) -> DatasetInfo:
-    """The DatasetInfo of a registered data set; ValueError listing the valid names otherwise."""
+SYNTHETIC = "synthetic"  # generated on the fly in the shape of a real set (data/synthetic.py)
+DEFAULT_LIKE = "cifar10"
+
+
+def info(name: str, like: str | None = None) -> DatasetInfo:
+    """The DatasetInfo of a registered data set; ValueError listing the valid names otherwise.
+    `synthetic` takes the shape, classes and augmentation of the real set `like` (config key
+    data.like, default cifar10); no other set takes a `like`."""
     DATASETS.get(name)  # raises for unknown names, listing the valid ones
+    if name == SYNTHETIC:
+        return synthetic_info(like)
+    if like is not None:
+        raise ValueError(
+            f"data.like={like!r} is only for data.name={SYNTHETIC}; remove it to train on "
+            f"the real {name}, or set data.name={SYNTHETIC}"
+        )
     return INFO[name]
+
+
+def resolve_like(like: str | None) -> str:
+    """The real set `synthetic` mimics: `like`, checked, or cifar10 when None."""
+    like = DEFAULT_LIKE if like is None else like
+    if like not in INFO:
+        raise ValueError(f"data.like={like!r} unknown; choose one of {', '.join(INFO)}")
+    return like
+
+
+def synthetic_info(like: str | None) -> DatasetInfo:
+    """`like`'s shape, classes and augmentation, under the name synthetic and with no files."""
+    return dataclasses.replace(INFO[resolve_like(like)], name=SYNTHETIC, files=())
 
 
 def fix_hint(name: str, root: str | Path) -> str:
