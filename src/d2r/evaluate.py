@@ -23,11 +23,13 @@ from tqdm import tqdm
 from d2r import attacks as attacks_mod
 from d2r.attacks import AutoAttack, EvaluationWarning
 from d2r.config import format_eps
+from d2r.files import check_writable, describe, new_temp_dir
 from d2r.methods import eval_mode
 from d2r.tables import PAPER_COLUMNS, markdown
 
 __all__ = [
     "EvaluationWarning",
+    "ResultsNotWritten",
     "correct_flags",
     "evaluate",
     "evaluate_run",
@@ -266,6 +268,9 @@ def evaluate_run(
 
     build_suite(attacks, eps, options.get("seed", 0))  # bad names or eps fail before loading
     run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{str(run_dir)!r} is not a run directory (no config.yaml)")
+    out = check_writable(out or run_dir)  # now, not after hours of attacks
     if checkpoint is None:
         checkpoint = "both" if (run_dir / "best.safetensors").is_file() else "last"
     models = {}
@@ -276,7 +281,7 @@ def evaluate_run(
         digest = file_sha256(run_dir / f"{key}.safetensors")
         models[key] = (method.target, label, {"checkpoint": key, "epoch": epoch, "sha256": digest})
     data_spec = (cfg.data.name, cfg.data.root, cfg.data.verify)
-    return evaluate_models(models, data_spec, attacks, eps, Path(out or run_dir), **options)
+    return evaluate_models(models, data_spec, attacks, eps, out, fallback=run_dir, **options)
 
 
 def evaluate_weights(
@@ -299,6 +304,7 @@ def evaluate_weights(
     from d2r.weights import load_foreign
 
     build_suite(attacks, eps, options.get("seed", 0))
+    out = check_writable(out or weights_eval_dir(weights))  # before any model is built
     info = data_mod.info(data)
     model = MODELS.create(
         model_name, num_classes=num_classes or info.num_classes, in_channels=info.channels
@@ -306,9 +312,9 @@ def evaluate_weights(
     load_foreign(model, weights)
     weights = Path(weights)
     extra = {"checkpoint": str(weights), "model": model_name, "sha256": file_sha256(weights)}
-    out = Path(out) if out else weights_eval_dir(weights)
     # a freshly built model is in train mode; evaluate() would warn about it
     models = {weights.name: (model.eval(), weights.name, extra)}
+    options = {"fallback": weights_eval_dir(weights), **options}
     return evaluate_models(models, (data, root, True), attacks, eps, out, **options)
 
 
@@ -325,11 +331,13 @@ def evaluate_models(
     device: str = "auto",
     checks: bool = True,
     progress: bool = False,
+    fallback: Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate each model ({key: (model, its row label, what identifies it, with its file's
     sha256)}) on the first `n` test images of `data_spec` (name, root, verify); a file whose
     sha256 was already evaluated (best is often last) reuses its numbers. Writes eval.json
-    (by key) and eval.md (by label)."""
+    (by key) and eval.md (by label) to `out`, or if that fails to `fallback` (see
+    `write_results`)."""
     from d2r.trainer import pick_device
 
     name, root, verify = data_spec
@@ -347,19 +355,59 @@ def evaluate_models(
             checks=checks, progress=progress,
         )  # fmt: skip
         results[key] = {**extra, "label": label, "data": name, "argv": sys.argv[1:], **result}
-    return write_results(results, out)
+    return write_results(results, out, fallback)
 
 
-def write_results(results: Mapping[str, dict[str, Any]], out: Path) -> dict[str, Any]:
-    """eval.json (one entry per checkpoint, then every warning) and eval.md, atomically."""
-    from d2r.checkpoint import atomic_write_text
+class ResultsNotWritten(OSError):
+    """eval.json/eval.md could not be written to `out` at the end of an evaluation (a disk
+    filled, a mount went away); `place` is where they were written instead (None: nowhere),
+    `report` what eval.json holds. The CLI prints the table before the error line."""
 
+    def __init__(self, out: Path, err: OSError, place: Path | None, report: dict[str, Any]):
+        self.out, self.place, self.report = out, place, report
+        saved = f"written to {place} instead" if place else "not written anywhere else"
+        super().__init__(
+            f"could not write eval.json and eval.md to {str(out)!r} ({describe(err)}); the "
+            f"results are {saved} and printed above"
+        )
+
+
+def write_results(
+    results: Mapping[str, dict[str, Any]], out: Path, fallback: Path | None = None
+) -> dict[str, Any]:
+    """eval.json (one entry per checkpoint, then every warning) and eval.md, atomically, to
+    `out`. Results that took hours are never dropped: if `out` cannot be written, they go to
+    `fallback` (the run directory, beside the weights) or a new temp directory, and
+    ResultsNotWritten says where."""
     warned = [f"{key}: {w}" for key, r in results.items() for w in r["warnings"]]
     report = {**results, "warnings": warned}
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "eval.json", json.dumps(report, indent=2))
-    atomic_write_text(out / "eval.md", markdown_table({r["label"]: r for r in results.values()}))
-    return report
+    texts = {
+        "eval.json": json.dumps(report, indent=2),
+        "eval.md": markdown_table({r["label"]: r for r in results.values()}),
+    }
+    try:
+        _write_texts(texts, out)
+        return report
+    except OSError as err:
+        error = err
+    for place in [fallback, None]:
+        if place is not None and Path(place).resolve() == Path(out).resolve():
+            continue
+        try:
+            place = Path(place) if place is not None else new_temp_dir("d2r-eval-")
+            _write_texts(texts, place)
+        except OSError:
+            continue
+        raise ResultsNotWritten(out, error, place, report)
+    raise ResultsNotWritten(out, error, None, report)
+
+
+def _write_texts(texts: Mapping[str, str], directory: Path) -> None:
+    from d2r.checkpoint import atomic_write_text
+
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, text in texts.items():
+        atomic_write_text(directory / name, text)
 
 
 def weights_eval_dir(weights: str | Path) -> Path:

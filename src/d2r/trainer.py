@@ -5,6 +5,8 @@ checkpoints. The step itself is `train_step`, read top to bottom like nanoGPT's 
 from __future__ import annotations
 
 import random
+import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -99,23 +101,25 @@ class Trainer:
         self.method = build_method(cfg, data.info(cfg.data.name)).to(self.device)  # bad options
         self.fast = speed.resolve(cfg.train, self.device)
         self.model = self._prepare_model()  # what the step calls: the method, or DDP around it
+        t, run_dir = cfg.train, Path(out) if out else default_run_dir(cfg)
+        # a missing tensorboard package, or a run directory that cannot be written, fails
+        # before the data is read; nothing is written until fit()
+        self.log = MetricsLog(run_dir, tensorboard=t.tensorboard, enabled=self.dist.is_main)
+        # Only rank 0 writes; the other ranks keep the path for Run.dir.
+        self.run_dir = prepare_run_dir(run_dir, resume) if self.dist.is_main else run_dir
         self.loader, self.x_check, self.y_check = self._load_data()
         groups = [{"params": m.parameters(), "name": n} for n, m in self.method.models().items()]
-        t = cfg.train
         self.optimizer = self.fast.sgd(
             groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay, nesterov=t.nesterov
         )
         self.check_attack = from_name(cfg.eval.attack, eval_eps(cfg))
-        run_dir = Path(out) if out else default_run_dir(cfg)
-        # built before the directory: a missing tensorboard package fails with nothing written
-        self.log = MetricsLog(run_dir, tensorboard=t.tensorboard, enabled=self.dist.is_main)
-        # Only rank 0 writes; the other ranks keep the path for Run.dir.
-        self.run_dir = prepare_run_dir(run_dir, resume) if self.dist.is_main else run_dir
         # what the user sees: a bar on a terminal, log lines otherwise, nothing when quiet
         shown = progress and self.dist.is_main  # under torchrun only rank 0 reports
         self.display = Progress(t.epochs, "auto" if shown else "off")
         self.checks, self.resumed = StepChecks(self.device, t.nonfinite), resume
         self.state = self._restore() if resume else TrainState()
+        # `--resume` of a run that has done its epochs: fit() leaves it as it is
+        self.already_finished = self.state.epoch >= t.epochs
         self._last_save, self._saved_step = time.monotonic(), self.state.step if resume else None
 
     def _prepare_model(self) -> nn.Module:
@@ -149,10 +153,15 @@ class Trainer:
 
     def fit(self) -> Run:
         """Train from epoch `state.epoch` (0, or where a resumed run stopped). SIGINT/SIGTERM
-        end the current step, write last.safetensors and raise Preempted."""
+        end the current step, write last.safetensors and raise Preempted; after the last
+        epoch's checkpoint the run is finished, and a signal no longer stops it (a scheduler's
+        time limit during the final writes must not turn a finished run into a failed one)."""
+        if self.already_finished:
+            return Run(self.run_dir, self.cfg, self.method, self.state.history)
         self._write_header()
+        epochs = self.cfg.train.epochs
         with self.checks.guard:
-            for epoch in range(self.state.epoch, self.cfg.train.epochs):
+            for epoch in range(self.state.epoch, epochs):
                 self._set_lr(epoch)
                 record = self._train_epoch(epoch)
                 if self._should_check(epoch):
@@ -163,8 +172,9 @@ class Trainer:
                 self.state.epoch, self.state.sums, self.state.count = epoch + 1, {}, 0
                 self._checkpoint(record)
                 self.checks.finite(self.checks.flags(None))  # a signal during the check
-                self.checks.stop_if_signalled(self.run_dir, self.state.step)
-        self._finish()
+                if epoch + 1 < epochs:
+                    self.checks.stop_if_signalled(self.run_dir, self.state.step)
+            self._finish()
         return Run(self.run_dir, self.cfg, self.method, self.state.history)
 
     def _finish(self) -> None:
@@ -176,9 +186,14 @@ class Trainer:
         if self.dist.is_main and read_metrics(self.run_dir, "epoch"):
             write_curves(self.run_dir)
         self.log.close()
+        signum = self.checks.stop_signum or self.checks.guard.signum
+        if signum and self.dist.is_main:
+            name = signal.Signals(signum).name
+            print(f"d2r: {name} came after the last epoch: the run is finished", file=sys.stderr)
 
     def _write_header(self) -> None:
         if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
             checkpoint.atomic_write_text(self.run_dir / "config.yaml", dump_yaml(self.cfg))
             extra = {"fast_path": self.fast.describe(), "world_size": self.dist.world_size}
             resumed_step = self.state.step if self.resumed else None
@@ -294,11 +309,7 @@ class Trainer:
         path = self.run_dir / "last.safetensors"
         state = checkpoint.restore_run(path, self.method, self.optimizer, self.loader)
         if state.epoch >= self.cfg.train.epochs:  # nothing to do: leave the finished run as is
-            raise ValueError(
-                f"{str(self.run_dir)!r} already finished its {state.epoch} epochs; to train "
-                f"longer: d2r train --resume {self.run_dir} --set train.epochs=N (N > "
-                f"{state.epoch})"
-            )
+            return state
         if self.dist.enabled:
             # The checkpoint holds rank 0's RNG; give every rank its own attack-noise stream
             # again (deterministic, but not the stream an uninterrupted DDP run would draw).
