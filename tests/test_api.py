@@ -97,7 +97,7 @@ def test_tensorboard_without_the_package_fails_at_start(monkeypatch, tmp_path, c
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if not installed
     out = tmp_path / "run"
     assert main(["train", "-q", "--set", "train.tensorboard=true", "--out", str(out)]) == 2
-    assert 'pip install "d2r[tensorboard]"' in capsys.readouterr().err
+    assert 'pip install "d2r-robust[tensorboard]"' in capsys.readouterr().err
     assert not out.exists()
 
 
@@ -124,7 +124,7 @@ def test_tensorboard_mirrors_step_and_epoch_records(monkeypatch, tmp_path):
 def test_tensorboard_writes_real_event_files(tmp_path):
     event_accumulator = pytest.importorskip(
         "tensorboard.backend.event_processing.event_accumulator",
-        reason='tensorboard not installed (pip install "d2r[tensorboard]"; the dev extra has it)',
+        reason=f"tensorboard not installed ({logs.TENSORBOARD_HINT}; the dev extra has it)",
     )
     out = tmp_path / "run"
     args = ["train", "-q", "--out", str(out), "--set", "train.tensorboard=true"]

@@ -254,7 +254,7 @@ def from_name(
     return PGD(eps=eps, step_size=step, steps=int(match.group(2)), loss=loss, restarts=restarts)
 
 
-AA_INSTALL = 'AutoAttack needs the optional package: pip install "d2r[autoattack]"'
+AA_INSTALL = 'AutoAttack needs the optional package: pip install "d2r-robust[autoattack]"'
 
 
 def require_autoattack() -> Any:

@@ -56,7 +56,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     # steps between metrics.jsonl lines (the only host sync of the loop)
     log_every: int = _num(20, positive=True)
-    tensorboard: bool = False  # mirror metrics.jsonl to RUN_DIR/tensorboard (d2r[tensorboard])
+    tensorboard: bool = False  # mirror metrics.jsonl to RUN_DIR/tensorboard (extra: tensorboard)
     # Speed (d2r.speed; README "Speed"). "auto": on for CUDA (and, except compile, for CPUs with
     # native bf16), off elsewhere; true/false force a flag. Evaluation always runs in fp32.
     amp: Literal["auto", "bf16", "off"] | bool = "auto"  # bf16 autocast of the step and attack

@@ -349,7 +349,8 @@ def evaluate_models(
         if same:  # the same bytes, the same numbers
             results[key] = {**same[0], **extra, "label": label}
             continue
-        print(f"evaluating {label} on {name} ({len(y)} test images, {device})", file=sys.stderr)
+        if progress:
+            print(f"evaluating {label} on {name} ({len(y)} test images, {device})", file=sys.stderr)
         result = evaluate(
             model.to(device), x, y, attacks, eps, seed, batch_size, device,
             checks=checks, progress=progress,

@@ -13,7 +13,7 @@ from typing import Any
 
 from d2r.checkpoint import atomic_write_text
 
-TENSORBOARD_HINT = 'pip install "d2r[tensorboard]"'
+TENSORBOARD_HINT = 'pip install "d2r-robust[tensorboard]"'
 # Numbers of a record that are bookkeeping (the per-epoch check's images and eps); every other
 # number is an accuracy ("*_acc") or one of the method's loss terms.
 BOOKKEEPING = frozenset(
