@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import re
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from d2r import logs
 from d2r.api import make_config
 from d2r.cli import main
 from d2r.config import Config
+from d2r.evaluate import EvaluationWarning
 from d2r.progress import Progress
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -151,8 +153,10 @@ def python_blocks(path: Path) -> list[str]:
 def test_python_blocks_in_docs_run(doc, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # the snippets write runs/ and model files where they stand
     namespace: dict = {"__name__": "__docs__"}
-    for i, block in enumerate(python_blocks(doc)):
-        exec(compile(block, f"{doc.name}[python block {i + 1}]", "exec"), namespace)
+    with warnings.catch_warnings():  # an example must not teach a number its checks distrust
+        warnings.simplefilter("error", EvaluationWarning)
+        for i, block in enumerate(python_blocks(doc)):
+            exec(compile(block, f"{doc.name}[python block {i + 1}]", "exec"), namespace)
     if doc.name == "usage.md":
         assert (tmp_path / "robust.safetensors").is_file()
         assert (tmp_path / "runs" / "usage-demo" / "curves.png").is_file()

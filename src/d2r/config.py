@@ -49,8 +49,9 @@ class TrainConfig:
     momentum: float = _num(0.9)
     weight_decay: float = _num(2e-4)
     nesterov: bool = False
-    # The reference schedule, scaled to `epochs`: lr * warmup_factor in the first epoch, then
-    # x0.1 at each fraction of the run in `decay_at` (75% and 90%, i.e. epochs 76 and 91 of 100).
+    # The reference schedule, scaled to `epochs`: lr * warmup_factor in the first epoch (not in a
+    # one-epoch run), then x0.1 at each fraction of the run in `decay_at` (75% and 90%, i.e.
+    # epochs 76 and 91 of 100).
     warmup_factor: float = _num(0.2)
     decay_at: list[float] = _num(default_factory=lambda: [0.75, 0.9])
     device: str = "auto"  # auto | cpu | cuda | cuda:N

@@ -37,7 +37,8 @@ from d2r.runs import (
 
 def lr_factor(epoch: int, epochs: int, warmup_factor: float, decay_at: list[float]) -> float:
     """The reference step schedule scaled to `epochs` (0-based epoch): x warmup_factor in the
-    first epoch, then x0.1 for each fraction in `decay_at` already reached."""
+    first epoch, then x0.1 for each fraction in `decay_at` already reached. A one-epoch run has
+    no warm-up (it would be the whole run): it trains at the full lr."""
     if epoch == 0 and epochs > 1:
         return warmup_factor
     return 0.1 ** sum(epoch >= round(f * epochs) for f in decay_at)
