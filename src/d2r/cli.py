@@ -229,8 +229,8 @@ def _failure(err: BaseException) -> tuple[str, int] | None:
     if isinstance(err, KeyboardInterrupt):
         # a second Ctrl-C during training lands here too: files are written by atomic rename
         return (
-            "d2r: interrupted; the last checkpoint written is intact (for a training run: "
-            "d2r train --resume RUN_DIR continues from it)",
+            "d2r: interrupted; no file is left half-written (each is renamed into place); a "
+            "training run continues from its last checkpoint with: d2r train --resume RUN_DIR",
             130,
         )
     if isinstance(err, (ValueError, FileNotFoundError)):  # bad input: what to change

@@ -270,7 +270,7 @@ def evaluate_run(
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"{str(run_dir)!r} is not a run directory (no config.yaml)")
-    out = check_writable(out or run_dir)  # now, not after hours of attacks
+    out = check_writable(out or run_dir, "eval output directory (--out)")  # not after hours
     if checkpoint is None:
         checkpoint = "both" if (run_dir / "best.safetensors").is_file() else "last"
     models = {}
@@ -304,7 +304,7 @@ def evaluate_weights(
     from d2r.weights import load_foreign
 
     build_suite(attacks, eps, options.get("seed", 0))
-    out = check_writable(out or weights_eval_dir(weights))  # before any model is built
+    out = check_writable(out or weights_eval_dir(weights), "eval output directory (--out)")
     info = data_mod.info(data)
     model = MODELS.create(
         model_name, num_classes=num_classes or info.num_classes, in_channels=info.channels

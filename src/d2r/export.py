@@ -67,7 +67,7 @@ def _check_out(out: Path, run_dir: Path, checkpoint: str) -> None:
             f"--out {str(out)!r} already holds {what}; choose another name or delete it first "
             "(only the same checkpoint of the same run is replaced)"
         )
-    check_writable(out.parent, "export directory")
+    check_writable(out.parent, "export directory (--out)")
 
 
 def _export_source(path: Path) -> tuple[Path, str] | None:

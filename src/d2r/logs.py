@@ -63,7 +63,7 @@ def _summary_writer_class() -> type:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # torch's module imports the `tensorboard` package itself
-        raise ValueError(
+        raise ImportError(
             f"train.tensorboard=true needs the tensorboard package: {TENSORBOARD_HINT} "
             "(or set train.tensorboard=false)"
         ) from None

@@ -440,7 +440,7 @@ def _check_writable(runs: list[Path], out: str | Path | None, curves: bool, csv:
     from d2r.files import check_writable
 
     if out is not None:
-        check_writable(out, "report directory")
+        check_writable(out, "report directory (--out)")
     what = "for curves.png; --no-curves only reads runs" if curves else "for metrics.csv"
     for run in runs if curves or csv else []:
         check_writable(run, f"run directory ({what})")

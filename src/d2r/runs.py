@@ -146,7 +146,7 @@ def prepare_run_dir(out: str | Path, resume: bool = False) -> Path:
         raise ValueError(
             f"{str(run_dir)!r} already holds a run; choose another --out (or resume it)"
         )
-    return check_writable(run_dir, "run directory")
+    return check_writable(run_dir, "run directory (--out)")
 
 
 def default_run_dir(cfg: Config) -> Path:

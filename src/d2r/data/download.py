@@ -147,7 +147,7 @@ def download(name: str, root: str | Path) -> list[Path]:
     mirror yields a verified file: ValueError if one served a wrong checksum, else OSError, each
     naming the URLs and the manual fix; nothing unverified is left in `root`. A `root` that
     cannot be written is a ValueError before any download."""
-    root = check_writable(root, "data directory")
+    root = check_writable(root, "data directory (--root)")
     root.mkdir(parents=True, exist_ok=True)
     paths = []
     for remote in info(name).files:
