@@ -103,12 +103,14 @@ class Trainer:
         self.fast = speed.resolve(cfg.train, self.device)
         self.model = self._prepare_model()  # what the step calls: the method, or DDP around it
         t, run_dir = cfg.train, Path(out) if out else default_run_dir(cfg)
-        # a missing tensorboard package, or a run directory that cannot be written, fails
-        # before the data is read; nothing is written until fit()
+        # a missing tensorboard package or a run directory that cannot be written fails before
+        # the data is read, and a missing data file before the directory is made
         self.log = MetricsLog(run_dir, tensorboard=t.tensorboard, enabled=self.dist.is_main)
         # Only rank 0 writes; the other ranks keep the path for Run.dir.
         self.run_dir = prepare_run_dir(run_dir, resume) if self.dist.is_main else run_dir
         self.loader, self.x_check, self.y_check = self._load_data()
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         groups = [{"params": m.parameters(), "name": n} for n, m in self.method.models().items()]
         self.optimizer = self.fast.sgd(
             groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay, nesterov=t.nesterov
@@ -194,7 +196,6 @@ class Trainer:
 
     def _write_header(self) -> None:
         if self.dist.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             checkpoint.atomic_write_text(self.run_dir / "config.yaml", dump_yaml(self.cfg))
             extra = {"fast_path": self.fast.describe(), "world_size": self.dist.world_size}
             resumed_step = self.state.step if self.resumed else None
