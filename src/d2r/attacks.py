@@ -1,7 +1,9 @@
-"""L-inf attacks through one loop: PGD (CE or CW margin), FGSM, the TRADES KL attack and CAG;
-plus an adapter to the original AutoAttack (the optional `pyautoattack` package).
+"""Attacks through one loop, in the L-inf or the L2 norm: PGD (CE or CW margin), FGSM, the
+TRADES KL attack and CAG; plus an adapter to the original AutoAttack (the optional
+`pyautoattack` package), which runs both norms.
 
-Contract (DESIGN.md): `attack(model, x, y, **ref) -> x_adv` inside the eps-ball and [0, 1].
+Contract (DESIGN.md): `attack(model, x, y, **ref) -> x_adv` inside the eps-ball of its `norm`
+and [0, 1].
 An attack never changes a model's train/eval mode (the caller sets it: the references differ)
 and never writes parameter `.grad` (it differentiates with torch.autograd.grad on the input).
 """
@@ -32,16 +34,64 @@ class EvaluationWarning(UserWarning):
 Objective = Callable[[Tensor], Tensor]
 
 
-def check_budget(eps: float, step_size: float = 0.0, steps: int = 1) -> None:
-    """Refuse a negative or non-finite eps or step size, or fewer than one step."""
-    check_range("eps", eps, hint="e.g. 8/255")
+# The threat models: config value -> how eval.json, eval.md and the model card write it (the
+# spelling of AutoAttack and RobustBench).
+NORMS = {"linf": "Linf", "l2": "L2"}
+
+
+def norm_label(norm: str) -> str:
+    """'linf' -> 'Linf', 'l2' -> 'L2' (a label is returned as it is)."""
+    return NORMS.get(norm, norm)
+
+
+def check_budget(eps: float, step_size: float = 0.0, steps: int = 1, norm: str = "linf") -> None:
+    """Refuse a negative or non-finite eps or step size, fewer than one step, or an unknown
+    norm."""
+    check_range("eps", eps, hint="e.g. 8/255 in linf, 0.5 in l2")
     check_range("step_size", step_size)
     check_range("steps", steps, positive=True)
+    check_choice("norm", norm, tuple(NORMS))
 
 
-def project(x_adv: Tensor, x: Tensor, eps: float) -> Tensor:
-    """Clip to the L-inf eps-ball around x, then to the image range [0, 1]."""
-    return torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0.0, 1.0)
+def _per_sample(values: Tensor, like: Tensor) -> Tensor:
+    # (B,) -> (B, 1, 1, 1): broadcasts over each sample of `like`
+    return values.view(-1, *[1] * (like.dim() - 1))
+
+
+def _l2(delta: Tensor) -> Tensor:
+    return delta.flatten(1).norm(dim=1)  # (B,)
+
+
+def project(x_adv: Tensor, x: Tensor, eps: float, norm: str = "linf") -> Tensor:
+    """Project onto the eps-ball around x (L-inf: clip each pixel; L2: scale each sample's
+    perturbation down to length eps when longer), then clip to the image range [0, 1]. In L2
+    the clip only shortens the perturbation (x is in [0, 1]), so the result stays in the ball."""
+    if norm == "linf":
+        return torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0.0, 1.0)
+    delta = x_adv - x
+    scale = (eps / _l2(delta).clamp_min(1e-12)).clamp(max=1.0)
+    return (x + delta * _per_sample(scale, x)).clamp(0.0, 1.0)
+
+
+def ascent_direction(grad: Tensor, norm: str) -> Tensor:
+    """The steepest-ascent step of unit size in `norm`: sign(g) in L-inf, g / ||g||_2 per
+    sample in L2 (zero where the gradient is zero)."""
+    if norm == "linf":
+        return grad.sign()
+    return grad / _per_sample(_l2(grad).clamp_min(1e-12), grad)
+
+
+def random_start(x: Tensor, eps: float, norm: str = "linf") -> Tensor:
+    """A start drawn uniformly from the eps-ball around x, then clipped to [0, 1]. L2: a
+    uniform direction (a normalized Gaussian) at radius eps * U^(1/d), d = pixels per sample,
+    which is uniform in the ball's volume (so in high dimension most starts lie near its
+    surface, as the volume does)."""
+    if norm == "linf":
+        return project(x + torch.empty_like(x).uniform_(-eps, eps), x, eps)
+    direction = torch.randn_like(x)
+    direction = direction / _per_sample(_l2(direction).clamp_min(1e-12), x)
+    radius = eps * torch.rand(len(x), device=x.device, dtype=x.dtype) ** (1.0 / x[0].numel())
+    return project(x + direction * _per_sample(radius, x), x, eps, norm)
 
 
 def attack_loop(
@@ -54,19 +104,22 @@ def attack_loop(
     step_size: float,
     steps: int,
     y_stop: Tensor | None = None,
+    norm: str = "linf",
 ) -> Tensor:
-    """The one sign-gradient ascent loop. With `y_stop`, a sample stops moving once the model
+    """The one gradient-ascent loop: each step moves `step_size` along `ascent_direction`
+    (the gradient's sign in L-inf, the per-sample normalized gradient in L2), then projects
+    onto the eps-ball of `norm` and [0, 1]. With `y_stop`, a sample stops moving once the model
     misclassifies it (per-sample early stop, the evaluation protocol of SPEC section 7)."""
     x_adv = x_start.detach()
     for _ in range(steps):
         x_adv.requires_grad_(True)
         logits = model(x_adv)
         grad = torch.autograd.grad(objective(logits).sum(), x_adv)[0]
-        step = step_size * grad.sign()
+        step = step_size * ascent_direction(grad, norm)
         if y_stop is not None:  # freeze samples already misclassified
             still_right = logits.argmax(1) == y_stop  # (B,)
-            step = step * still_right.view(-1, *[1] * (x.dim() - 1))
-        x_adv = project(x_adv.detach() + step, x, eps)
+            step = step * _per_sample(still_right, x)
+        x_adv = project(x_adv.detach() + step, x, eps, norm)
     return x_adv.detach()
 
 
@@ -96,9 +149,11 @@ _OBJECTIVES = {"ce": ce_objective, "cw": cw_objective}
 @dataclass(frozen=True)
 class PGD:
     """Projected gradient descent, Madry et al. 2018 (arXiv:1706.06083): uniform start in the
-    eps-ball, `steps` signed-gradient steps on `loss` ("ce", or "cw" for CW-inf, Carlini &
-    Wagner 2017), projection to the ball and [0, 1], per-sample early stop when `early_stop`.
-    With `restarts` > 1, samples still correct are attacked again from a new random start."""
+    eps-ball, `steps` ascent steps on `loss` ("ce", or "cw" for the Carlini & Wagner 2017
+    margin: CW-inf, or CW-L2 in the same loop), projection to the ball and [0, 1], per-sample
+    early stop when `early_stop`. `norm="l2"`: steps along the normalized gradient and the L2
+    ball (PGD-L2). With `restarts` > 1, samples still correct are attacked again from a new
+    random start."""
 
     eps: float = 8 / 255
     step_size: float = 2 / 255
@@ -107,9 +162,10 @@ class PGD:
     random_start: bool = True
     early_stop: bool = True
     restarts: int = 1
+    norm: str = "linf"
 
     def __post_init__(self) -> None:
-        check_budget(self.eps, self.step_size, self.steps)
+        check_budget(self.eps, self.step_size, self.steps, self.norm)
         check_choice("loss", self.loss, tuple(_OBJECTIVES))
         check_range("restarts", self.restarts, positive=True)
 
@@ -125,9 +181,7 @@ class PGD:
         return x_adv
 
     def _run(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-        start = x
-        if self.random_start:
-            start = project(x + torch.empty_like(x).uniform_(-self.eps, self.eps), x, self.eps)
+        start = random_start(x, self.eps, self.norm) if self.random_start else x
         return attack_loop(
             model,
             x,
@@ -137,36 +191,42 @@ class PGD:
             step_size=self.step_size,
             steps=self.steps,
             y_stop=y if self.early_stop else None,
+            norm=self.norm,
         )
 
 
 @dataclass(frozen=True)
 class FGSM:
     """Fast gradient sign method, Goodfellow et al. 2015 (arXiv:1412.6572): one signed-gradient
-    step of size eps on CE from the clean input (no random start), then [0, 1]."""
+    step of size eps on CE from the clean input (no random start), then [0, 1]. In L2 the one
+    step is along the normalized gradient (the fast gradient method of the same paper)."""
 
     eps: float = 8 / 255
+    norm: str = "linf"
 
     def __post_init__(self) -> None:
-        check_budget(self.eps)
+        check_budget(self.eps, norm=self.norm)
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-        return attack_loop(model, x, x, ce_objective(y), eps=self.eps, step_size=self.eps, steps=1)
+        budget = {"eps": self.eps, "step_size": self.eps, "steps": 1, "norm": self.norm}
+        return attack_loop(model, x, x, ce_objective(y), **budget)
 
 
 @dataclass(frozen=True)
 class KLAttack:
     """The TRADES attack (Zhang et al. 2019, arXiv:1901.08573): maximize KL(q || p(x')) from
     x + 0.001 * N(0, I) (not clipped before the first step). `q` defaults to the model's own
-    clean softmax (TRADES, LBGAT); CAG passes the guide's."""
+    clean softmax (TRADES, LBGAT); CAG passes the guide's. `norm="l2"`: normalized-gradient
+    steps and the L2 ball, from the same start (as the TRADES code's L2 branch)."""
 
     eps: float = 0.031
     step_size: float = 0.007
     steps: int = 10
     init_std: float = 0.001
+    norm: str = "linf"
 
     def __post_init__(self) -> None:
-        check_budget(self.eps, self.step_size, self.steps)
+        check_budget(self.eps, self.step_size, self.steps, self.norm)
 
     def __call__(
         self,
@@ -188,6 +248,7 @@ class KLAttack:
             eps=self.eps,
             step_size=self.step_size,
             steps=self.steps,
+            norm=self.norm,
         )
 
 
@@ -199,13 +260,14 @@ def cag(
     eps: float = 0.031,
     step_size: float = 0.007,
     steps: int = 10,
+    norm: str = "linf",
 ) -> Tensor:
     """Collaborative Adversarial Generation (D2R paper, SPEC section 3): the KL attack on the
     target with the guide's clean softmax as reference, computed once (no grad). The caller puts
     both models in eval mode first, as the reference does."""
     with torch.no_grad():
         guide_probs = F.softmax(guide(x), 1)  # (B, C), fixed for all steps
-    attack = KLAttack(eps=eps, step_size=step_size, steps=steps)
+    attack = KLAttack(eps=eps, step_size=step_size, steps=steps, norm=norm)
     return attack(target, x, ref_probs=guide_probs)
 
 
@@ -236,22 +298,24 @@ def label(name: str) -> str:
 
 
 def from_name(
-    name: str, eps: float, step_size: float | None = None, seed: int = 0
+    name: str, eps: float, step_size: float | None = None, seed: int = 0, norm: str = "linf"
 ) -> PGD | FGSM | AutoAttack:
-    """'pgd20' -> PGD-20 on CE, 'cw20' -> CW-inf with 20 steps (step size eps/4, 2/255 at 8/255),
-    'pgd20r5' -> with 5 restarts, 'fgsm', and 'aa' / 'aa_plus' / 'aa_rand' -> AutoAttack's
-    standard / plus / rand version seeded with `seed`."""
+    """'pgd20' -> PGD-20 on CE, 'cw20' -> the CW margin with 20 steps (step size eps/4, 2/255
+    at 8/255), 'pgd20r5' -> with 5 restarts, 'fgsm', and 'aa' / 'aa_plus' / 'aa_rand' ->
+    AutoAttack's standard / plus / rand version seeded with `seed`; each in `norm` ("linf" or
+    "l2": PGD-L2, CW-L2, the one-step fast gradient method, AutoAttack at norm L2)."""
     if name == "fgsm":
-        return FGSM(eps=eps)
+        return FGSM(eps=eps, norm=norm)
     if name in AA_VERSIONS:
-        return AutoAttack(eps=eps, version=AA_VERSIONS[name], seed=seed)
+        return AutoAttack(eps=eps, version=AA_VERSIONS[name], seed=seed, norm=norm)
     match = _NAMED.match(name)
     if not match or int(match.group(2)) < 1 or (match.group(3) and int(match.group(3)) < 1):
         raise ValueError(f"attack {name!r} unknown; use one of {EVAL_NAMES}")
     loss = "ce" if match.group(1) == "pgd" else "cw"
     step = eps / 4 if step_size is None else step_size
     restarts = int(match.group(3) or 1)
-    return PGD(eps=eps, step_size=step, steps=int(match.group(2)), loss=loss, restarts=restarts)
+    steps = int(match.group(2))
+    return PGD(eps=eps, step_size=step, steps=steps, loss=loss, restarts=restarts, norm=norm)
 
 
 AA_INSTALL = 'AutoAttack needs the optional package: pip install "d2r-robust[autoattack]"'
@@ -271,15 +335,17 @@ class AutoAttack:
     `pyautoattack`). version "standard": APGD-CE, APGD-T (9 targets), FAB-T, Square (5000
     queries); "plus": + APGD-DLR, FAB, 5 restarts; "rand": APGD-CE/DLR with EOT 20.
     `attacks` (version "custom") restricts the list, e.g. ("apgd-ce",) for fast tests. The
-    package seeds torch itself with `seed`, so a rerun gives the same examples."""
+    package seeds torch itself with `seed`, so a rerun gives the same examples. `norm`: "linf"
+    or "l2" (the package's "Linf" / "L2", with the same attack lists)."""
 
     eps: float = 8 / 255
     version: str = "standard"
     seed: int = 0
     attacks: tuple[str, ...] | None = None
+    norm: str = "linf"
 
     def __post_init__(self) -> None:
-        check_budget(self.eps)
+        check_budget(self.eps, norm=self.norm)
         check_choice("version", self.version, ("standard", "plus", "rand", "custom"))
         if (self.version == "custom") != (self.attacks is not None):
             raise OptionError("attacks", self.attacks, "give it exactly when version='custom'")
@@ -293,7 +359,7 @@ class AutoAttack:
             attacks=attacks,
             device=device,
             eps=self.eps,
-            norm="Linf",
+            norm=NORMS[self.norm],
             seed=self.seed,
             version=self.version,
         )
@@ -307,7 +373,7 @@ class AutoAttack:
             x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=len(x))
         for message in dict.fromkeys(messages):  # once each, in order
             warnings.warn(f"AutoAttack: {message}", EvaluationWarning, stacklevel=2)
-        return project(x_adv.detach(), x, self.eps)  # a no-op up to float rounding
+        return project(x_adv.detach(), x, self.eps, self.norm)  # a no-op up to float rounding
 
 
 @contextmanager

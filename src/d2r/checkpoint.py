@@ -270,7 +270,8 @@ def load_run(run_dir: str | Path, which: str = "last") -> tuple[Config, Method]:
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"{str(run_dir)!r} is not a run directory (no config.yaml)")
     cfg = resolve(run_dir / "config.yaml")
-    method = build_method(cfg, data.info(cfg.data.name))
+    # the checkpoint holds every model: no `weights` file is read
+    method = build_method(cfg, data.info(cfg.data.name), initial_weights=False)
     path = run_dir / f"{which}.safetensors"
     tensors, meta = load(path)
     load_models(method.models(), tensors, meta, path)

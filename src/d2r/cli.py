@@ -83,7 +83,8 @@ def _summary_table(history: list[dict], attack: str) -> str:
         return "no evaluation recorded"
     last = evaluated[-1]
     best = max(evaluated, key=lambda r: r["robust_acc"])
-    head = ["checkpoint", "epoch", "clean", f"{attack.upper()} (eps={last['check_eps']:.4g})"]
+    budget = f"eps={last['check_eps']:.4g}, {last.get('check_norm', 'Linf')}"
+    head = ["checkpoint", "epoch", "clean", f"{attack.upper()} ({budget})"]
     rows = [
         [name, str(r["epoch"]), f"{100 * r['clean_acc']:.2f}%", f"{100 * r['robust_acc']:.2f}%"]
         for name, r in (("last", last), ("best", best))
@@ -118,6 +119,7 @@ def _evaluate(args: argparse.Namespace) -> dict:
         "seed": args.seed,
         "batch_size": args.batch_size,
         "device": args.device,
+        "norm": args.norm,
         "checks": not args.no_checks,
         "progress": not args.quiet,
     }
@@ -289,7 +291,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated: pgdK, cwK, pgdKrR (R restarts), fgsm, aa, aa_plus, "
         "aa_rand; e.g. pgd20,pgd50,cw20,aa",
     )
-    ev.add_argument("--eps", type=_number, default=8 / 255, help="Linf radius, e.g. 8/255")
+    ev.add_argument(
+        "--eps", type=_number, default=8 / 255, help="radius in --norm, e.g. 8/255 (Linf), 0.5 (L2)"
+    )
+    ev.add_argument(
+        "--norm",
+        choices=["linf", "l2"],
+        default="linf",
+        help="threat model of every attack: linf (default) or l2 (PGD-L2, CW-L2, AutoAttack L2)",
+    )
     ev.add_argument(
         "--checkpoint",
         choices=["last", "best", "both"],

@@ -68,7 +68,7 @@ def _figure(records: list[dict[str, Any]], cfg: dict[str, Any]):
 
 
 def _plot_accuracy(ax, records, epochs, ev: dict[str, Any]) -> None:
-    attack = f"{attack_label(ev.get('attack', 'attack'))}, eps {format_eps(ev.get('eps'))}"
+    attack = f"{attack_label(ev.get('attack', 'attack'))}, {_check_budget(records, ev)}"
     for key, label in ACC_CURVES:
         points = [(e, 100 * r[key]) for e, r in zip(epochs, records, strict=True) if key in r]
         if points:
@@ -81,6 +81,14 @@ def _plot_accuracy(ax, records, epochs, ev: dict[str, Any]) -> None:
         ax.legend()
     else:
         ax.text(0.5, 0.5, "no evaluation recorded", ha="center", transform=ax.transAxes)
+
+
+def _check_budget(records: list[dict[str, Any]], ev: dict[str, Any]) -> str:
+    """ "eps 0.1 (Linf)": the per-epoch check's radius and norm as its records say (older
+    records: the config's eval.eps, and Linf, the only norm then)."""
+    last = next((r for r in reversed(records) if "check_eps" in r), {})
+    eps = last.get("check_eps", ev.get("eps"))
+    return f"eps {format_eps(eps)} ({last.get('check_norm', 'Linf')})"
 
 
 def _plot_losses(ax, records, epochs) -> None:

@@ -21,11 +21,11 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from d2r import attacks as attacks_mod
-from d2r.attacks import AutoAttack, EvaluationWarning
+from d2r.attacks import AutoAttack, EvaluationWarning, norm_label
 from d2r.config import format_eps
 from d2r.files import check_writable, describe, new_temp_dir
 from d2r.methods import eval_mode
-from d2r.tables import PAPER_COLUMNS, markdown
+from d2r.tables import PAPER_COLUMNS, eps_cell, eps_head, markdown
 
 __all__ = [
     "EvaluationWarning",
@@ -76,18 +76,40 @@ def _device_of(model: nn.Module) -> torch.device:
 
 
 def build_suite(
-    attacks: Sequence[str] | Mapping[str, Attack], eps: float, seed: int = 0
+    attacks: Sequence[str] | Mapping[str, Attack],
+    eps: float,
+    seed: int = 0,
+    norm: str | None = None,
 ) -> dict[str, Attack]:
-    """Names ('pgd20', 'cw20', 'aa', ...) -> attacks at `eps`; a mapping is taken as given."""
+    """Names ('pgd20', 'cw20', 'aa', ...) -> attacks at `eps` in `norm` (default "linf"); a
+    mapping is taken as given (its attacks carry their own norm)."""
     if isinstance(attacks, str):
         attacks = [a.strip() for a in attacks.split(",") if a.strip()]
     if isinstance(attacks, Mapping):
         suite = dict(attacks)
     else:
-        suite = {name: attacks_mod.from_name(name, eps, seed=seed) for name in attacks}
+        made = {"seed": seed, "norm": norm or "linf"}
+        suite = {name: attacks_mod.from_name(name, eps, **made) for name in attacks}
+    suite_norm(suite, norm)  # one threat model per suite
     if any(isinstance(a, AutoAttack) for a in suite.values()):
         attacks_mod.require_autoattack()  # fail now, not after an hour of PGD
     return suite
+
+
+def suite_norm(suite: Mapping[str, Attack], norm: str | None = None) -> str:
+    """The one norm of a suite ("linf" or "l2"): what its attacks' `norm` fields say (a plain
+    callable says nothing), which `norm`, when given, must match; "linf" when nothing says.
+    A worst case over attacks of different threat models would mean nothing: ValueError."""
+    attacks_mod.check_budget(0.0, norm=norm or "linf")
+    declared = {a.norm for a in suite.values() if hasattr(a, "norm")}
+    if norm is not None:
+        declared.add(norm)
+    if len(declared) > 1:
+        raise ValueError(
+            f"the suite mixes norms ({', '.join(sorted(declared))}); evaluate each norm "
+            "separately (d2r eval --norm linf|l2)"
+        )
+    return declared.pop() if declared else "linf"
 
 
 def suite_flags(
@@ -142,19 +164,21 @@ def evaluate(
     batch_size: int = 256,
     device: torch.device | str | None = None,
     *,
+    norm: str | None = None,
     checks: bool = True,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Clean, per-attack and worst-case accuracy (fractions in [0, 1]) of `model` on (x, y), in
-    eval mode and fp32, for any nn.Module taking [0, 1] inputs (x float in [0, 1] or uint8).
-
-    Returns {"clean", <each attack>, "worst_case", "settings", "seconds", "warnings"}; every
-    warning is also raised as an `EvaluationWarning`. `checks=True` adds the cheap sanity
-    checks on up to 64 samples (large eps, more steps, smaller step, zero gradient)."""
+    eval mode and fp32, for any nn.Module taking [0, 1] inputs (x float in [0, 1] or uint8), in
+    `norm` "linf" (default) or "l2" (eps an L2 radius; a mapping of attacks brings its own).
+    Returns {"clean", <each attack>, "worst_case", "settings" (eps, norm, ...), "seconds",
+    "warnings"}; each warning is also raised as an `EvaluationWarning`. `checks=True` adds the
+    cheap sanity checks on up to 64 samples (large eps, more steps, smaller step, zero grad)."""
     from d2r import sanity  # it builds on this module's helpers
 
     _check_inputs(x, y)
-    suite = build_suite(attacks, eps, seed)
+    suite = build_suite(attacks, eps, seed, norm)
+    norm = suite_norm(suite, norm)
     device = torch.device(device) if device is not None else _device_of(model)
     messages: list[str] = []
     with sanity.recorded(messages):
@@ -165,10 +189,10 @@ def evaluate(
             flags, seconds = suite_flags(model, x, y, suite, **options, progress=progress)
             sanity.check_suite(flags, suite)
             if checks:
-                sanity.cheap_checks(model, x, y, flags["clean"], eps, seed, device)
+                sanity.cheap_checks(model, x, y, flags["clean"], eps, seed, device, norm)
     result: dict[str, Any] = {name: f.float().mean().item() for name, f in flags.items()}
     result["worst_case"] = worst_case(flags).float().mean().item()
-    settings = _settings(model, suite, eps, len(y), seed, batch_size, device, checks)
+    settings = _settings(model, suite, (eps, norm), len(y), seed, batch_size, device, checks)
     return {**result, "settings": settings, "seconds": seconds, "warnings": messages}
 
 
@@ -182,11 +206,12 @@ def _check_inputs(x: Tensor, y: Tensor) -> None:
         )
 
 
-def _settings(model, suite, eps, n, seed, batch_size, device, checks) -> dict[str, Any]:
+def _settings(model, suite, budget, n, seed, batch_size, device, checks) -> dict[str, Any]:
+    eps, norm = budget
     return {
         "eps": eps,
         "eps_text": format_eps(eps),
-        "norm": "Linf",
+        "norm": norm_label(norm),  # the suite's, as AutoAttack and RobustBench write it
         "n": n,
         "seed": seed,
         "batch_size": batch_size,
@@ -220,12 +245,14 @@ def markdown_table(results: Mapping[str, Mapping[str, Any]]) -> str:
     extra = [k for k in run if k not in PAPER_COLUMNS]
     names = [*PAPER_COLUMNS, *dict.fromkeys(extra), "worst_case"]
     labels = [PAPER_COLUMNS.get(k) or attacks_mod.label(k) for k in names[:-1]]
-    head = ["checkpoint", "n", "eps (Linf)", "seed", *labels, "Worst case"]
+    norms = [r["settings"].get("norm", "Linf") for r in results.values()]
+    head = ["checkpoint", "n", eps_head(norms), "seed", *labels, "Worst case"]
     rows = []
     for row, r in results.items():
         s = r["settings"]
         cells = [f"{100 * r[k]:.2f}" if k in r else "—" for k in names]
-        rows.append([row, str(s["n"]), s["eps_text"], str(s["seed"]), *cells])
+        eps = eps_cell(s["eps_text"], s.get("norm", "Linf"), norms)
+        rows.append([row, str(s["n"]), eps, str(s["seed"]), *cells])
     lines = markdown(head, rows)
     lines += ["", "Accuracies in %; worst case = robust against every attack run (per sample).", ""]
     first = next(iter(results.values()), None)
@@ -263,10 +290,10 @@ def evaluate_run(
     """`d2r eval RUN`: the run's target at each checkpoint ("last", "best", or both: the default
     when best.safetensors exists), on its data set's test split; writes eval.json and eval.md to
     `out` (default: the run directory) and returns eval.json's content. `options`: n, seed,
-    batch_size, device, checks, progress (see `evaluate_models`)."""
+    batch_size, device, norm, checks, progress (see `evaluate_models`)."""
     from d2r.checkpoint import load_run
 
-    build_suite(attacks, eps, options.get("seed", 0))  # bad names or eps fail before loading
+    build_suite(attacks, eps, options.get("seed", 0), options.get("norm"))  # fail before loading
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"{str(run_dir)!r} is not a run directory (no config.yaml)")
@@ -303,7 +330,7 @@ def evaluate_weights(
     from d2r.models import MODELS
     from d2r.weights import load_foreign
 
-    build_suite(attacks, eps, options.get("seed", 0))
+    build_suite(attacks, eps, options.get("seed", 0), options.get("norm"))
     out = check_writable(out or weights_eval_dir(weights), "eval output directory (--out)")
     info = data_mod.info(data)
     model = MODELS.create(
@@ -329,6 +356,7 @@ def evaluate_models(
     seed: int = 0,
     batch_size: int = 256,
     device: str = "auto",
+    norm: str | None = None,
     checks: bool = True,
     progress: bool = False,
     fallback: Path | None = None,
@@ -353,7 +381,7 @@ def evaluate_models(
             print(f"evaluating {label} on {name} ({len(y)} test images, {device})", file=sys.stderr)
         result = evaluate(
             model.to(device), x, y, attacks, eps, seed, batch_size, device,
-            checks=checks, progress=progress,
+            norm=norm, checks=checks, progress=progress,
         )  # fmt: skip
         results[key] = {**extra, "label": label, "data": name, "argv": sys.argv[1:], **result}
     return write_results(results, out, fallback)

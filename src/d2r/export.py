@@ -87,16 +87,19 @@ def model_card(
     (d2r.runs.read_config), which `training.not_recorded` lists instead of guessing them."""
     import d2r
     from d2r import data
+    from d2r.attacks import norm_label
     from d2r.config import to_dict
-    from d2r.runs import resolved_config
+    from d2r.runs import resolved_config, split_model_spec
 
     cfg = resolved_config(cfg)
     info = data.info(cfg.data.name)
     # every option of the architecture, as built: the card rebuilds it alone (load_model)
+    # (target.weights, where the training started from, is no option of the architecture)
+    arch = split_model_spec("target", cfg.target)[0]
     options = {
         "num_classes": info.num_classes,
         "in_channels": info.channels,
-        **{k: v for k, v in cfg.target.items() if k != "name"},
+        **{k: v for k, v in arch.items() if k != "name"},
     }
     config = _without(to_dict(cfg), list(not_recorded))
     return {
@@ -112,7 +115,7 @@ def model_card(
         },
         "normalization": NORMALIZATION,
         "eps": config["method"].get("eps"),
-        "norm": "Linf",
+        "norm": norm_label(config["method"].get("norm", "linf")),  # before norm existed: linf
         "training": {
             "method": config["method"],
             "guide": config["guide"],

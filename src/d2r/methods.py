@@ -122,10 +122,30 @@ class Method(nn.Module):
         check_range("awp_gamma", awp_gamma, hint="5e-3 in AWP")
         self.awp_gamma = awp_gamma
         self._awp: Perturbation = []
+        self.frozen: tuple[str, ...] = ()  # models kept as loaded (`freeze`)
 
     def models(self) -> dict[str, nn.Module]:
-        """The trained models by name, in optimizer parameter-group order."""
+        """Every model by name, frozen ones included: what a checkpoint holds."""
         return {"target": self.target, **({"guide": self.guide} if self.uses_guide else {})}
+
+    def trained_models(self) -> dict[str, nn.Module]:
+        """The models the optimizer updates, in parameter-group order: all but the frozen."""
+        return {k: m for k, m in self.models().items() if k not in self.frozen}
+
+    def freeze(self, name: str) -> None:
+        """Keep model `name` (a pre-trained guide) exactly as loaded: its parameters take no
+        gradient and stay out of the optimizer (`trained_models`), and it stays in eval mode
+        whatever `train()` says, so BatchNorm uses and never updates its running statistics
+        (adversarial distillation's fixed teacher). It is still checkpointed."""
+        self.models()[name].requires_grad_(False)
+        self.frozen = (*self.frozen, name)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> Method:
+        super().train(mode)
+        for name in self.frozen:  # a frozen model is always in eval mode
+            self.models()[name].eval()
+        return self
 
     def generate(self, x: Tensor, y: Tensor) -> Tensor:
         raise NotImplementedError
@@ -186,12 +206,14 @@ class PGDAT(Method):
         step_size: float = 0.007,
         steps: int = 10,
         attack_mode: str = "eval",
+        norm: str = "linf",
         awp_gamma: float = 0.0,
     ) -> None:
         super().__init__(target, awp_gamma=awp_gamma)
         check_choice("attack_mode", attack_mode, ATTACK_MODES)
         self.attack_mode = attack_mode
-        self.pgd = PGD(eps=eps, step_size=step_size, steps=steps, early_stop=False)
+        budget = {"eps": eps, "step_size": step_size, "steps": steps, "norm": norm}
+        self.pgd = PGD(**budget, early_stop=False)
         self._clean_after_step: Tensor | None = None
 
     def generate(self, x: Tensor, y: Tensor) -> Tensor:
@@ -242,13 +264,14 @@ class TRADES(Method):
         step_size: float = 0.007,
         steps: int = 10,
         bn_passes: str = "reference",
+        norm: str = "linf",
         awp_gamma: float = 0.0,
     ) -> None:
         super().__init__(target, awp_gamma=awp_gamma)
         check_range("beta", beta)
         check_choice("bn_passes", bn_passes, BN_PASSES)
         self.beta, self.bn_passes = beta, bn_passes
-        self.kl_attack = KLAttack(eps=eps, step_size=step_size, steps=steps)
+        self.kl_attack = KLAttack(eps=eps, step_size=step_size, steps=steps, norm=norm)
 
     def generate(self, x: Tensor, y: Tensor) -> Tensor:
         # The TRADES code: model.eval() for the attack, model.train() for the loss.
@@ -277,7 +300,7 @@ class MART(Method):
     misclassified examples", ICLR 2020 (openreview.net/forum?id=rklOg6EFwS).
     x' = PGD on CE; loss `mart_loss` (boosted CE + beta * (1 - p_y)-weighted KL), beta = 6.
     `start="normal"` starts from x + 0.001 N(0, I) as the released code does; `"uniform"` is the
-    usual PGD start in the eps-ball."""
+    usual PGD start in the eps-ball (of `norm`)."""
 
     def __init__(
         self,
@@ -288,14 +311,15 @@ class MART(Method):
         step_size: float = 0.007,
         steps: int = 10,
         start: str = "normal",
+        norm: str = "linf",
         awp_gamma: float = 0.0,
     ) -> None:
         super().__init__(target, awp_gamma=awp_gamma)
         check_choice("start", start, MART_STARTS)
         check_range("beta", beta)
-        check_budget(eps, step_size, steps)
+        check_budget(eps, step_size, steps, norm)
         self.beta, self.start = beta, start
-        self.budget = {"eps": eps, "step_size": step_size, "steps": steps}
+        self.budget = {"eps": eps, "step_size": step_size, "steps": steps, "norm": norm}
 
     def generate(self, x: Tensor, y: Tensor) -> Tensor:
         # The MART code: model.eval() for the attack, model.train() for the loss.
@@ -329,12 +353,13 @@ class LBGAT(Method):
         eps: float = 0.031,
         step_size: float = 0.007,
         steps: int = 10,
+        norm: str = "linf",
         awp_gamma: float = 0.0,
     ) -> None:
         super().__init__(target, guide, awp_gamma=awp_gamma)
         check_range("beta", beta)
         self.beta = beta
-        self.kl_attack = KLAttack(eps=eps, step_size=step_size, steps=steps)
+        self.kl_attack = KLAttack(eps=eps, step_size=step_size, steps=steps, norm=norm)
 
     def generate(self, x: Tensor, y: Tensor) -> Tensor:
         # The LBGAT code: the target alone in eval mode (the guide takes no part in the attack).
@@ -359,7 +384,7 @@ class D2R(Method):
     Generation (CAG) examples (the D2R paper; SPEC sections 2-3).
 
     `attack="trades"` is "D2R without CAG": the TRADES/LBGAT KL attack on the target alone.
-    `sym_rule` and `kl_reduction` are passed to `d2r_loss` (see there)."""
+    `sym_rule` and `kl_reduction` are passed to `d2r_loss` (see there); `norm` to the attack."""
 
     uses_guide = True
 
@@ -377,6 +402,7 @@ class D2R(Method):
         steps: int = 10,
         sym_rule: str = "abs",
         kl_reduction: str = "mean_bc",
+        norm: str = "linf",
         awp_gamma: float = 0.0,
     ) -> None:
         super().__init__(target, guide, awp_gamma=awp_gamma)
@@ -385,10 +411,10 @@ class D2R(Method):
         check_choice("kl_reduction", kl_reduction, KL_REDUCTIONS)
         for name, value in (("lam", lam), ("alpha", alpha), ("beta", beta)):
             check_range(name, value)
-        check_budget(eps, step_size, steps)
+        check_budget(eps, step_size, steps, norm)
         self.lam, self.alpha, self.beta = lam, alpha, beta
         self.attack, self.sym_rule, self.kl_reduction = attack, sym_rule, kl_reduction
-        self.budget = {"eps": eps, "step_size": step_size, "steps": steps}
+        self.budget = {"eps": eps, "step_size": step_size, "steps": steps, "norm": norm}
 
     def generate(self, x: Tensor, y: Tensor) -> Tensor:
         # Both models in eval mode for the attack, as the released code does.

@@ -36,7 +36,7 @@ from d2r.experiments import (
     result_keys,
 )
 from d2r.logs import read_metrics
-from d2r.tables import PAPER_COLUMNS
+from d2r.tables import PAPER_COLUMNS, eps_cell, eps_head
 from d2r.tables import markdown as markdown_lines
 
 WORST = "worst_case"
@@ -62,6 +62,7 @@ class RunResult:
     metrics: dict[str, float] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     not_recorded: list[str] = field(default_factory=list)
+    norm: str = "Linf"  # eps's norm: eval.json's settings, or the per-epoch check's
 
 
 # Reading runs ---------------------------------------------------------------------------------
@@ -143,7 +144,8 @@ def _from_eval_json(run_dir: Path, checkpoint: str) -> dict[str, Any] | None:
     metrics = {k: float(entry[k]) for k in _accuracy_keys(entry)}
     n = settings.get("n")
     detail = f"{key}" + (f", n={n}" if n else "")
-    return {"eps": settings.get("eps"), "source": EVAL_JSON, "detail": detail, "metrics": metrics}
+    budget = {"eps": settings.get("eps"), "norm": settings.get("norm", "Linf")}
+    return {**budget, "source": EVAL_JSON, "detail": detail, "metrics": metrics}
 
 
 def _accuracy_keys(entry: dict[str, Any]) -> list[str]:
@@ -172,7 +174,8 @@ def _from_epoch_check(run_dir: Path, cfg: Config) -> dict[str, Any]:
     detail = f"{attack}, epoch {last['epoch']}, {n}"
     metrics = {"clean": last["clean_acc"], attack: last["robust_acc"]}
     eps = last.get("check_eps", cfg.eval.eps)  # older logs: the config's eval.eps
-    return {"eps": eps, "source": EPOCH_CHECK, "detail": detail, "metrics": metrics}
+    budget = {"eps": eps, "norm": last.get("check_norm", "Linf")}  # older logs: Linf only
+    return {**budget, "source": EPOCH_CHECK, "detail": detail, "metrics": metrics}
 
 
 # Grouping -------------------------------------------------------------------------------------
@@ -196,9 +199,9 @@ def summarize(values: list[float]) -> dict[str, Any]:
 
 
 def group_key(result: RunResult, by: list[str] | None = None) -> tuple:
-    """Runs share a row when their experiment_key, eps and source are equal: an eval.json
-    number is never averaged with a per-epoch check, nor across eps."""
-    return (result.eps, result.source, experiment_key(result.config, by))
+    """Runs share a row when their experiment_key, eps, norm and source are equal: an
+    eval.json number is never averaged with a per-epoch check, nor across eps or norms."""
+    return (result.eps, result.norm, result.source, experiment_key(result.config, by))
 
 
 def group(results: list[RunResult], by: list[str] | None = None) -> list[dict[str, Any]]:
@@ -227,6 +230,7 @@ def _row(runs: list[RunResult]) -> dict[str, Any]:
         "label": "",
         "setting": {},
         "eps": runs[0].eps,
+        "norm": runs[0].norm,
         "eps_text": format_eps(runs[0].eps),
         "source": runs[0].source,
         "details": [r.detail for r in runs],
@@ -274,8 +278,9 @@ def _source_text(g: dict[str, Any]) -> str:
 
 
 NOTES = [
-    "Accuracies in % (mean ± sample std over seeds when there are several); eps is the Linf "
-    "radius; worst case = robust against every attack run, per sample.",
+    "Accuracies in % (mean ± sample std over seeds when there are several); eps is the radius "
+    "in the norm its column or cell names; worst case = robust against every attack run, per "
+    "sample.",
     "† no eval.json: the last per-epoch check during training (one attack on a test subset), "
     "not the full evaluation; run `d2r eval RUN_DIR --attacks pgd20,pgd50,cw20,aa`.",
 ]
@@ -324,27 +329,37 @@ def _head(groups: list[dict[str, Any]], columns: list[str], eps: str) -> list[st
     return ["Data", "Model", "Method", *setting, eps, "Seeds", *map(column_label, columns)]
 
 
+def _norms(groups: list[dict[str, Any]]) -> list[str]:
+    return [g.get("norm", "Linf") for g in groups]
+
+
 def markdown(groups: list[dict[str, Any]], columns: list[str], by: list[str] | None = None) -> str:
-    head = [*_head(groups, columns, "eps (Linf)"), "Source"]
+    head = [*_head(groups, columns, eps_head(_norms(groups))), "Source"]
     setting = _has_setting(groups)
-    lines = markdown_lines(head, [_row_cells(g, columns, "±", setting) for g in groups])
+    rows = [_row_cells(g, columns, "±", setting, _norms(groups)) for g in groups]
+    lines = markdown_lines(head, rows)
     runs = [f"- row {i}: {', '.join(g['runs'])}" for i, g in enumerate(groups, 1)]
     return "\n".join([*lines, "", *notes(groups, by), "", "Runs:", *runs]) + "\n"
 
 
-def _row_cells(g: dict[str, Any], columns: list[str], pm: str, setting: bool) -> list[str]:
+def _row_cells(
+    g: dict[str, Any], columns: list[str], pm: str, setting: bool, norms: list[str]
+) -> list[str]:
     seeds = ", ".join(map(str, g["seeds"]))
     if g["source"] == "not evaluated":
         values = ["not evaluated"] + ["—"] * (len(columns) - 1)
     else:
         values = [_cell(g["metrics"].get(k), pm) for k in columns]
     names = [g["data"], g["model"], g["method"], *([g["label"] or "—"] if setting else [])]
-    return [*names, g["eps_text"], seeds, *values, _source_text(g)]
+    eps = eps_cell(g["eps_text"], g.get("norm", "Linf"), norms)
+    return [*names, eps, seeds, *values, _source_text(g)]
 
 
 def latex(groups: list[dict[str, Any]], columns: list[str], by: list[str] | None = None) -> str:
     """A booktabs table (needs \\usepackage{booktabs})."""
-    head = [*_head(groups, columns, r"$\epsilon$"), "Source"]
+    kinds = set(_norms(groups))
+    eps = r"$\epsilon$" + (f" ({kinds.pop()})" if len(kinds) == 1 else "")
+    head = [*_head(groups, columns, eps), "Source"]
     spec = "l" * (len(head) - len(columns) - 1) + "r" * len(columns) + "l"
     lines = [
         r"\begin{tabular}{" + spec + "}",
@@ -353,7 +368,8 @@ def latex(groups: list[dict[str, Any]], columns: list[str], by: list[str] | None
         r"\midrule",
     ]
     for g in groups:
-        cells = [_tex(c) for c in _row_cells(g, columns, "PMSIGN", _has_setting(groups))]
+        row = _row_cells(g, columns, "PMSIGN", _has_setting(groups), _norms(groups))
+        cells = [_tex(c) for c in row]
         lines.append(" & ".join(c.replace("PMSIGN", r"$\pm$") for c in cells) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
     notes_tex = [f"% {n}" for n in notes(groups, by)]
@@ -459,12 +475,15 @@ def add_command(sub: Any) -> None:
     p.add_argument(
         "runs", nargs="+", metavar="RUN_DIR", help="run directories (or a folder of runs)"
     )
-    p.add_argument("--out", help="directory for report.md / report.tex / report.json")
+    p.add_argument(
+        "--out", help="directory for report.md / report.tex / report.json (or --figure's PNG)"
+    )
     p.add_argument(
         "--checkpoint",
         choices=["last", "best"],
         default="last",
-        help="which eval.json entry to report when it holds several (default: last)",
+        help="which eval.json entry to report when it holds several, and the models of "
+        "--figure fig3 (default: last)",
     )
     p.add_argument(
         "--csv",
@@ -479,6 +498,9 @@ def add_command(sub: Any) -> None:
         "that differ elsewhere; default: runs share a row only when their configs are equal "
         "except for the seed",
     )
+    from d2r import figures  # matplotlib is imported only when a figure is drawn
+
+    figures.add_arguments(p)
     p.set_defaults(func=_command)
 
 
@@ -493,6 +515,10 @@ def parse_group_by(text: str | None) -> list[str] | None:
 
 
 def _command(args: Any) -> int:
+    if args.figure or args.index is not None:  # the paper's figures (d2r.figures)
+        from d2r.figures import command
+
+        return command(args)
     texts = report(
         args.runs,
         args.out,

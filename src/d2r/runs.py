@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 import d2r
 from d2r import checkpoint, data
@@ -27,19 +28,115 @@ from d2r.registry import build, resolve_spec
 # does not name them follows its data set (data.name is recorded), so they are not filled in.
 DATA_SIZED = ("num_classes", "in_channels")
 
+# Keys of a model section that are no option of the architecture: build_method consumes them
+# (initial weights, a frozen guide), with their defaults. A run records them only when they
+# differ from the default, so runs from before they existed (which had no other choice) stay
+# comparable with today's.
+MODEL_KEYS: dict[str, dict[str, Any]] = {
+    "target": {"weights": None},
+    "guide": {"weights": None, "trainable": True},
+}
 
-def build_method(cfg: Config, info: data.DatasetInfo) -> Method:
-    """Models from the registry (sized for the data set), then the method around them."""
-    sizes = {"num_classes": info.num_classes, "in_channels": info.channels}
+
+def split_model_spec(section: str, spec: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the architecture's spec, MODEL_KEYS of `section` with their defaults), the latter
+    checked: `weights` a file path or null, `trainable` true or false."""
+    from d2r.config import coerce
+
+    keys = MODEL_KEYS[section]
+    extra = {k: spec.get(k, default) for k, default in keys.items()}
+    if extra["weights"] is not None and not isinstance(extra["weights"], str):
+        raise ValueError(
+            f"config key '{section}.weights': expected a weights file path, got "
+            f"{extra['weights']!r}"
+        )
+    if "trainable" in extra:
+        extra["trainable"] = coerce(f"{section}.trainable", extra["trainable"], True)
+        if not extra["trainable"] and extra["weights"] is None:
+            raise ValueError(
+                f"config key '{section}.trainable': false freezes the {section} as built, at "
+                f"random; give {section}.weights=FILE (a pre-trained model) or drop it"
+            )
+    return {k: v for k, v in spec.items() if k not in keys}, extra
+
+
+def build_method(cfg: Config, info: data.DatasetInfo, *, initial_weights: bool = True) -> Method:
+    """Models from the registry (sized for the data set), with their `weights` files loaded
+    (`initial_weights`; False where a checkpoint's weights follow: resume, eval, export), then
+    the method around them, a guide with `trainable: false` frozen."""
     method_cls = METHODS.get(cfg.method["name"])
-    target = build(MODELS, {**sizes, **cfg.target}, key="target")
-    guide = None
+    sections = {"target": cfg.target}
     if method_cls.uses_guide:
         if cfg.guide is None:
             raise ValueError(f"method {cfg.method['name']!r} needs a guide: set guide.name")
-        guide = build(MODELS, {**sizes, **cfg.guide}, key="guide")
-    args = (target, guide) if method_cls.uses_guide else (target,)
-    return build(METHODS, cfg.method, *args, key="method")
+        sections["guide"] = cfg.guide
+    models, frozen = {}, []
+    for section, spec in sections.items():
+        models[section], extra = _build_model(section, spec, info, initial_weights)
+        if not extra.get("trainable", True):
+            frozen.append(section)
+    method = build(METHODS, cfg.method, *models.values(), key="method")
+    for section in frozen:
+        method.freeze(section)
+    return method
+
+
+def _build_model(
+    section: str, spec: dict[str, Any], info: data.DatasetInfo, initial_weights: bool
+) -> tuple[nn.Module, dict[str, Any]]:
+    sizes = {"num_classes": info.num_classes, "in_channels": info.channels}
+    spec, extra = split_model_spec(section, spec)
+    model = build(MODELS, {**sizes, **spec}, key=section)
+    if initial_weights and extra["weights"] is not None:
+        load_initial_weights(model, spec["name"], extra["weights"], section)
+    return model, extra
+
+
+def load_initial_weights(model: nn.Module, arch: str, path: str, section: str) -> None:
+    """`section.weights=FILE` into `model` (architecture `arch`), strictly: a d2r export (its
+    card must name `arch`), a run's last/best.safetensors (that run's *target*: a model trained
+    on the task), or a foreign state dict (.safetensors or .pt, keys mapped as `d2r eval
+    --weights` maps them). On the meta device (check_config) only keys and shapes are checked.
+    Errors name the config key."""
+    from d2r.weights import load_foreign
+
+    where = f"config key '{section}.weights'"
+    try:
+        card_arch = _card_architecture(path)
+        if card_arch is not None and card_arch != arch:
+            raise ValueError(
+                f"{path!r} holds a {card_arch} (its model card) but {section}.name is {arch}; "
+                f"set {section}.name={card_arch} (and its options) or give another file"
+            )
+        load_foreign(model, path)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{where}: {err}") from None
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+
+
+def _card_architecture(path: str) -> str | None:
+    """The architecture named by a d2r export's model card; None for any other file."""
+    from d2r.export import read_card
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"weights file {path!r} not found")
+    if Path(path).suffix != ".safetensors":
+        return None
+    try:
+        return read_card(path)["architecture"]["name"]
+    except ValueError:  # no card: a run checkpoint or a foreign file, read by load_foreign
+        return None
+
+
+def weight_files(cfg: Config) -> dict[str, dict[str, str]]:
+    """{section: {"path", "sha256"}} of each `weights` file the run starts from (env.json):
+    the config records the path, this the bytes it held."""
+    from d2r.evaluate import file_sha256
+
+    sections = {"target": cfg.target, "guide": cfg.guide}
+    files = {k: s["weights"] for k, s in sections.items() if s and s.get("weights")}
+    return {k: {"path": p, "sha256": file_sha256(Path(p))} for k, p in files.items()}
 
 
 def eval_eps(cfg: Config) -> float:
@@ -50,10 +147,16 @@ def eval_eps(cfg: Config) -> float:
     return float(resolve_spec(METHODS, cfg.method, key="method").get("eps", 0.0))
 
 
+def eval_norm(cfg: Config) -> str:
+    """The per-epoch check's norm: the method's training norm ("linf" for a method without
+    one); `eval.eps`, when given, is a radius in it."""
+    return str(resolve_spec(METHODS, cfg.method, key="method").get("norm", "linf"))
+
+
 def check_config(cfg: Config) -> None:
     """Every option a run would refuse, refused now (one-line ValueError): the models and the
     method are built on the meta device, which allocates nothing, so even WRN-34-10 is cheap."""
-    with torch.device("meta"):
+    with torch.device("meta"):  # weights files are read and checked against the shapes
         build_method(cfg, data.info(cfg.data.name))
 
 
@@ -75,11 +178,18 @@ def resolved_config(cfg: Config) -> Config:
     config.yaml, its checkpoints and its model card. The guide is None for a method that trains
     none (it would not be built). Raises ValueError as building them would."""
     method = resolve_spec(METHODS, cfg.method, key="method")
-    target = resolve_spec(MODELS, cfg.target, skip=DATA_SIZED, key="target")
+    target = _resolve_model("target", cfg.target)
     guide = None
     if METHODS.get(method["name"]).uses_guide and cfg.guide is not None:
-        guide = resolve_spec(MODELS, cfg.guide, skip=DATA_SIZED, key="guide")
+        guide = _resolve_model("guide", cfg.guide)
     return replace(cfg, method=method, target=target, guide=guide)
+
+
+def _resolve_model(section: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """Every option of the architecture, then the MODEL_KEYS that differ from their default."""
+    arch, extra = split_model_spec(section, spec)
+    changed = {k: v for k, v in extra.items() if v != MODEL_KEYS[section][k]}
+    return {**resolve_spec(MODELS, arch, skip=DATA_SIZED, key=section), **changed}
 
 
 def read_config(run_dir: str | Path) -> tuple[Config, list[str]]:

@@ -10,8 +10,8 @@ Warning thresholds, and why (docs/evaluation.md explains each check):
   at least 2 samples) is a bug or a randomized model.
 - smaller step: 40 steps of eps/16 should not keep 5 points (and >= 2 samples) more than 10
   steps of eps/4.
-- large eps: PGD-20 (CW margin, step 1/8) with eps = 1 can reach any image, so every sample
-  must fall.
+- large eps: PGD-20 (CW margin, step eps/8) with an eps that can reach any image (`large_eps`:
+  1 in L-inf; sqrt(d) in L2, the diagonal of the [0, 1] box), so every sample must fall.
 - zero gradient: an exactly zero input gradient of the margin loss means the model hides its
   gradient (a rounding layer, a saturating non-linearity): gradient attacks see nothing.
 """
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -27,13 +28,20 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from d2r.attacks import PGD, AutoAttack, EvaluationWarning, cw_objective
+from d2r.attacks import PGD, AutoAttack, EvaluationWarning, cw_objective, norm_label
 from d2r.evaluate import Attack, as_float, correct_flags, seeded
 
 MASKING_GAP = 0.05  # AA this far below the best gradient attack -> masking warning
 MASKING_MIN_SAMPLES = 3
 CHECK_N = 64  # samples for the cheap checks (`checks=True`)
-LARGE_EPS = 1.0  # the whole [0, 1] box: every sample must be broken
+LARGE_EPS = 1.0  # L-inf: the whole [0, 1] box: every sample must be broken
+
+
+def large_eps(x: Tensor, norm: str = "linf") -> float:
+    """A radius whose ball around any image in [0, 1]^d holds the whole box, so any image is
+    reachable: 1 in L-inf (LARGE_EPS); in L2 the box's diagonal sqrt(d), d = values per
+    sample (the farthest two images of the box can be: 55.4 for 3x32x32)."""
+    return LARGE_EPS if norm == "linf" else math.sqrt(x[0].numel())
 
 
 @contextmanager
@@ -135,24 +143,28 @@ def cheap_checks(
     eps: float,
     seed: int,
     device: torch.device,
+    norm: str = "linf",
 ) -> None:
-    """Checks on up to CHECK_N clean-correct samples: zero gradients, PGD at eps = 1, and
-    PGD with more steps / a smaller step size than PGD-10."""
+    """Checks on up to CHECK_N clean-correct samples: zero gradients, PGD at an eps that can
+    reach any image (`large_eps`), and PGD with more steps / a smaller step size than PGD-10,
+    all in `norm`."""
     index = clean.nonzero().squeeze(1)[:CHECK_N]
     if len(index) == 0:
         return
     xs, ys = as_float(x[index].to(device)), y[index].to(device)
     check_zero_gradient(model, xs, ys)
+    big_eps = large_eps(xs, norm)
     with seeded(seed, device):
         # CW margin, not CE: CE's gradient vanishes where a confident softmax saturates in fp32
-        big = PGD(eps=LARGE_EPS, step_size=LARGE_EPS / 8, steps=20, loss="cw")
+        big = PGD(eps=big_eps, step_size=big_eps / 8, steps=20, loss="cw", norm=norm)
         survivors = correct_flags(model, xs, ys, big, device=device)
     if survivors.any():
         _warn(
-            f"{int(survivors.sum())} of {len(ys)} samples survive PGD-20 at eps={LARGE_EPS} "
-            "(any image is reachable): the gradient is masked or the model is constant"
+            f"{int(survivors.sum())} of {len(ys)} samples survive PGD-20 at "
+            f"eps={round(big_eps, 4)} ({norm_label(norm)}: any image is reachable): the "
+            "gradient is masked or the model is constant"
         )
-    _check_step_variants(model, xs, ys, eps, seed, device)
+    _check_step_variants(model, xs, ys, (eps, norm), seed, device)
 
 
 def check_zero_gradient(model: nn.Module, x: Tensor, y: Tensor) -> None:
@@ -169,11 +181,12 @@ def check_zero_gradient(model: nn.Module, x: Tensor, y: Tensor) -> None:
         )
 
 
-def _check_step_variants(model, x, y, eps, seed, device) -> None:
+def _check_step_variants(model, x, y, budget, seed, device) -> None:
+    eps, norm = budget
     variants = {
-        "PGD-10 (step eps/4)": PGD(eps=eps, step_size=eps / 4, steps=10),
-        "PGD-40 (step eps/4)": PGD(eps=eps, step_size=eps / 4, steps=40),
-        "PGD-40 (step eps/16)": PGD(eps=eps, step_size=eps / 16, steps=40),
+        "PGD-10 (step eps/4)": PGD(eps=eps, step_size=eps / 4, steps=10, norm=norm),
+        "PGD-40 (step eps/4)": PGD(eps=eps, step_size=eps / 4, steps=40, norm=norm),
+        "PGD-40 (step eps/16)": PGD(eps=eps, step_size=eps / 16, steps=40, norm=norm),
     }
     flags = {}
     for name, attack in variants.items():

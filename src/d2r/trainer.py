@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from d2r import checkpoint, data, distributed, speed
-from d2r.attacks import from_name
+from d2r.attacks import from_name, norm_label
 from d2r.checkpoint import TrainState
 from d2r.config import Config, dump_yaml, to_dict
 from d2r.evaluate import correct_flags
@@ -29,8 +29,10 @@ from d2r.runs import (
     build_method,
     default_run_dir,
     eval_eps,
+    eval_norm,
     prepare_run_dir,
     resolved_config,
+    weight_files,
     write_env,
 )
 
@@ -93,36 +95,37 @@ class Trainer:
         progress: bool = True,
         resume: bool = False,
     ):
-        cfg = resolved_config(cfg)  # every option's value, defaults included, is recorded
-        self.cfg = cfg
+        self.cfg = cfg = resolved_config(cfg)  # every option's value, defaults included
         self.dist = distributed.from_env()  # one process, or a rank under torchrun
         self.device = pick_device(distributed.device_name(cfg.train.device, self.dist))
         distributed.setup(self.dist, self.device)
         seed_everything(cfg.seed)
-        self.method = build_method(cfg, data.info(cfg.data.name)).to(self.device)  # bad options
+        # bad options fail here; a resumed run takes its weights from its checkpoint instead
+        info = data.info(cfg.data.name)
+        self.method = build_method(cfg, info, initial_weights=not resume).to(self.device)
         self.fast = speed.resolve(cfg.train, self.device)
         self.model = self._prepare_model()  # what the step calls: the method, or DDP around it
         t, run_dir = cfg.train, Path(out) if out else default_run_dir(cfg)
-        # a missing tensorboard package or a run directory that cannot be written fails before
-        # the data is read, and a missing data file before the directory is made
+        # No tensorboard package or an unwritable run directory fails before the data is read;
+        # only rank 0 writes (the other ranks keep the path for Run.dir)
         self.log = MetricsLog(run_dir, tensorboard=t.tensorboard, enabled=self.dist.is_main)
-        # Only rank 0 writes; the other ranks keep the path for Run.dir.
         self.run_dir = prepare_run_dir(run_dir, resume) if self.dist.is_main else run_dir
-        self.loader, self.x_check, self.y_check = self._load_data()
+        self.loader, self.x_check, self.y_check = self._load_data()  # missing files: no dir yet
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-        groups = [{"params": m.parameters(), "name": n} for n, m in self.method.models().items()]
+        # a frozen guide is no group: the optimizer never touches it (it is still checkpointed)
+        trained = self.method.trained_models()
+        groups = [{"params": m.parameters(), "name": n} for n, m in trained.items()]
         self.optimizer = self.fast.sgd(
             groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay, nesterov=t.nesterov
         )
-        self.check_attack = from_name(cfg.eval.attack, eval_eps(cfg))
+        self.check_attack = from_name(cfg.eval.attack, eval_eps(cfg), norm=eval_norm(cfg))
         # what the user sees: a bar on a terminal, log lines otherwise, nothing when quiet
         shown = progress and self.dist.is_main  # under torchrun only rank 0 reports
         self.display = Progress(t.epochs, "auto" if shown else "off")
         self.checks, self.resumed = StepChecks(self.device, t.nonfinite), resume
         self.state = self._restore() if resume else TrainState()
-        # `--resume` of a run that has done its epochs: fit() leaves it as it is
-        self.already_finished = self.state.epoch >= t.epochs
+        self.already_finished = self.state.epoch >= t.epochs  # a --resume with nothing to do
         self._last_save, self._saved_step = time.monotonic(), self.state.step if resume else None
 
     def _prepare_model(self) -> nn.Module:
@@ -198,6 +201,8 @@ class Trainer:
         if self.dist.is_main:
             checkpoint.atomic_write_text(self.run_dir / "config.yaml", dump_yaml(self.cfg))
             extra = {"fast_path": self.fast.describe(), "world_size": self.dist.world_size}
+            if not self.resumed and weight_files(self.cfg):  # the bytes the models start from
+                extra["weights"] = weight_files(self.cfg)
             resumed_step = self.state.step if self.resumed else None
             write_env(self.run_dir, self.device, extra, resumed_step)
 
@@ -281,6 +286,7 @@ class Trainer:
             "clean_acc": clean.float().mean().item(),
             "robust_acc": robust.float().mean().item(),
             "check_eps": self.check_attack.eps,
+            "check_norm": norm_label(self.check_attack.norm),
             "check_n": len(y),
         }
         if self.method.uses_guide:
