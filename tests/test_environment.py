@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 import d2r.data
-from d2r import checkpoint, files
+from d2r import checkpoint, cli, files
 from d2r import report as report_mod
 from d2r.checkpoint import load
 from d2r.cli import build_parser, main
@@ -234,6 +234,20 @@ def test_a_missing_optional_package_is_one_line(run, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "pyautoattack", None)  # import fails as if not installed
     assert main(["eval", str(run), "--attacks", "aa", "-q"]) == 1
     one_line_error(capsys, 'pip install "d2r-robust[autoattack]"')
+
+
+def test_out_of_device_memory_is_one_line_naming_the_batch_size(monkeypatch, capsys):
+    import torch
+
+    message = "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of ..."
+
+    def oom(args):
+        raise torch.cuda.OutOfMemoryError(message)
+
+    monkeypatch.setattr(cli, "_list", oom)
+    assert main(["list"]) == 1
+    err = one_line_error(capsys, "CUDA out of memory. Tried to allocate 2.00 GiB;", "batch_size")
+    assert "total capacity" not in err
 
 
 # Common flags -------------------------------------------------------------------------------

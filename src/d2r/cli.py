@@ -242,15 +242,16 @@ def _failure(err: BaseException) -> tuple[str, int] | None:
         return f"d2r: error: {describe(err)} {hint}", 1
     if isinstance(err, ImportError):  # an optional package (its message says which extra)
         return f"d2r: error: {err} {hint}", 1
-    if _is_out_of_memory(err):
-        first = str(err).split("(")[0].strip()
+    if _is_out_of_memory(err):  # torch's message is a page: its first two sentences
+        first = ". ".join(str(err).split(". ")[:2]).strip(". ") or "out of memory"
         return f"d2r: error: {first}; lower data.batch_size (train) or --batch-size (eval)", 1
     return None
 
 
 def _is_out_of_memory(err: BaseException) -> bool:
     torch = sys.modules.get("torch")  # never imported here just to ask
-    return torch is not None and isinstance(err, torch.cuda.OutOfMemoryError)
+    cuda = torch is not None and isinstance(err, torch.cuda.OutOfMemoryError)
+    return cuda or isinstance(err, MemoryError)
 
 
 def build_parser() -> argparse.ArgumentParser:
