@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 import d2r.data
-from d2r import checkpoint, cli, files
+from d2r import checkpoint, cli, evalstore, files
 from d2r import report as report_mod
 from d2r.checkpoint import load
 from d2r.cli import build_parser, main
@@ -33,7 +33,9 @@ from d2r.data import sources
 from d2r.trainer import lr_factor
 from tiny_runs import plain_run
 
-download_mod = importlib.import_module("d2r.data.download")  # the package exports a function
+# these packages export a function of the module's name
+download_mod = importlib.import_module("d2r.data.download")
+evaluate_mod = importlib.import_module("d2r.evaluate")
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 # one epoch of one batch, a 1-step attack, a 20-image check: the cheapest run that finishes
 TINY = [
@@ -143,43 +145,48 @@ def test_check_writable_leaves_no_trace_and_names_the_fix(tmp_path, blocked):
         files.check_writable(blocked)
 
 
-# A write that fails at the end of an evaluation ---------------------------------------------
+# A write that fails during an evaluation ----------------------------------------------------
 
 
-def failing_under(directory: Path, monkeypatch) -> None:
-    """Writes into `directory` fail as on a full disk (after the up-front check passed)."""
-    real = checkpoint.atomic_write_text
+def disk_fills_in(directory: Path, monkeypatch) -> None:
+    """After the evaluation's first write (its store, eval.json/eval.md, passed the up-front
+    check), every write into `directory` fails as on a full disk."""
+    real, allowed = evalstore.atomic_write_text, [2]
 
     def write(path, text):
         if Path(path).parent == directory:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+            allowed[0] -= 1
+            if allowed[0] < 0:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         real(path, text)
 
-    monkeypatch.setattr(checkpoint, "atomic_write_text", write)
+    monkeypatch.setattr(evalstore, "atomic_write_text", write)
 
 
 EVAL = ["--attacks", "pgd1", "--n", "10", "--no-checks", "-q", "--checkpoint", "last"]
 
 
-def test_results_go_beside_the_run_when_out_fails_at_the_end(run, tmp_path, monkeypatch, capsys):
+def test_results_go_beside_the_run_when_out_fills_up(run, tmp_path, monkeypatch, capsys):
     out = tmp_path / "elsewhere"
-    failing_under(out, monkeypatch)
+    disk_fills_in(out, monkeypatch)
     assert main(["eval", str(run), "--out", str(out), *EVAL]) == 1
     captured = capsys.readouterr()
-    assert "| last (epoch 1) | 10 |" in captured.out  # the numbers are printed
-    assert captured.err.count("\n") == 1 and "No space left on device" in captured.err
-    assert f"written to {run} instead" in captured.err
-    assert (run / "eval.json").is_file() and (run / "eval.md").is_file()
+    assert "| last (epoch 1) |" in captured.out  # the numbers computed are printed
+    last = captured.err.strip().splitlines()[-1]
+    assert "No space left on device" in last and f"written to {run} instead" in last
+    assert "cannot save the evaluation's progress" in captured.err  # warned, went on
+    saved = evalstore.Store.read(run).results
+    assert [r["key"]["attack"] for r in saved] == [evaluate_mod.CLEAN] and saved[0]["n"] == 10
 
 
-def test_results_go_to_a_temp_dir_when_the_run_itself_fails(run, tmp_path, monkeypatch, capsys):
+def test_results_go_to_a_temp_dir_when_the_run_itself_fills_up(run, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    failing_under(run, monkeypatch)
+    disk_fills_in(run, monkeypatch)
     assert main(["eval", str(run), *EVAL]) == 1
-    err = capsys.readouterr().err
+    last = capsys.readouterr().err.strip().splitlines()[-1]
     saved = [p for p in tmp_path.glob("d2r-eval-*") if (p / "eval.json").is_file()]
-    assert len(saved) == 1 and f"written to {saved[0]} instead" in err
-    assert not (run / "eval.json").exists()
+    assert len(saved) == 1 and f"written to {saved[0]} instead" in last
+    assert evalstore.Store.read(saved[0]).results
 
 
 # data download --------------------------------------------------------------------------------
@@ -377,25 +384,26 @@ def test_a_sigterm_after_the_last_epoch_leaves_a_finished_run_that_exits_0(tmp_p
     assert snapshot(out) == before
 
 
-def test_a_sigterm_outside_training_exits_143_in_one_line(run, tmp_path):
-    """eval (or any command) stopped by a scheduler: a message, 143, no temp file left."""
+def test_a_sigterm_outside_training_exits_143_in_one_line(tmp_path):
+    """A download stopped by a scheduler: a message, 143, no partial file left."""
     script = (
         "import importlib, os, signal, sys\n"
-        "evaluate = importlib.import_module('d2r.evaluate')  # d2r.evaluate is also a function\n"
-        "real = evaluate.evaluate\n"
-        "def stop(*a, **k):\n"
+        "download = importlib.import_module('d2r.data.download')\n"
+        "def fetch(url, temp):\n"
+        "    temp.write_bytes(b'part of the file')\n"
         "    os.kill(os.getpid(), signal.SIGTERM)\n"
-        "    return real(*a, **k)\n"
-        "evaluate.evaluate = stop\n"
+        "    temp.write_bytes(b'never reached')\n"
+        "download._fetch = fetch\n"
         "from d2r.cli import main\n"
         "sys.exit(main(sys.argv[1:]))\n"
     )
     env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-c", script, "eval", str(run), *EVAL]
+    root = tmp_path / "data"
+    cmd = [sys.executable, "-c", script, "data", "download", "mnist", "--root", str(root)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
     assert proc.stderr.count("\n") == 1 and "stopped by SIGTERM" in proc.stderr
-    assert not (run / "eval.json").exists() and not list(run.glob(".*.tmp"))
+    assert os.listdir(root) == []
 
 
 def test_a_one_epoch_run_has_no_warm_up():

@@ -13,6 +13,7 @@ from d2r import checkpoint, weights
 from d2r.attacks import AA_INSTALL, PGD, AutoAttack
 from d2r.cli import main
 from d2r.config import format_eps
+from d2r.evalstore import Store, rows
 from d2r.evaluate import EvaluationWarning, markdown_table, suite_flags, worst_case
 from d2r.models import create
 from d2r.sanity import check_suite
@@ -86,10 +87,12 @@ def test_evaluate_reports_fractions_settings_and_is_reproducible(data):
     )
     assert s["attacks"]["pgd10"]["steps"] == 10 and s["attacks"]["cw10"]["loss"] == "cw"
     assert s["attacks"]["pgd10"]["step_size"] == pytest.approx(2 / 255)
+    # batch i is seeded from (seed, i): the same seed and batch size give the same numbers
     again = d2r.evaluate(
-        model, x, y, attacks=["pgd10", "cw10", "fgsm"], eps=8 / 255, seed=3, batch_size=32
+        model, x, y, attacks=["pgd10", "cw10", "fgsm"], eps=8 / 255, seed=3, batch_size=10
     )
     assert {k: again[k] for k in ("pgd10", "cw10")} == {k: result[k] for k in ("pgd10", "cw10")}
+    assert result["worst_case_over"] == ["clean", "pgd10", "cw10", "fgsm"]
     uint8 = d2r.evaluate(model, (x * 255).round().to(torch.uint8), y, attacks=[], checks=False)
     assert 0 <= uint8["clean"] <= 1
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
@@ -190,10 +193,11 @@ def test_markdown_table_has_the_paper_columns_and_dashes(data):
     result = d2r.evaluate(model, x, y, attacks=["pgd20", "fgsm"], eps=8 / 255, checks=False)
     table = markdown_table({"last (epoch 3)": result})
     header = table.splitlines()[0]
-    for column in ("Clean", "PGD-20", "PGD-50", "C&W", "AA", "FGSM", "Worst case", "eps"):
+    for column in ("Clean", "PGD-20", "PGD-50", "C&W", "AA", "FGSM", "Worst case", "eps (Linf)"):
         assert column in header
     row = table.splitlines()[2]
     assert row.startswith("| last (epoch 3) | 32 | 8/255 | 0 |") and row.count("—") == 3
+    assert row.endswith("| Clean, PGD-20, FGSM |")  # what the worst case covers
     assert format_eps(0.031) == "0.031" and format_eps(8 / 255) == "8/255"
 
 
@@ -291,11 +295,18 @@ def test_cli_eval_writes_json_and_table_for_last_and_best(run_dir, capsys):
     )
     assert rc == 0
     report = json.loads((run_dir / "eval.json").read_text())
-    assert set(report) == {"last", "best", "warnings"}
-    last = report["last"]
-    assert last["checkpoint"] == "last" and last["epoch"] == 1 and last["settings"]["n"] == 40
+    assert (report["format"], report["format_version"]) == ("d2r-eval", 2)
+    assert [c["checkpoint"] for c in report["checkpoints"]] == ["last", "best"]
+    # last and best hold the same epoch-1 weights: one sha256, each result stored once
+    assert len({c["sha256"] for c in report["checkpoints"]}) == 1
+    assert sorted(r["key"]["attack"] for r in report["results"]) == [
+        "clean", "cw20", "pgd20", "pgd50"
+    ]  # fmt: skip
+    by_name = {r["checkpoint"]: r for r in rows(Store.read(run_dir))}
+    last = by_name["last"]
+    assert last["epoch"] == 1 and last["settings"]["n"] == 40 and last["eps"] == 0.1
     assert last["worst_case"] <= min(last["pgd20"], last["pgd50"], last["cw20"]) <= last["clean"]
-    assert last["settings"]["eps_text"] == "0.1"
+    assert last["settings"]["eps_text"] == "0.1" and by_name["best"]["pgd20"] == last["pgd20"]
     table = (run_dir / "eval.md").read_text()
     assert "| last (epoch 1) | 40 | 0.1 |" in table and "| best (epoch 1) |" in table
     assert "PGD-50" in capsys.readouterr().out
@@ -328,11 +339,12 @@ def test_cli_eval_foreign_weights(run_dir, tmp_path):
         ]
     )
     assert rc == 0
-    report = json.loads((tmp_path / "out" / "eval.json").read_text())
-    foreign = report["foreign.pt"]
-    assert foreign["model"] == "small_cnn" and foreign["settings"]["n"] == 20
+    store = Store.read(tmp_path / "out")
+    assert store.checkpoints[0]["model"] == "small_cnn"
+    (foreign,) = rows(store)
+    assert foreign["label"] == "foreign.pt" and foreign["settings"]["n"] == 20
     assert 0 <= foreign["pgd20"] <= foreign["clean"] <= 1
-    assert not any("train mode" in w for w in report["warnings"])
+    assert not any("train mode" in w for w in foreign["warnings"])
     assert "| foreign.pt | 20 | 0.1 |" in (tmp_path / "out" / "eval.md").read_text()
 
 

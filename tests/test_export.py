@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 import d2r
 from d2r.checkpoint import load_run
 from d2r.cli import main
+from d2r.evalstore import Store, summary
 from d2r.export import META_KEY, export_model, load_model, read_card
 from tiny_runs import evaluated_run
 
@@ -67,9 +68,14 @@ def test_card_describes_the_model(run_dir, exported):
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert card["training"]["config"] == saved and card["training"]["not_recorded"] == []
     assert card["training"]["method"]["alpha"] == 30.0  # a default, recorded all the same
-    full = json.loads((run_dir / "eval.json").read_text())["last"]
-    assert card["evaluation"]["pgd20"] == full["pgd20"]
-    assert card["evaluation"]["settings"]["eps"] == 0.1
+    (stored,) = card["evaluation"]  # one eps evaluated: one entry, from eval.json
+    full = summary(Store.read(run_dir), "last", 0.1)
+    assert stored["pgd20"] == full["pgd20"] and stored["worst_case"] == full["worst_case"]
+    assert stored["settings"]["eps"] == 0.1 and stored["worst_case_over"] == [
+        "clean",
+        "pgd20",
+        "cw20",
+    ]
 
 
 def test_cli_export_best_checkpoint(run_dir, tmp_path, capsys):

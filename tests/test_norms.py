@@ -276,7 +276,10 @@ def test_cli_eval_l2_writes_the_norm(tmp_path_factory, tmp_path, capsys):
     args = ["eval", str(run), "--norm", "l2", "--eps", "0.5", "--attacks", "pgd10,fgsm"]
     options = ["--n", "30", "--no-checks", "-q", "--checkpoint", "last", "--out", str(tmp_path)]
     assert main([*args, *options]) == 0
-    entry = json.loads((tmp_path / "eval.json").read_text())["last"]
+    from d2r.evalstore import Store, summary
+
+    entry = summary(Store.read(tmp_path), "last", EPS, "L2")
+    assert entry is not None and summary(Store.read(tmp_path), "last", EPS, "Linf") is None
     assert entry["settings"]["norm"] == "L2" and entry["settings"]["eps"] == EPS
     assert entry["settings"]["attacks"]["fgsm"] == {"type": "FGSM", "eps": EPS, "norm": "l2"}
     assert "| eps (L2) |" in (tmp_path / "eval.md").read_text()
@@ -297,10 +300,10 @@ def test_report_names_the_norm_when_rows_differ(tmp_path):
         (run / "config.yaml").write_text(
             dump_yaml(resolved_config(resolve(None, [f"seed={seed}"])))
         )
-        settings = {"eps": 0.1, "norm": norm, "n": 10, "attacks": {"pgd20": {}}}
-        entry = {"clean": 0.9, "pgd20": 0.5, "worst_case": 0.5, "settings": settings}
-        (run / "eval.json").write_text(json.dumps({"last": entry}))
-        (run / "metrics.jsonl").write_text("")
+        # the per-epoch check's record (no eval.json): it names its eps and norm
+        record = {"kind": "epoch", "epoch": 1, "clean_acc": 0.9, "robust_acc": 0.5}
+        record.update({"check_eps": 0.1, "check_norm": norm, "check_n": 10})
+        (run / "metrics.jsonl").write_text(json.dumps(record) + "\n")
         runs.append(run)
     md = report(runs, curves=False)["md"]
     assert "| eps |" in md and "| 0.1 (Linf) |" in md and "| 0.1 (L2) |" in md  # two rows

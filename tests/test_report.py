@@ -11,16 +11,26 @@ import statistics
 
 import matplotlib.image
 import pytest
+import torch
 import yaml
 
 from d2r import checkpoint
 from d2r.cli import main
 from d2r.config import dump_yaml, resolve, to_dict
+from d2r.evalstore import (
+    Store,
+    commit,
+    make_entry,
+    pack_flags,
+    result_key,
+    summary,
+    unpack_flags,
+)
 from d2r.logs import read_metrics
 from d2r.methods import METHODS
 from d2r.models import MODELS
 from d2r.registry import resolve_spec
-from d2r.report import NON_RESULT_KEYS, column_label, eval_entries, read_run, report, write_curves
+from d2r.report import NON_RESULT_KEYS, column_label, read_run, report, write_curves
 from d2r.runs import DATA_SIZED, read_config, resolved_config
 from tiny_runs import evaluated_run, plain_run
 
@@ -31,7 +41,8 @@ def runs(tmp_path_factory):
 
 
 def _eval_last(run_dir) -> dict:
-    return json.loads((run_dir / "eval.json").read_text())["last"]
+    """The stored results of the last checkpoint at eps 0.1 (tiny_runs evaluates there)."""
+    return summary(Store.read(run_dir), "last", 0.1)
 
 
 def _by_source(report_json: dict) -> dict:
@@ -66,10 +77,12 @@ def _copy_as_seed(run_dir, dest, seed: int, shift: float):
     cfg = yaml.safe_load((dest / "config.yaml").read_text())
     cfg["seed"] = seed
     (dest / "config.yaml").write_text(yaml.safe_dump(cfg))
-    result = json.loads((dest / "eval.json").read_text())
-    for key in ("clean", "pgd20", "cw20", "worst_case"):
-        result["last"][key] = min(1.0, result["last"][key] + shift)
-    (dest / "eval.json").write_text(json.dumps(result))
+    store = json.loads((dest / "eval.json").read_text())
+    for result in store["results"]:  # the first `shift` of the images now all correct
+        flags = unpack_flags(result["correct"], result["n"]).clone()
+        flags[: int(shift * len(flags))] = True
+        result.update(correct=pack_flags(flags), accuracy=flags.float().mean().item())
+    (dest / "eval.json").write_text(json.dumps(store))
     return dest
 
 
@@ -88,13 +101,13 @@ def test_mean_and_std_over_seeds(runs, tmp_path):
     assert cell.replace("±", r"$\pm$") in texts["tex"]
 
 
-def test_flat_and_per_checkpoint_eval_json_agree(runs, tmp_path):
-    evaluated = runs[0]
-    flat = tmp_path / "flat"
-    shutil.copytree(evaluated, flat)
-    (flat / "eval.json").write_text(json.dumps(_eval_last(evaluated)))  # the older, flat shape
-    assert read_run(flat).metrics == read_run(evaluated).metrics
-    assert list(eval_entries(_eval_last(evaluated))) == ["last"]
+def test_an_eval_json_that_is_not_a_store_is_refused_by_name(runs, tmp_path, capsys):
+    old = tmp_path / "old"
+    shutil.copytree(runs[0], old)
+    (old / "eval.json").write_text(json.dumps({"last": {"clean": 0.9}}))  # a pre-store snapshot
+    assert main(["report", str(old), "--no-curves"]) == 2
+    err = capsys.readouterr().err
+    assert str(old / "eval.json") in err and "not a d2r-eval results file" in err
 
 
 def test_a_run_without_any_evaluation_says_so(runs, tmp_path):
@@ -168,12 +181,22 @@ def _fake_run(root, name: str, *sets: str, seed: int = 0, clean: float, robust: 
     run.mkdir(parents=True)
     cfg = resolved_config(resolve(None, [*sets, f"seed={seed}"]))
     (run / "config.yaml").write_text(dump_yaml(cfg))
-    attacks = {"pgd20": {}}
-    settings = {"eps": 0.1, "n": 300, "attacks": attacks}
-    entry = {"clean": clean, "pgd20": robust, "worst_case": robust, "settings": settings}
-    (run / "eval.json").write_text(json.dumps({"last": entry}))
+    _store(run, {"clean": clean, "pgd20": robust})
     (run / "metrics.jsonl").write_text("")
     return run
+
+
+def _store(run, accuracies: dict[str, float], eps: float = 0.1, n: int = 300) -> None:
+    """Stored results with these accuracies (the first images correct) for a checkpoint
+    "last" that is not on disk (so any sha256 is its)."""
+    images, sha = {"data": "digits", "split": "test", "n": n, "sha256": "0" * 64}, "f" * 64
+    entries = []
+    for name, accuracy in accuracies.items():
+        flags = torch.arange(n) < round(accuracy * n)
+        settings, norm = ({}, None) if name == "clean" else ({"type": "PGD", "eps": eps}, "Linf")
+        key = result_key(sha, name, settings, None if name == "clean" else eps, norm, images, 0)
+        entries.append(make_entry(key, flags, 1.0))
+    commit(run, [{"checkpoint": "last", "label": "last", "sha256": sha}], entries)
 
 
 def _seeds(root, name: str, *sets: str, clean: list[float]):

@@ -7,6 +7,7 @@ import yaml
 
 from d2r.checkpoint import load
 from d2r.cli import main
+from d2r.evalstore import Store, summary
 from d2r.trainer import lr_factor
 
 RUN_FILES = [
@@ -53,9 +54,8 @@ def test_checkpoint_holds_both_models(demo_run):
 def test_eval_gives_robust_at_most_clean(demo_run, capsys):
     rc = main(["eval", str(demo_run), "--attacks", "pgd20", "--eps", "0.1", "--n", "100"])
     assert rc == 0
-    result = json.loads((demo_run / "eval.json").read_text())
-    flat = result if "clean" in result else next(iter(result.values()))
-    assert flat["pgd20"] <= flat["clean"]
+    result = summary(Store.read(demo_run), "last", 0.1)
+    assert result["pgd20"] <= result["clean"] and result["settings"]["n"] == 100
 
 
 def test_refuses_to_overwrite_an_existing_run(demo_run, capsys):

@@ -116,6 +116,17 @@ def is_run_checkpoint(path: str | Path) -> bool:
     return isinstance(meta, dict) and meta.get("format") == FORMAT
 
 
+def stored_sha256(path: str | Path) -> str | None:
+    """The content sha256 a checkpoint carries in its header (what `load` verifies), read
+    without loading the tensors; None if `path` is missing or not a d2r checkpoint."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads((f.metadata() or {}).get(_META_KEY, "{}"))
+    except (SafetensorError, OSError, ValueError):
+        return None
+    return meta.get("sha256") if isinstance(meta, dict) else None
+
+
 def content_sha256(tensors: dict[str, Tensor], meta: dict[str, Any]) -> str:
     """sha256 over every tensor (name, dtype, shape, bytes) and the metadata without the hash."""
     digest = hashlib.sha256()

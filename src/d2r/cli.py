@@ -93,24 +93,22 @@ def _summary_table(history: list[dict], attack: str) -> str:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    """Evaluate a run's checkpoints (last, best) or foreign weights; write eval.json, eval.md."""
-    from d2r.evaluate import ResultsNotWritten, markdown_table, weights_eval_dir
-
-    def table(report: dict) -> str:
-        return markdown_table({r["label"]: r for k, r in report.items() if k != "warnings"})
+    """Evaluate a run's checkpoints (last, best) or foreign weights into eval.json / eval.md."""
+    from d2r.evalstore import Store, markdown
+    from d2r.evaluate import ResultsNotWritten, weights_eval_dir
 
     try:
-        report = _evaluate(args)
-    except ResultsNotWritten as err:  # hours of attacks: the numbers first, then the error
-        print(table(err.report))
+        _evaluate(args)
+    except ResultsNotWritten as err:  # hours of attacks: their numbers first, then the error
+        print(markdown(err.store))
         raise
-    print(table(report))
     out = Path(args.out or args.run_dir or weights_eval_dir(args.weights))
-    print(f"wrote {out / 'eval.json'} and {out / 'eval.md'}")
+    print(markdown(Store.read(out)))
+    print(f"wrote {out / 'eval.json'} and {out / 'eval.md'} (every result kept there)")
     return 0
 
 
-def _evaluate(args: argparse.Namespace) -> dict:
+def _evaluate(args: argparse.Namespace) -> None:
     from d2r.evaluate import evaluate_run, evaluate_weights
 
     attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
@@ -122,21 +120,23 @@ def _evaluate(args: argparse.Namespace) -> dict:
         "norm": args.norm,
         "checks": not args.no_checks,
         "progress": not args.quiet,
+        "force": args.force,
     }
     if args.weights:
         if not args.model:
             raise ValueError("--weights needs --model ARCH (see `d2r list` for the architectures)")
         if args.run_dir:
             raise ValueError("give either a run directory or --model/--weights, not both")
-        return evaluate_weights(
+        evaluate_weights(
             args.model, args.weights, attacks, args.eps, data=args.data, root=args.root,
             num_classes=args.num_classes, out=args.out, **options,
         )  # fmt: skip
-    if args.run_dir:
-        return evaluate_run(
+    elif args.run_dir:
+        evaluate_run(
             args.run_dir, attacks, args.eps, checkpoint=args.checkpoint, out=args.out, **options
         )
-    raise ValueError("give a run directory, or --model ARCH --weights FILE")
+    else:
+        raise ValueError("give a run directory, or --model ARCH --weights FILE")
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -170,6 +170,11 @@ def _number(text: str) -> float:
         raise argparse.ArgumentTypeError(
             f"expected a number like 0.031 or 8/255, got {text!r}"
         ) from None
+
+
+def _numbers(text: str) -> list[float]:
+    """'8/255,0.031' -> [0.0313..., 0.031]."""
+    return [_number(part.strip()) for part in text.split(",") if part.strip()]
 
 
 def common_flags(default: Any) -> argparse.ArgumentParser:
@@ -232,7 +237,8 @@ def _failure(err: BaseException) -> tuple[str, int] | None:
         # a second Ctrl-C during training lands here too: files are written by atomic rename
         return (
             "d2r: interrupted; no file is left half-written (each is renamed into place); a "
-            "training run continues from its last checkpoint with: d2r train --resume RUN_DIR",
+            "training run continues from its last checkpoint with: d2r train --resume RUN_DIR; "
+            "d2r eval continues from its last saved batch when run again",
             130,
         )
     if isinstance(err, (ValueError, FileNotFoundError)):  # bad input: what to change
@@ -283,17 +289,23 @@ def build_parser() -> argparse.ArgumentParser:
         "eval",
         help="worst-case robust accuracy of a run's target, or of foreign weights",
         description="Evaluate a run directory's checkpoints, or any state dict of a registered "
-        "architecture (--model ARCH --weights FILE). Writes eval.json and eval.md.",
+        "architecture (--model ARCH --weights FILE). Every result is kept in eval.json (a "
+        "result already there is reused) and shown in eval.md; an evaluation stopped by "
+        "Ctrl-C, SIGTERM or a kill continues where it stopped when run again.",
     )
     ev.add_argument("run_dir", nargs="?", help="run directory (or use --model/--weights)")
     ev.add_argument(
         "--attacks",
         default="pgd20,cw20",
         help="comma-separated: pgdK, cwK, pgdKrR (R restarts), fgsm, aa, aa_plus, "
-        "aa_rand; e.g. pgd20,pgd50,cw20,aa",
+        "aa_rand; e.g. pgd20,pgd50,cw20,aa; NAME@EPS runs it at that eps only, e.g. "
+        "pgd20,cw20,aa@0.031 (the reference protocol with --eps 8/255)",
     )
     ev.add_argument(
-        "--eps", type=_number, default=8 / 255, help="radius in --norm, e.g. 8/255 (Linf), 0.5 (L2)"
+        "--eps",
+        type=_numbers,
+        default=[8 / 255],
+        help="Linf radius, or several: 8/255,0.031 runs the suite at each (default 8/255)",
     )
     ev.add_argument(
         "--norm",
@@ -324,6 +336,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=256)
     ev.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     ev.add_argument("--no-checks", action="store_true", help="skip the cheap sanity checks")
+    ev.add_argument(
+        "--force",
+        action="store_true",
+        help="evaluate again what eval.json already holds (and drop any partial progress)",
+    )
     ev.set_defaults(func=_eval)
 
     ls = sub.add_parser("list", help="registered models, methods, attacks and data sets")

@@ -1,7 +1,8 @@
 """Robust accuracy users can trust: per-sample flags for each attack and their worst case
 (RobustBench style: a sample is robust only if every attack in the suite failed on it), with
 the settings beside every number and the sanity checks of `d2r.sanity`. `evaluate` takes a
-model and images; `evaluate_run` is `d2r eval RUN`: a run's checkpoints, eval.json and eval.md.
+model and images (no files); `evaluate_run` is `d2r eval RUN`: a run's checkpoints, each result
+kept in the run's eval.json store (d2r.evalstore), resumable batch by batch.
 """
 
 from __future__ import annotations
@@ -9,10 +10,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -22,16 +24,22 @@ from tqdm import tqdm
 
 from d2r import attacks as attacks_mod
 from d2r.attacks import AutoAttack, EvaluationWarning, norm_label
-from d2r.config import format_eps
+from d2r.config import format_eps, parse_number
+from d2r.evalstore import CLEAN, Ledger, Store, StoreLedger, commit, images_id, result_key
 from d2r.files import check_writable, describe, new_temp_dir
+from d2r.guard import Preempted, SignalGuard
 from d2r.methods import eval_mode
-from d2r.tables import PAPER_COLUMNS, eps_cell, eps_head, markdown
+from d2r.tables import PAPER_COLUMNS, markdown
 
 __all__ = [
+    "EvaluationStopped",
     "EvaluationWarning",
     "ResultsNotWritten",
+    "attack_plan",
+    "batch_flags",
     "correct_flags",
     "evaluate",
+    "evaluate_models",
     "evaluate_run",
     "evaluate_weights",
     "markdown_table",
@@ -39,6 +47,48 @@ __all__ = [
 ]
 
 Attack = Callable[[nn.Module, Tensor, Tensor], Tensor]
+
+
+DEFAULT_NORM = "Linf"  # the norm of an attack that does not name its own
+
+
+def attack_norm(attack: Attack) -> str:
+    """The threat model's norm as results record it ("Linf", "L2"): what the attack states; a
+    plain callable states nothing and counts as L-inf."""
+    return norm_label(getattr(attack, "norm", "linf"))
+
+
+def batch_seed(seed: int, index: int) -> int:
+    """The seed of batch `index` of an attack: a resumed evaluation draws the random starts a
+    straight one draws, whichever batch it starts from."""
+    digest = hashlib.sha256(f"d2r-eval|{seed}|{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def batch_flags(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    attack: Attack | None = None,
+    *,
+    batch_size: int = 256,
+    device: torch.device | str | None = None,
+    seed: int | None = None,
+    first: int = 0,
+) -> Iterator[Tensor]:
+    """(B,) bool on the CPU per batch from batch `first` on: is each sample classified correctly
+    (after `attack`, if given)? With `seed`, batch i is seeded from (seed, i) (`batch_seed`);
+    without, it draws from the caller's RNG."""
+    device = torch.device(device) if device is not None else _device_of(model)
+    for index in range(first, -(-len(x) // batch_size)):
+        start = index * batch_size
+        xb = as_float(x[start : start + batch_size].to(device))
+        yb = y[start : start + batch_size].to(device)
+        if attack is not None:
+            with seeded(batch_seed(seed, index), device) if seed is not None else nullcontext():
+                xb = attack(model, xb, yb)
+        with torch.no_grad():
+            yield (model(xb).argmax(1) == yb).cpu()
 
 
 def correct_flags(
@@ -49,20 +99,10 @@ def correct_flags(
     *,
     batch_size: int = 256,
     device: torch.device | str | None = None,
-    bar: tqdm | None = None,
 ) -> Tensor:
-    """(N,) bool on the CPU: is sample i classified correctly (after `attack`, if given)?"""
-    device = device or _device_of(model)
-    flags = []
-    for start in range(0, len(x), batch_size):
-        xb = as_float(x[start : start + batch_size].to(device))
-        yb = y[start : start + batch_size].to(device)
-        if attack is not None:
-            xb = attack(model, xb, yb)
-        with torch.no_grad():
-            flags.append((model(xb).argmax(1) == yb).cpu())
-        if bar is not None:
-            bar.update(1)
+    """(N,) bool on the CPU: is sample i classified correctly (after `attack`, if given)?
+    Random starts come from the caller's RNG."""
+    flags = list(batch_flags(model, x, y, attack, batch_size=batch_size, device=device))
     return torch.cat(flags) if flags else torch.zeros(0, dtype=torch.bool)
 
 
@@ -122,21 +162,44 @@ def suite_flags(
     batch_size: int = 256,
     device: torch.device | str | None = None,
     progress: bool = False,
+    ledger: Ledger | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, float]]:
-    """Per-sample correct flags for "clean" and each attack, and the seconds each took. Each
-    attack starts from `seed` so a rerun (or an attack alone) gives the same flags."""
+    """Per-sample correct flags for "clean" and each attack, and the seconds each took. Batch i
+    of every attack is seeded from (seed, i), so a rerun, an attack alone, or an evaluation
+    resumed from `ledger` (d2r.evalstore: stored results and partial state; the default keeps
+    nothing) gives the same flags; a different batch_size draws other random starts."""
     device = torch.device(device) if device is not None else _device_of(model)
+    ledger = ledger or Ledger()
+    options = {"seed": seed, "batch_size": batch_size, "device": device}
     total = -(-len(x) // batch_size) * (1 + len(suite))
     flags, seconds = {}, {}
     with tqdm(total=total, desc="eval", unit="batch", disable=not progress) as bar:
-        for name, attack in {"clean": None, **suite}.items():
+        for name, attack in {CLEAN: None, **suite}.items():
             bar.set_postfix_str(name)
-            start = time.perf_counter()
-            with seeded(seed, device):
-                flags[name] = correct_flags(
-                    model, x, y, attack, batch_size=batch_size, device=device, bar=bar
-                )
-            seconds[name] = time.perf_counter() - start
+            flags[name], seconds[name] = _attack_flags(
+                model, x, y, name, attack, ledger, bar, options
+            )
+    return flags, seconds
+
+
+def _attack_flags(model, x, y, name, attack, ledger: Ledger, bar: tqdm, options) -> tuple:
+    """One attack's flags, batch by batch from where `ledger` left it, each batch saved."""
+    batches = -(-len(x) // options["batch_size"])
+    cached = ledger.cached(name)
+    if cached is not None:
+        bar.update(batches)
+        return cached
+    done, before = ledger.resume(name)  # whole batches only
+    first = -(-len(done) // options["batch_size"])
+    bar.update(first)
+    parts, start, seconds = [done], time.perf_counter(), before
+    for index, flags in enumerate(batch_flags(model, x, y, attack, first=first, **options)):
+        parts.append(flags)
+        bar.update(1)
+        seconds = before + time.perf_counter() - start
+        ledger.save(name, torch.cat(parts), seconds, first + index + 1)
+    flags = torch.cat(parts)
+    ledger.finish(name, flags, seconds)
     return flags, seconds
 
 
@@ -164,36 +227,53 @@ def evaluate(
     batch_size: int = 256,
     device: torch.device | str | None = None,
     *,
-    norm: str | None = None,
     checks: bool = True,
     progress: bool = False,
+    ledger: Ledger | None = None,
+    norm: str | None = None,
 ) -> dict[str, Any]:
     """Clean, per-attack and worst-case accuracy (fractions in [0, 1]) of `model` on (x, y), in
     eval mode and fp32, for any nn.Module taking [0, 1] inputs (x float in [0, 1] or uint8), in
     `norm` "linf" (default) or "l2" (eps an L2 radius; a mapping of attacks brings its own).
-    Returns {"clean", <each attack>, "worst_case", "settings" (eps, norm, ...), "seconds",
-    "warnings"}; each warning is also raised as an `EvaluationWarning`. `checks=True` adds the
-    cheap sanity checks on up to 64 samples (large eps, more steps, smaller step, zero grad)."""
-    from d2r import sanity  # it builds on this module's helpers
 
+    Returns {"clean", <each attack>, "worst_case", "worst_case_over", "settings", "seconds",
+    "warnings"}; every warning is also raised as an `EvaluationWarning`. `checks=True` adds the
+    cheap sanity checks on up to 64 samples (large eps, more steps, smaller step, zero
+    gradient). `ledger`: where flags are kept and resumed from (see `suite_flags`)."""
     _check_inputs(x, y)
     suite = build_suite(attacks, eps, seed, norm)
     norm = suite_norm(suite, norm)
     device = torch.device(device) if device is not None else _device_of(model)
+    options = {"seed": seed, "batch_size": batch_size, "device": device, "norm": norm}
     messages: list[str] = []
+    run = {"checks": checks, "progress": progress, "ledger": ledger}
+    flags, seconds = _checked_flags(model, x, y, suite, eps, options, messages, **run)
+    result: dict[str, Any] = {name: f.float().mean().item() for name, f in flags.items()}
+    result["worst_case"] = worst_case(flags).float().mean().item()
+    result["worst_case_over"] = list(flags)
+    settings = _settings(model, suite, (eps, norm), len(y), seed, batch_size, device, checks)
+    return {**result, "settings": settings, "seconds": seconds, "warnings": messages}
+
+
+def _checked_flags(model, x, y, suite, eps, options, messages, *, checks, progress, ledger):
+    """suite_flags with the sanity checks around it, every warning recorded in `messages`."""
+    from d2r import sanity  # it builds on this module's helpers
+
+    device = options["device"]
     with sanity.recorded(messages):
         sanity.check_mode(model)
         with eval_mode(model), torch.autocast(device.type, enabled=False):
-            sanity.check_outputs(model, as_float(x[: min(batch_size, sanity.CHECK_N)].to(device)))
-            options = {"seed": seed, "batch_size": batch_size, "device": device}
-            flags, seconds = suite_flags(model, x, y, suite, **options, progress=progress)
+            n = min(options["batch_size"], sanity.CHECK_N)
+            sanity.check_outputs(model, as_float(x[:n].to(device)))
+            sizes = {k: v for k, v in options.items() if k != "norm"}
+            flags, seconds = suite_flags(
+                model, x, y, suite, **sizes, progress=progress, ledger=ledger
+            )
             sanity.check_suite(flags, suite)
             if checks:
-                sanity.cheap_checks(model, x, y, flags["clean"], eps, seed, device, norm)
-    result: dict[str, Any] = {name: f.float().mean().item() for name, f in flags.items()}
-    result["worst_case"] = worst_case(flags).float().mean().item()
-    settings = _settings(model, suite, (eps, norm), len(y), seed, batch_size, device, checks)
-    return {**result, "settings": settings, "seconds": seconds, "warnings": messages}
+                seed, norm = options["seed"], options["norm"]
+                sanity.cheap_checks(model, x, y, flags[CLEAN], eps, seed, device, norm)
+    return flags, seconds
 
 
 def _check_inputs(x: Tensor, y: Tensor) -> None:
@@ -239,28 +319,32 @@ def attack_settings(attack: Attack, model: nn.Module | None = None) -> dict[str,
 
 
 def markdown_table(results: Mapping[str, Mapping[str, Any]]) -> str:
-    """One row per checkpoint (or model): the paper's columns (— where not run), any other
-    attack, the worst case, and n / eps / seed beside the numbers; settings and warnings below."""
+    """One row per checkpoint (or model) at one eps and norm: the paper's columns (— where not
+    run), any other attack, the worst case and which results it covers, n / eps / seed beside
+    the numbers; every attack's settings and every warning below."""
     run = [k for r in results.values() for k in r["settings"]["attacks"]]
     extra = [k for k in run if k not in PAPER_COLUMNS]
     names = [*PAPER_COLUMNS, *dict.fromkeys(extra), "worst_case"]
     labels = [PAPER_COLUMNS.get(k) or attacks_mod.label(k) for k in names[:-1]]
-    norms = [r["settings"].get("norm", "Linf") for r in results.values()]
-    head = ["checkpoint", "n", eps_head(norms), "seed", *labels, "Worst case"]
+    norms = "/".join(dict.fromkeys(str(r["settings"]["norm"]) for r in results.values()))
+    head = ["checkpoint", "n", f"eps ({norms})", "seed", *labels, "Worst case", "worst case over"]
     rows = []
     for row, r in results.items():
         s = r["settings"]
         cells = [f"{100 * r[k]:.2f}" if k in r else "—" for k in names]
-        eps = eps_cell(s["eps_text"], s.get("norm", "Linf"), norms)
-        rows.append([row, str(s["n"]), eps, str(s["seed"]), *cells])
+        over = ", ".join(PAPER_COLUMNS.get(k) or attacks_mod.label(k) for k in r["worst_case_over"])
+        rows.append([row, str(s["n"]), s["eps_text"], str(s["seed"]), *cells, over])
     lines = markdown(head, rows)
-    lines += ["", "Accuracies in %; worst case = robust against every attack run (per sample).", ""]
-    first = next(iter(results.values()), None)
-    if first is not None:
-        lines += [
-            f"- {attacks_mod.label(k)}: {_describe(a)}"
-            for k, a in first["settings"]["attacks"].items()
-        ]
+    lines += [
+        "",
+        "Accuracies in %; worst case = robust against every result it covers (per sample).",
+    ]
+    described = [
+        f"- {attacks_mod.label(k)}: {_describe(a)}"
+        for r in results.values()
+        for k, a in r["settings"]["attacks"].items()
+    ]
+    lines += ["", *dict.fromkeys(described)]
     warned = [f"- **warning** ({row}): {w}" for row, r in results.items() for w in r["warnings"]]
     return "\n".join(lines + (["", *warned] if warned else [])) + "\n"
 
@@ -268,7 +352,7 @@ def markdown_table(results: Mapping[str, Mapping[str, Any]]) -> str:
 def _describe(settings: Mapping[str, Any]) -> str:
     skip = {"type"}
     body = ", ".join(f"{k}={_fmt(v)}" for k, v in settings.items() if k not in skip)
-    return f"{settings['type']}({body})"
+    return f"{settings.get('type', '')}({body})"
 
 
 def _fmt(value: Any) -> str:
@@ -278,22 +362,53 @@ def _fmt(value: Any) -> str:
 # Run directories and weights files: what `d2r eval` calls ----------------------------------
 
 
+def attack_plan(
+    attacks: Sequence[str] | str, eps: float | Sequence[float], norm: str | None = None
+) -> dict[float, list[str]]:
+    """Which attacks run at which eps: a plain name ('pgd20') at every eps of `eps`, a name
+    with its own eps ('aa@0.031') only at that one: `pgd20,cw20,aa@0.031` with eps 8/255 is
+    the reference protocol. Without attacks, clean accuracy only. Bad names fail here."""
+    if isinstance(attacks, str):
+        attacks = [a.strip() for a in attacks.split(",") if a.strip()]
+    radii = [float(eps)] if isinstance(eps, (int, float)) else [float(e) for e in eps]
+    if not radii:
+        raise ValueError("no eps given; give one or more, e.g. --eps 8/255,0.031")
+    plan: dict[float, list[str]] = {}
+    for item in attacks:
+        name, at, text = item.partition("@")
+        for e in [_own_eps(item, text)] if at else radii:
+            plan.setdefault(e, [])
+            plan[e] += [] if name in plan[e] else [name]
+    plan = plan or {e: [] for e in radii}
+    for e, names in plan.items():
+        build_suite(names, e, norm=norm)  # unknown names, a bad eps or norm, no AutoAttack: now
+    return plan
+
+
+def _own_eps(item: str, text: str) -> float:
+    try:
+        return parse_number(text)
+    except ValueError:
+        raise ValueError(f"attack {item!r}: write NAME@EPS, e.g. aa@0.031 or pgd20@8/255") from None
+
+
 def evaluate_run(
     run_dir: str | Path,
     attacks: Sequence[str] = ("pgd20", "cw20"),
-    eps: float = 8 / 255,
+    eps: float | Sequence[float] = 8 / 255,
     *,
     checkpoint: str | None = None,
     out: str | Path | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """`d2r eval RUN`: the run's target at each checkpoint ("last", "best", or both: the default
-    when best.safetensors exists), on its data set's test split; writes eval.json and eval.md to
-    `out` (default: the run directory) and returns eval.json's content. `options`: n, seed,
-    batch_size, device, norm, checks, progress (see `evaluate_models`)."""
-    from d2r.checkpoint import load_run
+    when best.safetensors exists), on its data set's test split, with `attacks` at each eps
+    (see `attack_plan`). Results go into the store in `out` (default: the run directory; see
+    `evaluate_models`); returns eval.json's content. `options`: n, seed, batch_size, device,
+    norm, checks, progress, force."""
+    from d2r.checkpoint import load_run, stored_sha256
 
-    build_suite(attacks, eps, options.get("seed", 0), options.get("norm"))  # fail before loading
+    attack_plan(attacks, eps, options.get("norm"))  # bad names or eps fail before loading
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"{str(run_dir)!r} is not a run directory (no config.yaml)")
@@ -305,7 +420,8 @@ def evaluate_run(
         cfg, method = load_run(run_dir, key)
         epoch = _checkpoint_epoch(run_dir / f"{key}.json")
         label = f"{key} (epoch {epoch})" if epoch is not None else key
-        digest = file_sha256(run_dir / f"{key}.safetensors")
+        # the content sha256 load_run just verified, read from the header (no rehashing)
+        digest = stored_sha256(run_dir / f"{key}.safetensors")
         models[key] = (method.target, label, {"checkpoint": key, "epoch": epoch, "sha256": digest})
     data_spec = (cfg.data.name, cfg.data.root, cfg.data.verify)
     return evaluate_models(models, data_spec, attacks, eps, out, fallback=run_dir, **options)
@@ -315,7 +431,7 @@ def evaluate_weights(
     model_name: str,
     weights: str | Path,
     attacks: Sequence[str] = ("pgd20", "cw20"),
-    eps: float = 8 / 255,
+    eps: float | Sequence[float] = 8 / 255,
     *,
     data: str = "cifar10",
     root: str | Path = "data",
@@ -324,13 +440,13 @@ def evaluate_weights(
     **options: Any,
 ) -> dict[str, Any]:
     """`d2r eval --model ARCH --weights FILE`: a registered architecture with a foreign state
-    dict (loaded strictly after key mapping) on `data`'s test split; writes eval.json and
-    eval.md to `out` (default: WEIGHTS_STEM-eval/ beside the file)."""
+    dict (loaded strictly after key mapping) on `data`'s test split; results go into the store
+    in `out` (default: WEIGHTS_STEM-eval/ beside the file), keyed by the file's sha256."""
     from d2r import data as data_mod
     from d2r.models import MODELS
     from d2r.weights import load_foreign
 
-    build_suite(attacks, eps, options.get("seed", 0), options.get("norm"))
+    attack_plan(attacks, eps, options.get("norm"))
     out = check_writable(out or weights_eval_dir(weights), "eval output directory (--out)")
     info = data_mod.info(data)
     model = MODELS.create(
@@ -338,18 +454,27 @@ def evaluate_weights(
     )
     load_foreign(model, weights)
     weights = Path(weights)
-    extra = {"checkpoint": str(weights), "model": model_name, "sha256": file_sha256(weights)}
+    extra = {"checkpoint": weights.name, "model": model_name, "sha256": file_sha256(weights)}
     # a freshly built model is in train mode; evaluate() would warn about it
     models = {weights.name: (model.eval(), weights.name, extra)}
     options = {"fallback": weights_eval_dir(weights), **options}
     return evaluate_models(models, (data, root, True), attacks, eps, out, **options)
 
 
+class EvaluationStopped(Preempted):
+    """SIGINT/SIGTERM during `d2r eval`: the batch finished and every finished batch is saved;
+    the same command continues it. The CLI exits with 128 + the signal (130 / 143)."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        Exception.__init__(self, message)
+        self.signum = signum
+
+
 def evaluate_models(
     models: Mapping[str, tuple[nn.Module, str, dict[str, Any]]],
     data_spec: tuple[str, str | Path, bool],
     attacks: Sequence[str],
-    eps: float,
+    eps: float | Sequence[float],
     out: Path,
     *,
     n: int | None = None,
@@ -359,84 +484,132 @@ def evaluate_models(
     norm: str | None = None,
     checks: bool = True,
     progress: bool = False,
+    force: bool = False,
     fallback: Path | None = None,
 ) -> dict[str, Any]:
-    """Evaluate each model ({key: (model, its row label, what identifies it, with its file's
-    sha256)}) on the first `n` test images of `data_spec` (name, root, verify); a file whose
-    sha256 was already evaluated (best is often last) reuses its numbers. Writes eval.json
-    (by key) and eval.md (by label) to `out`, or if that fails to `fallback` (see
-    `write_results`)."""
+    """Evaluate each model ({key: (model, its row label, what identifies it: "checkpoint",
+    "sha256", ...)}) on the first `n` test images of `data_spec` (name, root, verify) with
+    `attacks` at each eps (`attack_plan`). Each result goes into the store in `out` (eval.json,
+    eval.md; d2r.evalstore) as soon as its attack finishes; a key already stored is reused
+    (`force`: computed again), and a stopped evaluation resumes from its partial state.
+    SIGINT/SIGTERM: the batch finishes, is saved, and EvaluationStopped is raised. A result
+    that cannot be written to `out` (a disk filled during hours of attacks) goes to `fallback`
+    or a temp directory (ResultsNotWritten says where). Returns eval.json's content."""
     from d2r.trainer import pick_device
 
-    name, root, verify = data_spec
-    x, y = _test_images(name, root, verify, n)
+    plan = attack_plan(attacks, eps, norm)
+    x, y = _test_images(*data_spec, n)
     device = pick_device(device)
-    results: dict[str, dict[str, Any]] = {}
-    for key, (model, label, extra) in models.items():
-        same = [r for r in results.values() if r["sha256"] == extra["sha256"]]
-        if same:  # the same bytes, the same numbers
-            results[key] = {**same[0], **extra, "label": label}
-            continue
-        if progress:
-            print(f"evaluating {label} on {name} ({len(y)} test images, {device})", file=sys.stderr)
-        result = evaluate(
-            model.to(device), x, y, attacks, eps, seed, batch_size, device,
-            norm=norm, checks=checks, progress=progress,
-        )  # fmt: skip
-        results[key] = {**extra, "label": label, "data": name, "argv": sys.argv[1:], **result}
-    return write_results(results, out, fallback)
+    meta = {"batch_size": batch_size, "device": str(device), "dtype": "float32", "checks": checks}
+    guard = SignalGuard(action="finishing the batch and saving the evaluation's progress")
+    images = images_id(data_spec[0], x, y)
+    jobs = _jobs(models, plan, out, images, (seed, norm), meta, guard, force)  # partials checked
+    checkpoints = [{**extra, "label": label} for _, label, extra in models.values()]
+    commit(out, checkpoints=checkpoints)
+    options = {"seed": seed, "batch_size": batch_size, "device": device, "norm": norm}
+    with guard:
+        try:
+            for job in jobs:
+                _run_job(job, x, y, data_spec[0], options, checks=checks, progress=progress)
+        except OSError as err:
+            unsaved = Store(checkpoints, [e for *_, ledger in jobs for e in ledger.unsaved])
+            if not unsaved.results:  # nothing computed is lost
+                raise
+            raise save_elsewhere(unsaved, out, err, fallback) from None
+    return commit(out).content()
 
 
 class ResultsNotWritten(OSError):
-    """eval.json/eval.md could not be written to `out` at the end of an evaluation (a disk
-    filled, a mount went away); `place` is where they were written instead (None: nowhere),
-    `report` what eval.json holds. The CLI prints the table before the error line."""
+    """Results could not be written to `out` (a disk filled, a mount went away); `place` is
+    where they were written instead (None: nowhere), `store` those results. The CLI prints
+    their table before the error line."""
 
-    def __init__(self, out: Path, err: OSError, place: Path | None, report: dict[str, Any]):
-        self.out, self.place, self.report = out, place, report
+    def __init__(self, out: Path, err: OSError, place: Path | None, store: Store) -> None:
+        self.out, self.place, self.store = out, place, store
         saved = f"written to {place} instead" if place else "not written anywhere else"
         super().__init__(
-            f"could not write eval.json and eval.md to {str(out)!r} ({describe(err)}); the "
-            f"results are {saved} and printed above"
+            f"could not write results to {str(out)!r} ({describe(err)}); the results computed "
+            f"are {saved} and printed above; rerun once {str(out)!r} is writable to go on"
         )
 
 
-def write_results(
-    results: Mapping[str, dict[str, Any]], out: Path, fallback: Path | None = None
-) -> dict[str, Any]:
-    """eval.json (one entry per checkpoint, then every warning) and eval.md, atomically, to
-    `out`. Results that took hours are never dropped: if `out` cannot be written, they go to
-    `fallback` (the run directory, beside the weights) or a new temp directory, and
-    ResultsNotWritten says where."""
-    warned = [f"{key}: {w}" for key, r in results.items() for w in r["warnings"]]
-    report = {**results, "warnings": warned}
-    texts = {
-        "eval.json": json.dumps(report, indent=2),
-        "eval.md": markdown_table({r["label"]: r for r in results.values()}),
-    }
-    try:
-        _write_texts(texts, out)
-        return report
-    except OSError as err:
-        error = err
+def save_elsewhere(
+    unsaved: Store, out: Path, err: OSError, fallback: Path | None
+) -> ResultsNotWritten:
+    """Results that took hours are never dropped: into the store in `fallback` (the run
+    directory; beside the weights) or else a new temp directory."""
     for place in [fallback, None]:
         if place is not None and Path(place).resolve() == Path(out).resolve():
             continue
         try:
             place = Path(place) if place is not None else new_temp_dir("d2r-eval-")
-            _write_texts(texts, place)
-        except OSError:
+            commit(place, unsaved.checkpoints, unsaved.results)
+        except (OSError, ValueError):  # unwritable, or a foreign eval.json there
             continue
-        raise ResultsNotWritten(out, error, place, report)
-    raise ResultsNotWritten(out, error, None, report)
+        return ResultsNotWritten(out, err, place, unsaved)
+    return ResultsNotWritten(out, err, None, unsaved)
 
 
-def _write_texts(texts: Mapping[str, str], directory: Path) -> None:
-    from d2r.checkpoint import atomic_write_text
+def _run_job(job: tuple, x: Tensor, y: Tensor, data: str, options: dict, **flags: bool) -> None:
+    """One model at one eps: nothing when the store holds every key, else `evaluate` through
+    the job's ledger, then the evaluation's warnings onto its results."""
+    model, label, eps, suite, ledger = job
+    where = f"{label} at eps {format_eps(eps)} on {data} ({len(y)} test images"
+    if all(ledger.cached(name) is not None for name in [CLEAN, *suite]):
+        print(f"{where}): already in {ledger.out / 'eval.json'} (--force reruns)", file=sys.stderr)
+        return
+    print(f"evaluating {where}, {options['device']})", file=sys.stderr)
+    model = model.to(options["device"])
+    result = evaluate(model, x, y, suite, eps, **options, **flags, ledger=ledger)
+    ledger.add_warnings(result["warnings"])
 
-    directory.mkdir(parents=True, exist_ok=True)
-    for name, text in texts.items():
-        atomic_write_text(directory / name, text)
+
+def _jobs(models, plan, out, images, seeding, meta, guard, force) -> list[tuple]:
+    """(model, label, eps, suite, ledger) for each model and eps of the plan; building each
+    ledger checks its partial state, so a refusal comes before any work."""
+    redone: set[str] = set()  # with `force`: the keys computed again in this call
+    seed, norm = seeding
+    jobs = []
+    for model, label, extra in models.values():
+        for e, names in plan.items():
+            suite = build_suite(names, e, seed, norm)
+            keys = suite_keys(extra["sha256"], suite, model, images, seed)
+            stop = _stopper(guard, label, e, out)
+            ledger = StoreLedger(out, keys, meta, force=force, redone=redone, stop=stop)
+            jobs.append((model, label, e, suite, ledger))
+    return jobs
+
+
+def suite_keys(
+    sha256: str,
+    suite: Mapping[str, Attack],
+    model: nn.Module,
+    images: Mapping[str, Any],
+    seed: int,
+) -> dict[str, dict[str, Any]]:
+    """The store key of clean accuracy and of each attack of `suite` (d2r.evalstore)."""
+    keys = {CLEAN: result_key(sha256, CLEAN, {}, None, None, images, seed)}
+    for name, attack in suite.items():
+        settings = attack_settings(attack, model)
+        norm = attack_norm(attack)
+        keys[name] = result_key(sha256, name, settings, attack.eps, norm, images, seed)
+    return keys
+
+
+def _stopper(guard: SignalGuard, label: str, eps: float, out: Path) -> Callable[[str, int], None]:
+    """After each saved batch: stop there if a signal came."""
+
+    def stop(name: str, batches: int) -> None:
+        if guard.signum is not None:
+            raise EvaluationStopped(
+                guard.signum,
+                f"stopped by {signal.Signals(guard.signum).name} after batch {batches} of "
+                f"{name} at eps {format_eps(eps)} on {label}; every finished batch is saved in "
+                f"{out} (results in eval.json, progress in eval-partial-*.json); run the same "
+                "d2r eval command again to continue from there",
+            )
+
+    return stop
 
 
 def weights_eval_dir(weights: str | Path) -> Path:

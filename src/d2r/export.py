@@ -151,18 +151,19 @@ def _checkpoint_epoch(run_dir: Path, checkpoint: str) -> int | None:
         return None
 
 
-def _evaluation(run_dir: Path, checkpoint: str) -> dict[str, Any] | None:
-    """The eval.json entry of this checkpoint (either eval.json shape), or None."""
-    from d2r.report import eval_entries
+def _evaluation(run_dir: Path, checkpoint: str) -> list[dict[str, Any]] | None:
+    """Every stored evaluation of this checkpoint file (eval.json rows of its sha256: one per
+    eps and norm, with the worst case and what it covers), or None if it was never evaluated."""
+    from d2r.checkpoint import stored_sha256
+    from d2r.evalstore import Store, rows
 
-    path = run_dir / "eval.json"
-    if not path.is_file():
-        return None
-    entries = eval_entries(json.loads(path.read_text()))
-    entry = entries.get(checkpoint)
-    if entry is None and len(entries) == 1:  # an older flat file: one result, for "last"
-        entry = next(iter(entries.values()))
-    return {k: v for k, v in entry.items() if k != "argv"} if entry else None
+    sha256 = stored_sha256(run_dir / f"{checkpoint}.safetensors")
+    found = [
+        {k: v for k, v in row.items() if k not in ("label", "warnings")}
+        for row in rows(Store.read(run_dir))
+        if row["checkpoint"] == checkpoint and row["sha256"] == sha256
+    ]
+    return found or None
 
 
 # Loading ------------------------------------------------------------------------------------

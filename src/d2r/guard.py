@@ -75,8 +75,9 @@ class SignalGuard:
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self) -> None:
+    def __init__(self, action: str = "finishing the step and writing a checkpoint") -> None:
         self.signum: int | None = None
+        self.action = action  # what the loop does before it stops, for the notice
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> SignalGuard:
@@ -90,8 +91,8 @@ class SignalGuard:
             raise KeyboardInterrupt
         self.signum = signum
         print(
-            f"\nd2r: {signal.Signals(signum).name} received; finishing the step and writing a "
-            "checkpoint (send it again to stop at once)",
+            f"\nd2r: {signal.Signals(signum).name} received; {self.action} (send it again to "
+            "stop at once)",
             file=sys.stderr,
             flush=True,
         )

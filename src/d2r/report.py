@@ -7,9 +7,11 @@ runs share a row only when their configs are equal except for the seed and NON_R
 each row is labelled by the keys that tell it apart from the rows of the same method.
 `group_by` groups on purpose by fewer keys, and says so in the table's notes.
 
-Numbers come from a run's eval.json (`d2r eval`). A run without one falls back to the last
-per-epoch check of metrics.jsonl (one attack, a test subset), marked as such; a run with neither
-says "not evaluated".
+Numbers come from a run's eval.json (`d2r eval`'s store, d2r.evalstore) at one eps: each run's
+training eps, or the one `eps` names (the worst case covers the results at that eps only). A
+run without results there falls back to the last per-epoch check of metrics.jsonl (one attack,
+a test subset), marked as such, when it was at that eps; a run with neither says "not
+evaluated", or "—" where only another eps was evaluated.
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from d2r.attacks import label as attack_label
-from d2r.checkpoint import atomic_write_text
-from d2r.config import Config, format_eps
+from d2r.attacks import norm_label
+from d2r.checkpoint import atomic_write_text, stored_sha256
+from d2r.config import Config, format_eps, parse_number
 from d2r.curves import write_curves
+from d2r.evalstore import Store, summary
 from d2r.experiments import (
     NON_RESULT_KEYS,
     NOT_RECORDED,
@@ -42,6 +46,7 @@ from d2r.tables import markdown as markdown_lines
 WORST = "worst_case"
 EVAL_JSON = "eval.json"
 EPOCH_CHECK = "per-epoch check"  # the source label of the metrics.jsonl fallback
+NO_RESULT = "no result at this eps"
 # Keys a table shows in its own columns (Data, Model, Method), so never in a row's label.
 _SHOWN = frozenset({"data.name", "target.name", "method.name", "guide", "guide.name"})
 
@@ -57,7 +62,7 @@ class RunResult:
     method: str
     seed: int | str
     eps: float | None
-    source: str  # "eval.json", "per-epoch check" or "not evaluated"
+    source: str  # "eval.json", "per-epoch check", "no result at this eps" or "not evaluated"
     detail: str  # which checkpoint / attack / how many test images
     metrics: dict[str, float] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
@@ -89,10 +94,10 @@ def find_runs(paths: list[str | Path]) -> list[Path]:
     return list(unique.values())
 
 
-def read_run(run_dir: str | Path, checkpoint: str = "last") -> RunResult:
+def read_run(run_dir: str | Path, checkpoint: str = "last", eps: float | None = None) -> RunResult:
     """The run's identity from config.yaml (resolved; keys it lacks are NOT_RECORDED) and its
-    numbers from eval.json (the `checkpoint` entry when there are several), else the last
-    per-epoch check."""
+    numbers at `eps` (default: its training eps, method.eps) from eval.json (the `checkpoint`
+    entry, of the file there now), else the last per-epoch check if it was at that eps."""
     from d2r.runs import read_config
 
     run_dir = Path(run_dir)
@@ -107,10 +112,19 @@ def read_run(run_dir: str | Path, checkpoint: str = "last") -> RunResult:
         "config": config,
         "not_recorded": missing,
     }
-    found = _from_eval_json(run_dir, checkpoint)
-    if found is None:
-        found = _from_epoch_check(run_dir, cfg)
+    wanted = eps if eps is not None else cfg.method.get("eps")
+    found = _from_eval_json(run_dir, cfg, checkpoint, wanted) or _from_epoch_check(run_dir, cfg)
+    if found["source"] == "not evaluated":
+        elsewhere = (run_dir / EVAL_JSON).is_file()  # evaluated, at other eps only
+    else:
+        elsewhere = eps is not None and not _same(found["eps"], eps)
+    if elsewhere:
+        found = {"eps": wanted, "source": NO_RESULT, "detail": f"at eps {format_eps(wanted)}"}
     return RunResult(**base, **found)
+
+
+def _same(a: float | None, b: float) -> bool:
+    return a is not None and abs(a - b) <= 1e-9 * max(1.0, abs(b))
 
 
 def _method_label(cfg: Config) -> str:
@@ -120,48 +134,24 @@ def _method_label(cfg: Config) -> str:
     return f"{name} (guide {guide['name']})" if guide else name
 
 
-def eval_entries(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """eval.json's results by checkpoint, for both shapes: one flat result ("clean" at the top,
-    older files) or one entry per checkpoint ({"last": {...}, "best": {...}, "warnings": [...]})."""
-    if "clean" in report:
-        return {str(report.get("checkpoint") or "last"): report}
-    return {k: v for k, v in report.items() if isinstance(v, dict) and "clean" in v}
-
-
-def _from_eval_json(run_dir: Path, checkpoint: str) -> dict[str, Any] | None:
-    path = run_dir / EVAL_JSON
-    if not path.is_file():
+def _from_eval_json(
+    run_dir: Path, cfg: Config, checkpoint: str, eps: float | None
+) -> dict[str, Any] | None:
+    """The stored results of `checkpoint` at `eps` and the training norm, with their worst
+    case; only those of the checkpoint file there now, when there is one."""
+    store = Store.read(run_dir)  # a file it cannot read is an error naming it
+    if eps is None or not store.results:
         return None
-    try:
-        entries = eval_entries(json.loads(path.read_text()))
-    except ValueError:
-        raise ValueError(f"{str(path)!r} is not valid JSON; rerun `d2r eval {run_dir}`") from None
-    if not entries:
+    norm = norm_label(cfg.method.get("norm", "linf"))  # as results record it: Linf, L2
+    sha256 = stored_sha256(run_dir / f"{checkpoint}.safetensors")
+    row = summary(store, checkpoint, eps, norm, sha256)
+    if row is None:
         return None
-    key = checkpoint if checkpoint in entries else next(iter(entries))
-    entry = entries[key]
-    settings = entry.get("settings", {})
-    metrics = {k: float(entry[k]) for k in _accuracy_keys(entry)}
-    n = settings.get("n")
-    detail = f"{key}" + (f", n={n}" if n else "")
-    budget = {"eps": settings.get("eps"), "norm": settings.get("norm", "Linf")}
+    metrics = {k: float(row[k]) for k in [*row["worst_case_over"], WORST]}
+    over = ", ".join(map(column_label, row["worst_case_over"]))
+    detail = f"{checkpoint}, n={row['settings']['n']}, worst case of {over}"
+    budget = {"eps": row["eps"], "norm": norm}
     return {**budget, "source": EVAL_JSON, "detail": detail, "metrics": metrics}
-
-
-def _accuracy_keys(entry: dict[str, Any]) -> list[str]:
-    """ "clean", each attack the entry's settings list, "worst_case"; without that list, every
-    number that is not bookkeeping (older or foreign files)."""
-    attacks = entry.get("settings", {}).get("attacks")
-    if isinstance(attacks, dict):
-        keys = ["clean", *attacks, WORST]
-    else:
-        bookkeeping = {"epoch", "seconds", "settings", "warnings", "sha256", "checkpoint", "n"}
-        keys = [k for k in entry if k not in bookkeeping]
-    return [k for k in keys if _is_number(entry.get(k))]
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _from_epoch_check(run_dir: Path, cfg: Config) -> dict[str, Any]:
@@ -270,6 +260,8 @@ def _cell(stats: dict[str, Any] | None, pm: str) -> str:
 
 
 def _source_text(g: dict[str, Any]) -> str:
+    if g["source"] == NO_RESULT:
+        return f"no result ({'; '.join(dict.fromkeys(g['details']))})"
     if g["source"] == EPOCH_CHECK:
         return f"{EPOCH_CHECK}† ({'; '.join(dict.fromkeys(g['details']))})"
     if g["source"] == EVAL_JSON:
@@ -281,16 +273,32 @@ NOTES = [
     "Accuracies in % (mean ± sample std over seeds when there are several); eps is the radius "
     "in the norm its column or cell names; worst case = robust against every attack run, per "
     "sample.",
-    "† no eval.json: the last per-epoch check during training (one attack on a test subset), "
-    "not the full evaluation; run `d2r eval RUN_DIR --attacks pgd20,pgd50,cw20,aa`.",
+    "† no eval.json result at that eps: the last per-epoch check during training (one attack on "
+    "a test subset), not the full evaluation; run `d2r eval RUN_DIR --attacks "
+    "pgd20,pgd50,cw20,aa`.",
 ]
 
 
-def notes(groups: list[dict[str, Any]], by: list[str] | None = None) -> list[str]:
-    """The table's notes: how rows were formed, the † one only when a row carries the mark,
-    and every run whose config.yaml does not record some keys."""
+def eps_note(eps: float | None) -> str:
+    """Which eps fills the columns (`d2r report --eps`)."""
+    if eps is None:
+        return (
+            "Each run at its training eps (method.eps); worst case over the results at that "
+            "eps only. `d2r report --eps X` shows another eps."
+        )
+    return (
+        f"Every run at eps = {format_eps(eps)} (--eps); worst case over the results at that "
+        "eps only; a run without a result there shows —."
+    )
+
+
+def notes(
+    groups: list[dict[str, Any]], by: list[str] | None = None, eps: float | None = None
+) -> list[str]:
+    """The table's notes: which eps, how rows were formed, the † one only when a row carries
+    the mark, and every run whose config.yaml does not record some keys."""
     marked = any(g["source"] == EPOCH_CHECK for g in groups)
-    out = [NOTES[0], *(NOTES[1:] if marked else []), _grouping_note(groups, by)]
+    out = [NOTES[0], eps_note(eps), *(NOTES[1:] if marked else []), _grouping_note(groups, by)]
     missing: dict[tuple, list[str]] = {}
     for g in groups:
         for run, keys in g["not_recorded"].items():
@@ -333,13 +341,18 @@ def _norms(groups: list[dict[str, Any]]) -> list[str]:
     return [g.get("norm", "Linf") for g in groups]
 
 
-def markdown(groups: list[dict[str, Any]], columns: list[str], by: list[str] | None = None) -> str:
+def markdown(
+    groups: list[dict[str, Any]],
+    columns: list[str],
+    by: list[str] | None = None,
+    eps: float | None = None,
+) -> str:
     head = [*_head(groups, columns, eps_head(_norms(groups))), "Source"]
     setting = _has_setting(groups)
     rows = [_row_cells(g, columns, "±", setting, _norms(groups)) for g in groups]
     lines = markdown_lines(head, rows)
     runs = [f"- row {i}: {', '.join(g['runs'])}" for i, g in enumerate(groups, 1)]
-    return "\n".join([*lines, "", *notes(groups, by), "", "Runs:", *runs]) + "\n"
+    return "\n".join([*lines, "", *notes(groups, by, eps), "", "Runs:", *runs]) + "\n"
 
 
 def _row_cells(
@@ -348,6 +361,8 @@ def _row_cells(
     seeds = ", ".join(map(str, g["seeds"]))
     if g["source"] == "not evaluated":
         values = ["not evaluated"] + ["—"] * (len(columns) - 1)
+    elif g["source"] == NO_RESULT:
+        values = ["—"] * len(columns)
     else:
         values = [_cell(g["metrics"].get(k), pm) for k in columns]
     names = [g["data"], g["model"], g["method"], *([g["label"] or "—"] if setting else [])]
@@ -355,11 +370,16 @@ def _row_cells(
     return [*names, eps, seeds, *values, _source_text(g)]
 
 
-def latex(groups: list[dict[str, Any]], columns: list[str], by: list[str] | None = None) -> str:
+def latex(
+    groups: list[dict[str, Any]],
+    columns: list[str],
+    by: list[str] | None = None,
+    eps: float | None = None,
+) -> str:
     """A booktabs table (needs \\usepackage{booktabs})."""
     kinds = set(_norms(groups))
-    eps = r"$\epsilon$" + (f" ({kinds.pop()})" if len(kinds) == 1 else "")
-    head = [*_head(groups, columns, eps), "Source"]
+    eps_title = r"$\epsilon$" + (f" ({kinds.pop()})" if len(kinds) == 1 else "")
+    head = [*_head(groups, columns, eps_title), "Source"]
     spec = "l" * (len(head) - len(columns) - 1) + "r" * len(columns) + "l"
     lines = [
         r"\begin{tabular}{" + spec + "}",
@@ -372,7 +392,7 @@ def latex(groups: list[dict[str, Any]], columns: list[str], by: list[str] | None
         cells = [_tex(c) for c in row]
         lines.append(" & ".join(c.replace("PMSIGN", r"$\pm$") for c in cells) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
-    notes_tex = [f"% {n}" for n in notes(groups, by)]
+    notes_tex = [f"% {n}" for n in notes(groups, by, eps)]
     return "\n".join([*notes_tex, *lines]) + "\n"
 
 
@@ -397,6 +417,7 @@ def as_json(
     columns: list[str],
     results: list[RunResult],
     by: list[str] | None = None,
+    eps: float | None = None,
 ) -> str:
     labels = {k: column_label(k) for k in columns}
     body = {
@@ -405,6 +426,7 @@ def as_json(
         "units": "fraction in [0, 1]",
         "columns": labels,
         "group_by": by,  # None: every key but the seed and non_result_keys
+        "eps": eps,  # None: each run's training eps
         "non_result_keys": sorted(NON_RESULT_KEYS),
         "groups": groups,
         "runs": [asdict(r) for r in results],
@@ -423,20 +445,22 @@ def report(
     curves: bool = True,
     csv: bool = False,
     group_by: list[str] | None = None,
+    eps: float | None = None,
 ) -> dict[str, str]:
     """Tables for the runs under `paths` ({"md", "tex", "json"} texts), written to `out`/report.*
     when `out` is given; curves.png (and metrics.csv with `csv`) in each run directory.
-    `group_by`: config keys (e.g. ["method.name"]) to group by instead of the whole config."""
+    `group_by`: config keys (e.g. ["method.name"]) to group by instead of the whole config.
+    `eps`: the eps whose results fill the columns (default: each run's training eps)."""
     from d2r.logs import metrics_csv
 
     runs = find_runs(list(paths))
     _check_writable(runs, out, curves, csv)
-    results = [read_run(run, checkpoint) for run in runs]
+    results = [read_run(run, checkpoint, eps) for run in runs]
     groups, columns = group(results, group_by), columns_of(results)  # refusals come first
     texts = {
-        "md": markdown(groups, columns, group_by),
-        "tex": latex(groups, columns, group_by),
-        "json": as_json(groups, columns, results, group_by),
+        "md": markdown(groups, columns, group_by, eps),
+        "tex": latex(groups, columns, group_by, eps),
+        "json": as_json(groups, columns, results, group_by, eps),
     }
     for run in runs:
         if curves and read_metrics(run, "epoch"):
@@ -482,8 +506,13 @@ def add_command(sub: Any) -> None:
         "--checkpoint",
         choices=["last", "best"],
         default="last",
-        help="which eval.json entry to report when it holds several, and the models of "
-        "--figure fig3 (default: last)",
+        help="which checkpoint's eval.json results to report, and the models of --figure fig3 "
+        "(default: last)",
+    )
+    p.add_argument(
+        "--eps",
+        help="the eps whose results fill the columns, e.g. 8/255 or 0.031 (default: each "
+        "run's training eps); a run without a result at it shows —",
     )
     p.add_argument(
         "--csv",
@@ -502,6 +531,16 @@ def add_command(sub: Any) -> None:
 
     figures.add_arguments(p)
     p.set_defaults(func=_command)
+
+
+def parse_eps(text: str | None) -> float | None:
+    """--eps '8/255' -> 0.0313...; None stays None."""
+    if text is None:
+        return None
+    try:
+        return parse_number(text)
+    except ValueError:
+        raise ValueError(f"--eps {text!r}: give one number, e.g. 8/255 or 0.031") from None
 
 
 def parse_group_by(text: str | None) -> list[str] | None:
@@ -526,6 +565,7 @@ def _command(args: Any) -> int:
         curves=not args.no_curves,
         csv=args.csv,
         group_by=parse_group_by(args.group_by),
+        eps=parse_eps(args.eps),
     )
     print(texts["md"], end="")
     if args.out:
