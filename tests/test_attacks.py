@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from d2r.attacks import FGSM, PGD, AutoAttack, from_name
+from d2r.attacks import AA_INSTALL, FGSM, PGD, AutoAttack, from_name
 
 
 def _mlp(seed: int = 0, classes: int = 10) -> nn.Module:
@@ -27,7 +27,7 @@ def data():
 
 
 def _aa_fast(eps: float) -> AutoAttack:
-    pytest.importorskip("pyautoattack", reason='AutoAttack extra: pip install "d2r[autoattack]"')
+    pytest.importorskip("pyautoattack", reason=AA_INSTALL)
     return AutoAttack(eps=eps, version="custom", attacks=("apgd-ce",))
 
 
@@ -116,7 +116,7 @@ def test_from_name_covers_every_evaluation_attack():
 
 
 def test_autoattack_versions_map_to_the_original_attack_lists():
-    pytest.importorskip("pyautoattack", reason='AutoAttack extra: pip install "d2r[autoattack]"')
+    pytest.importorskip("pyautoattack", reason=AA_INSTALL)
     model = _mlp()
     standard = AutoAttack(eps=8 / 255).build(model)
     assert standard.attacks_to_run == ["apgd-ce", "apgd-t", "fab-t", "square"]
@@ -144,5 +144,5 @@ def test_autoattack_is_reproducible_and_leaves_rng_and_grads_alone(data):
 def test_missing_autoattack_package_says_how_to_install(data, monkeypatch):
     model, x, y = data
     monkeypatch.setitem(sys.modules, "pyautoattack", None)  # import now raises ImportError
-    with pytest.raises(ImportError, match=r'pip install "d2r\[autoattack\]"'):
+    with pytest.raises(ImportError, match=r'pip install "d2r-robust\[autoattack\]"'):
         AutoAttack()(model, x, y)

@@ -10,7 +10,7 @@ from torch import nn
 
 import d2r
 from d2r import checkpoint, weights
-from d2r.attacks import PGD, AutoAttack
+from d2r.attacks import AA_INSTALL, PGD, AutoAttack
 from d2r.cli import main
 from d2r.config import format_eps
 from d2r.evalstore import Store, rows
@@ -168,7 +168,7 @@ def test_accuracy_rising_with_more_steps_warns():
 
 
 def test_autoattack_in_evaluate_runs_and_is_reproducible(data):
-    pytest.importorskip("pyautoattack", reason='AutoAttack extra: pip install "d2r[autoattack]"')
+    pytest.importorskip("pyautoattack", reason=AA_INSTALL)
     model, x, y = data
     suite = {
         "pgd10": PGD(eps=0.05, step_size=0.0125, steps=10),
@@ -184,7 +184,7 @@ def test_autoattack_in_evaluate_runs_and_is_reproducible(data):
 def test_missing_autoattack_fails_before_any_attack(data, monkeypatch):
     model, x, y = data
     monkeypatch.setitem(__import__("sys").modules, "pyautoattack", None)
-    with pytest.raises(ImportError, match=r"d2r\[autoattack\]"):
+    with pytest.raises(ImportError, match=r"d2r-robust\[autoattack\]"):
         d2r.evaluate(model, x, y, attacks=["pgd20", "aa"])
 
 

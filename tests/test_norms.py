@@ -14,6 +14,7 @@ from torch import nn
 import d2r
 from d2r import data
 from d2r.attacks import (
+    AA_INSTALL,
     FGSM,
     PGD,
     AutoAttack,
@@ -56,7 +57,7 @@ def _l2(delta: torch.Tensor) -> torch.Tensor:
 
 
 def _aa_l2() -> AutoAttack:
-    pytest.importorskip("pyautoattack", reason='AutoAttack extra: pip install "d2r[autoattack]"')
+    pytest.importorskip("pyautoattack", reason=AA_INSTALL)
     return AutoAttack(eps=EPS, version="custom", attacks=("apgd-ce",), norm="l2")
 
 
@@ -177,7 +178,7 @@ def test_from_name_builds_each_evaluation_attack_in_l2():
 
 
 def test_autoattack_runs_the_packages_l2_version():
-    pytest.importorskip("pyautoattack", reason='AutoAttack extra: pip install "d2r[autoattack]"')
+    pytest.importorskip("pyautoattack", reason=AA_INSTALL)
     adversary = from_name("aa", EPS, norm="l2").build(_mlp())
     assert adversary.norm == "L2" and adversary.epsilon == EPS
     assert adversary.attacks_to_run == ["apgd-ce", "apgd-t", "fab-t", "square"]

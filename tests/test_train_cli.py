@@ -116,10 +116,12 @@ def test_schedule_scales_to_short_runs():
     assert factors[15:18] == pytest.approx([0.1] * 3) and factors[18:] == pytest.approx([0.01] * 2)
 
 
-def test_resuming_a_finished_run_is_refused_and_changes_nothing(demo_run, capsys):
+def test_resuming_a_finished_run_succeeds_and_changes_nothing(demo_run, capsys):
+    """A requeued job resuming a run that is done: nothing to do is a success (exit 0)."""
     before = {p.name: p.read_bytes() for p in demo_run.iterdir() if p.is_file()}
-    assert main(["train", "--resume", str(demo_run), "-q"]) == 2
-    assert "already finished its 2 epochs" in capsys.readouterr().err
+    assert main(["train", "--resume", str(demo_run), "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "already finished its 2 epochs; nothing to do" in out and "train.epochs=N" in out
     assert {p.name: p.read_bytes() for p in demo_run.iterdir() if p.is_file()} == before
 
 

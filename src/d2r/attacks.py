@@ -318,7 +318,7 @@ def from_name(
     return PGD(eps=eps, step_size=step, steps=steps, loss=loss, restarts=restarts, norm=norm)
 
 
-AA_INSTALL = 'AutoAttack needs the optional package: pip install "d2r[autoattack]"'
+AA_INSTALL = 'AutoAttack needs the optional package: pip install "d2r-robust[autoattack]"'
 
 
 def require_autoattack() -> Any:

@@ -24,6 +24,8 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
+from d2r.files import follow_umask
+
 if TYPE_CHECKING:
     from d2r.config import Config
     from d2r.data import DeviceLoader
@@ -36,11 +38,13 @@ _META_KEY = "d2r"
 
 def atomic_write(path: str | Path, data: bytes) -> None:
     """Write to a temp file in the same directory, fsync, then rename over `path`: a crash
-    leaves either the old file or the new one, never a half-written one."""
+    leaves either the old file or the new one, never a half-written one. The file gets the mode
+    the umask gives (as metrics.jsonl does), not mkstemp's 0600."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
+            follow_umask(f.fileno())
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -213,6 +217,7 @@ def save_run(
     tensors.update(prefixed(STATE, extra))
     train_state = {
         **state.counters(),
+        "terms": list(state.sums),  # the file keeps tensors sorted; the log keeps this order
         "loader": position,
         "optimizer": optim_meta,
         "rng": rng_meta,
@@ -241,7 +246,8 @@ def restore_run(
     load_optimizer_state(optimizer, models, extra, ts["optimizer"], str(path))
     loader.load_state_dict({**ts["loader"], "generator": extra["loader.generator"]})
     device = next(method.parameters()).device
-    sums = {k: v.to(device) for k, v in unprefixed("sums", extra).items()}
+    sums = unprefixed("sums", extra)
+    sums = {k: sums[k].to(device) for k in ts.get("terms", sorted(sums))}
     counters = {k: ts[k] for k in TrainState().counters()}
     restore_rng(extra, ts["rng"])
     return TrainState(**counters, sums=sums)

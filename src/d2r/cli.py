@@ -1,12 +1,18 @@
-"""Command line: d2r train | eval | report | export | list | data. Errors at the boundary are
-one line, exit 2."""
+"""Command line: d2r train | eval | report | export | list | data. Every subcommand takes the
+common flags (-q/--quiet, --debug) before or after its name. Errors are one line: bad input
+exit 2, a failure of the environment (network, disk, permissions, a missing package) exit 1;
+--debug or D2R_DEBUG=1 shows the traceback instead."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from d2r.config import parse_number, resolve
 from d2r.guard import Preempted
@@ -23,12 +29,7 @@ def _train(args: argparse.Namespace) -> int:
         )
         main_rank = trainer.dist.is_main  # under torchrun only rank 0 prints
         if main_rank:
-            ranks = trainer.dist.world_size
-            where = f"{trainer.device}" + (f", {ranks} processes" if ranks > 1 else "")
-            print(
-                f"training {cfg.method['name']} on {cfg.data.name} ({where}); "
-                f"run directory: {trainer.run_dir}"
-            )
+            print(_train_header(trainer))
         run = trainer.fit()
     finally:
         distributed.cleanup()
@@ -36,6 +37,19 @@ def _train(args: argparse.Namespace) -> int:
         print(_summary_table(run.history, cfg.eval.attack))
         print(f"run directory: {run.dir}")
     return 0
+
+
+def _train_header(trainer: Any) -> str:
+    cfg, run_dir = trainer.cfg, trainer.run_dir
+    if trainer.already_finished:  # a requeued job resuming a finished run: success, not work
+        epochs = trainer.state.epoch
+        return (
+            f"{run_dir} already finished its {epochs} epochs; nothing to do (to train "
+            f"longer: d2r train --resume {run_dir} --set train.epochs=N with N > {epochs})"
+        )
+    ranks = trainer.dist.world_size
+    where = f"{trainer.device}" + (f", {ranks} processes" if ranks > 1 else "")
+    return f"training {cfg.method['name']} on {cfg.data.name} ({where}); run directory: {run_dir}"
 
 
 def _train_config(args: argparse.Namespace):
@@ -81,7 +95,21 @@ def _summary_table(history: list[dict], attack: str) -> str:
 def _eval(args: argparse.Namespace) -> int:
     """Evaluate a run's checkpoints (last, best) or foreign weights into eval.json / eval.md."""
     from d2r.evalstore import Store, markdown
-    from d2r.evaluate import evaluate_run, evaluate_weights, weights_eval_dir
+    from d2r.evaluate import ResultsNotWritten, weights_eval_dir
+
+    try:
+        _evaluate(args)
+    except ResultsNotWritten as err:  # hours of attacks: their numbers first, then the error
+        print(markdown(err.store))
+        raise
+    out = Path(args.out or args.run_dir or weights_eval_dir(args.weights))
+    print(markdown(Store.read(out)))
+    print(f"wrote {out / 'eval.json'} and {out / 'eval.md'} (every result kept there)")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from d2r.evaluate import evaluate_run, evaluate_weights
 
     attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
     options = {
@@ -109,10 +137,6 @@ def _eval(args: argparse.Namespace) -> int:
         )
     else:
         raise ValueError("give a run directory, or --model ARCH --weights FILE")
-    out = Path(args.out or args.run_dir or weights_eval_dir(args.weights))
-    print(markdown(Store.read(out)))
-    print(f"wrote {out / 'eval.json'} and {out / 'eval.md'} (every result kept there)")
-    return 0
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -153,9 +177,96 @@ def _numbers(text: str) -> list[float]:
     return [_number(part.strip()) for part in text.split(",") if part.strip()]
 
 
+def common_flags(default: Any) -> argparse.ArgumentParser:
+    """-q/--quiet and --debug, for the main parser (default False) and as a parent of every
+    subcommand (default SUPPRESS: given before the subcommand's name, the flag is not reset
+    by the subcommand's default)."""
+    flags = argparse.ArgumentParser(add_help=False)
+    flags.add_argument(
+        "-q", "--quiet", action="store_true", default=default, help="no progress bar or log lines"
+    )
+    flags.add_argument(
+        "--debug",
+        action="store_true",
+        default=default,
+        help="show the traceback of an error instead of one line (or set D2R_DEBUG=1)",
+    )
+    return flags
+
+
+class Subcommands(argparse._SubParsersAction):
+    """Every subcommand takes the common flags, wherever it is defined (cli.py, the modules'
+    add_command functions): add_parser adds them as a parent."""
+
+    def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        parents = [*kwargs.pop("parents", []), common_flags(default=argparse.SUPPRESS)]
+        return super().add_parser(name, parents=parents, **kwargs)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside training (whose guard checkpoints first): raised in the main thread, so
+    temp files are removed on the way out and the exit status is 143."""
+
+
+@contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    def handle(signum: int, frame: object) -> None:
+        raise Terminated(signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handle)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _failure(err: BaseException) -> tuple[str, int] | None:
+    """The one line and exit status for an expected failure; None for a bug (its traceback)."""
+    from d2r.files import describe
+
+    if isinstance(err, Terminated):
+        return (
+            "d2r: stopped by SIGTERM; no file is left half-written (each is renamed into place)",
+            143,
+        )
+    if isinstance(err, KeyboardInterrupt):
+        # a second Ctrl-C during training lands here too: files are written by atomic rename
+        return (
+            "d2r: interrupted; no file is left half-written (each is renamed into place); a "
+            "training run continues from its last checkpoint with: d2r train --resume RUN_DIR; "
+            "d2r eval continues from its last saved batch when run again",
+            130,
+        )
+    if isinstance(err, (ValueError, FileNotFoundError)):  # bad input: what to change
+        return f"d2r: error: {err}", 2
+    hint = "(--debug shows the traceback)"
+    if isinstance(err, OSError):  # network, disk, permissions
+        return f"d2r: error: {describe(err)} {hint}", 1
+    if isinstance(err, ImportError):  # an optional package (its message says which extra)
+        return f"d2r: error: {err} {hint}", 1
+    if _is_out_of_memory(err):  # torch's message is a page: its first two sentences
+        first = ". ".join(str(err).split(". ")[:2]).strip(". ") or "out of memory"
+        return f"d2r: error: {first}; lower data.batch_size (train) or --batch-size (eval)", 1
+    return None
+
+
+def _is_out_of_memory(err: BaseException) -> bool:
+    torch = sys.modules.get("torch")  # never imported here just to ask
+    cuda = torch is not None and isinstance(err, torch.cuda.OutOfMemoryError)
+    return cuda or isinstance(err, MemoryError)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="d2r", description=__doc__)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser = argparse.ArgumentParser(
+        prog="d2r",
+        description=__doc__,
+        parents=[common_flags(default=False)],
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", action=Subcommands)
     train = sub.add_parser("train", help="train a model (default: D2R-CAG on the embedded digits)")
     train.add_argument("-c", "--config", help="YAML config (default: the embedded demo)")
     train.add_argument(
@@ -172,7 +283,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue an interrupted run exactly where its last checkpoint "
         "stopped; --set KEY=VALUE names the keys allowed to change",
     )
-    train.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=_train)
 
     ev = sub.add_parser(
@@ -231,14 +341,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="evaluate again what eval.json already holds (and drop any partial progress)",
     )
-    ev.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     ev.set_defaults(func=_eval)
 
     ls = sub.add_parser("list", help="registered models, methods, attacks and data sets")
     ls.set_defaults(func=_list)
 
     dat = sub.add_parser("data", help="data set files")
-    dsub = dat.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    dsub = dat.add_subparsers(
+        dest="data_command", metavar="ACTION", required=True, action=Subcommands
+    )
     dl = dsub.add_parser("download", help="download and verify a data set")
     dl.add_argument("name")
     dl.add_argument("--root", default="data")
@@ -258,25 +369,20 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     func: Callable[[argparse.Namespace], int] = args.func
+    debug = args.debug or os.environ.get("D2R_DEBUG", "") not in ("", "0")
     try:
-        return func(args)
+        with _sigterm_raises():
+            return func(args)
     except Preempted as err:  # SIGINT/SIGTERM: checkpoint written; 128 + signal, as shells do
         print(f"d2r: {err}", file=sys.stderr)
         return err.exit_code
-    except (ValueError, FileNotFoundError) as err:
-        message = " ".join(str(err).split())  # one line, whatever the message
-        print(f"d2r: error: {message}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        # A second Ctrl-C during training lands here: files are written by atomic rename, so
-        # the last checkpoint on disk is whole.
-        print(
-            "d2r: interrupted; the last checkpoint written is intact (for a training run: "
-            "d2r train --resume RUN_DIR continues from it; for d2r eval: the same command "
-            "continues from the last batch saved)",
-            file=sys.stderr,
-        )
-        return 130
+    except (Exception, KeyboardInterrupt) as err:
+        failure = None if debug else _failure(err)
+        if failure is None:
+            raise
+        message, code = failure
+        print(" ".join(message.split()), file=sys.stderr)  # one line, whatever the message
+        return code
 
 
 if __name__ == "__main__":

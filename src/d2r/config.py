@@ -52,14 +52,15 @@ class TrainConfig:
     momentum: float = _num(0.9)
     weight_decay: float = _num(2e-4)
     nesterov: bool = False
-    # The reference schedule, scaled to `epochs`: lr * warmup_factor in the first epoch, then
-    # x0.1 at each fraction of the run in `decay_at` (75% and 90%, i.e. epochs 76 and 91 of 100).
+    # The reference schedule, scaled to `epochs`: lr * warmup_factor in the first epoch (not in a
+    # one-epoch run), then x0.1 at each fraction of the run in `decay_at` (75% and 90%, i.e.
+    # epochs 76 and 91 of 100).
     warmup_factor: float = _num(0.2)
     decay_at: list[float] = _num(default_factory=lambda: [0.75, 0.9])
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     # steps between metrics.jsonl lines (the only host sync of the loop)
     log_every: int = _num(20, positive=True)
-    tensorboard: bool = False  # mirror metrics.jsonl to RUN_DIR/tensorboard (d2r[tensorboard])
+    tensorboard: bool = False  # mirror metrics.jsonl to RUN_DIR/tensorboard (extra: tensorboard)
     # Speed (d2r.speed; README "Speed"). "auto": on for CUDA (and, except compile, for CPUs with
     # native bf16), off elsewhere; true/false force a flag. Evaluation always runs in fp32.
     amp: Literal["auto", "bf16", "off"] | bool = "auto"  # bf16 autocast of the step and attack

@@ -353,6 +353,8 @@ class StoreLedger(Ledger):
     ) -> None:
         self.out, self.keys, self.meta = Path(out), dict(keys), dict(meta)
         self.force, self.stop = force, stop
+        self.unsaved: list[dict[str, Any]] = []  # results `out` refused (evaluate saves them)
+        self.progress_saved = True
         self.redone = redone if redone is not None else set()
         for key in self.keys.values():
             self._check_partial(key)
@@ -399,12 +401,26 @@ class StoreLedger(Ledger):
             "correct": pack_flags(flags),
             "seconds": seconds,
         }
-        atomic_write_text(partial_path(self.out, self.keys[name]), json.dumps(state))
+        try:
+            atomic_write_text(partial_path(self.out, self.keys[name]), json.dumps(state))
+        except OSError as err:  # the attack goes on in memory; its result is kept at the end
+            if self.progress_saved:
+                print(
+                    f"d2r: warning: cannot save the evaluation's progress in {self.out} "
+                    f"({err.strerror or err}); it goes on, but a stop now loses this attack",
+                    file=sys.stderr,
+                )
+            self.progress_saved = False
         self.stop(name, batches)
 
     def finish(self, name: str, flags: Tensor, seconds: float) -> None:
         key = self.keys[name]
-        commit(self.out, results=[make_entry(key, flags, seconds, **self.meta)])
+        entry = make_entry(key, flags, seconds, **self.meta)
+        try:
+            commit(self.out, results=[entry])
+        except OSError:
+            self.unsaved.append(entry)
+            raise
         partial_path(self.out, key).unlink(missing_ok=True)
         self.redone.add(key_id(key))
 

@@ -25,7 +25,8 @@ from tqdm import tqdm
 from d2r import attacks as attacks_mod
 from d2r.attacks import AutoAttack, EvaluationWarning, norm_label
 from d2r.config import format_eps, parse_number
-from d2r.evalstore import CLEAN, Ledger, StoreLedger, commit, images_id, result_key
+from d2r.evalstore import CLEAN, Ledger, Store, StoreLedger, commit, images_id, result_key
+from d2r.files import check_writable, describe, new_temp_dir
 from d2r.guard import Preempted, SignalGuard
 from d2r.methods import eval_mode
 from d2r.tables import PAPER_COLUMNS, markdown
@@ -33,6 +34,7 @@ from d2r.tables import PAPER_COLUMNS, markdown
 __all__ = [
     "EvaluationStopped",
     "EvaluationWarning",
+    "ResultsNotWritten",
     "attack_plan",
     "batch_flags",
     "correct_flags",
@@ -408,6 +410,9 @@ def evaluate_run(
 
     attack_plan(attacks, eps, options.get("norm"))  # bad names or eps fail before loading
     run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{str(run_dir)!r} is not a run directory (no config.yaml)")
+    out = check_writable(out or run_dir, "eval output directory (--out)")  # not after hours
     if checkpoint is None:
         checkpoint = "both" if (run_dir / "best.safetensors").is_file() else "last"
     models = {}
@@ -419,7 +424,7 @@ def evaluate_run(
         digest = stored_sha256(run_dir / f"{key}.safetensors")
         models[key] = (method.target, label, {"checkpoint": key, "epoch": epoch, "sha256": digest})
     data_spec = (cfg.data.name, cfg.data.root, cfg.data.verify, cfg.data.like)
-    return evaluate_models(models, data_spec, attacks, eps, Path(out or run_dir), **options)
+    return evaluate_models(models, data_spec, attacks, eps, out, fallback=run_dir, **options)
 
 
 def evaluate_weights(
@@ -442,6 +447,7 @@ def evaluate_weights(
     from d2r.weights import load_foreign
 
     attack_plan(attacks, eps, options.get("norm"))
+    out = check_writable(out or weights_eval_dir(weights), "eval output directory (--out)")
     info = data_mod.info(data)
     model = MODELS.create(
         model_name, num_classes=num_classes or info.num_classes, in_channels=info.channels
@@ -449,9 +455,9 @@ def evaluate_weights(
     load_foreign(model, weights)
     weights = Path(weights)
     extra = {"checkpoint": weights.name, "model": model_name, "sha256": file_sha256(weights)}
-    out = Path(out) if out else weights_eval_dir(weights)
     # a freshly built model is in train mode; evaluate() would warn about it
     models = {weights.name: (model.eval(), weights.name, extra)}
+    options = {"fallback": weights_eval_dir(weights), **options}
     return evaluate_models(models, (data, root, True, None), attacks, eps, out, **options)
 
 
@@ -479,14 +485,16 @@ def evaluate_models(
     checks: bool = True,
     progress: bool = False,
     force: bool = False,
+    fallback: Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate each model ({key: (model, its row label, what identifies it: "checkpoint",
     "sha256", ...)}) on the first `n` test images of `data_spec` (name, root, verify, like) with
     `attacks` at each eps (`attack_plan`). Each result goes into the store in `out` (eval.json,
     eval.md; d2r.evalstore) as soon as its attack finishes; a key already stored is reused
     (`force`: computed again), and a stopped evaluation resumes from its partial state.
-    SIGINT/SIGTERM: the batch finishes, is saved, and EvaluationStopped is raised. Returns
-    eval.json's content."""
+    SIGINT/SIGTERM: the batch finishes, is saved, and EvaluationStopped is raised. A result
+    that cannot be written to `out` (a disk filled during hours of attacks) goes to `fallback`
+    or a temp directory (ResultsNotWritten says where). Returns eval.json's content."""
     from d2r.trainer import pick_device
 
     plan = attack_plan(attacks, eps, norm)
@@ -496,12 +504,50 @@ def evaluate_models(
     guard = SignalGuard(action="finishing the batch and saving the evaluation's progress")
     images = images_id(data_spec[0], x, y)
     jobs = _jobs(models, plan, out, images, (seed, norm), meta, guard, force)  # partials checked
-    commit(out, checkpoints=[{**extra, "label": label} for _, label, extra in models.values()])
+    checkpoints = [{**extra, "label": label} for _, label, extra in models.values()]
+    commit(out, checkpoints=checkpoints)
     options = {"seed": seed, "batch_size": batch_size, "device": device, "norm": norm}
     with guard:
-        for job in jobs:
-            _run_job(job, x, y, data_spec[0], options, checks=checks, progress=progress)
+        try:
+            for job in jobs:
+                _run_job(job, x, y, data_spec[0], options, checks=checks, progress=progress)
+        except OSError as err:
+            unsaved = Store(checkpoints, [e for *_, ledger in jobs for e in ledger.unsaved])
+            if not unsaved.results:  # nothing computed is lost
+                raise
+            raise save_elsewhere(unsaved, out, err, fallback) from None
     return commit(out).content()
+
+
+class ResultsNotWritten(OSError):
+    """Results could not be written to `out` (a disk filled, a mount went away); `place` is
+    where they were written instead (None: nowhere), `store` those results. The CLI prints
+    their table before the error line."""
+
+    def __init__(self, out: Path, err: OSError, place: Path | None, store: Store) -> None:
+        self.out, self.place, self.store = out, place, store
+        saved = f"written to {place} instead" if place else "not written anywhere else"
+        super().__init__(
+            f"could not write results to {str(out)!r} ({describe(err)}); the results computed "
+            f"are {saved} and printed above; rerun once {str(out)!r} is writable to go on"
+        )
+
+
+def save_elsewhere(
+    unsaved: Store, out: Path, err: OSError, fallback: Path | None
+) -> ResultsNotWritten:
+    """Results that took hours are never dropped: into the store in `fallback` (the run
+    directory; beside the weights) or else a new temp directory."""
+    for place in [fallback, None]:
+        if place is not None and Path(place).resolve() == Path(out).resolve():
+            continue
+        try:
+            place = Path(place) if place is not None else new_temp_dir("d2r-eval-")
+            commit(place, unsaved.checkpoints, unsaved.results)
+        except (OSError, ValueError):  # unwritable, or a foreign eval.json there
+            continue
+        return ResultsNotWritten(out, err, place, unsaved)
+    return ResultsNotWritten(out, err, None, unsaved)
 
 
 def _run_job(job: tuple, x: Tensor, y: Tensor, data: str, options: dict, **flags: bool) -> None:

@@ -30,11 +30,11 @@ def export_model(
     """Write the target of `run_dir`'s `checkpoint` ('last' or 'best') to `out` (default
     RUN_DIR/model-<checkpoint>.safetensors) and its card to `out` with .json; return the card."""
     from d2r.checkpoint import atomic_write, atomic_write_text, load_run
+    from d2r.runs import read_config
 
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else run_dir / f"model-{checkpoint}.safetensors"
-    _check_out(out, run_dir)
-    from d2r.runs import read_config
+    _check_out(out, run_dir, checkpoint)
 
     _, method = load_run(run_dir, checkpoint)  # strict: a broken checkpoint fails here
     card = model_card(run_dir, checkpoint, *read_config(run_dir))
@@ -45,7 +45,11 @@ def export_model(
     return card
 
 
-def _check_out(out: Path, run_dir: Path) -> None:
+def _check_out(out: Path, run_dir: Path, checkpoint: str) -> None:
+    """Before the checkpoint is read: a model-file name, not one of the run's checkpoints, not
+    another model's export (re-exporting the same checkpoint refreshes it), a writable place."""
+    from d2r.files import check_writable
+
     if out.suffix != ".safetensors":
         raise ValueError(f"--out {str(out)!r}: the model file must end in .safetensors")
     checkpoints = {(run_dir / f"{k}.safetensors").resolve() for k in ("last", "best")}
@@ -54,6 +58,25 @@ def _check_out(out: Path, run_dir: Path) -> None:
             f"--out {str(out)!r} would overwrite the run's checkpoint; "
             "choose another name, e.g. model.safetensors"
         )
+    held = _export_source(out) if out.exists() else None
+    if out.exists() and held != (run_dir.resolve(), f"{checkpoint}.safetensors"):
+        what = (
+            f"the export of {held[1]} of {str(held[0])!r}" if held else "a file not exported by d2r"
+        )
+        raise ValueError(
+            f"--out {str(out)!r} already holds {what}; choose another name or delete it first "
+            "(only the same checkpoint of the same run is replaced)"
+        )
+    check_writable(out.parent, "export directory (--out)")
+
+
+def _export_source(path: Path) -> tuple[Path, str] | None:
+    """(run directory, checkpoint file) of the d2r export at `path`, per its card; else None."""
+    try:
+        source = read_card(path)["source"]
+        return Path(source["run_dir"]).resolve(), source["checkpoint"]
+    except (ValueError, OSError, KeyError, TypeError):
+        return None
 
 
 def model_card(

@@ -25,6 +25,7 @@ from d2r.attacks import label as attack_label
 from d2r.checkpoint import atomic_write
 from d2r.config import Config, format_eps
 from d2r.experiments import distinguishing, flat_config, label
+from d2r.files import check_writable
 from d2r.logs import read_metrics
 
 FIGURES = ("fig2", "fig3")
@@ -119,6 +120,7 @@ def fig2(runs: Sequence[str | Path], out: str | Path = ".") -> dict[str, Any]:
     {line label: [[epoch, accuracy %], ...]} as drawn."""
     from d2r.report import find_runs
 
+    check_writable(out, "figure directory (--out)")  # before any run is read
     read = [_read(run) for run in find_runs(list(runs))]
     for i, (run, text) in enumerate(zip(read, _labels(read), strict=True)):
         run["label"], run["color"] = text, f"C{i % 10}"  # one colour per run in every panel
@@ -208,6 +210,7 @@ def fig3(
     "target"}}}, the probabilities read back from the drawn bars."""
     from d2r.report import find_runs
 
+    check_writable(out, "figure directory (--out)")  # before any model is loaded
     found = find_runs(list(runs))
     loaded = [_load(run, checkpoint) for run in found]
     image, y = _test_image(loaded, index)

@@ -13,7 +13,7 @@ from typing import Any
 
 from d2r.checkpoint import atomic_write_text
 
-TENSORBOARD_HINT = 'pip install "d2r[tensorboard]"'
+TENSORBOARD_HINT = 'pip install "d2r-robust[tensorboard]"'
 # Keys of a record that are bookkeeping (the per-epoch check's images, eps and norm); every other
 # number is an accuracy ("*_acc") or one of the method's loss terms.
 BOOKKEEPING = frozenset(
@@ -64,7 +64,7 @@ def _summary_writer_class() -> type:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # torch's module imports the `tensorboard` package itself
-        raise ValueError(
+        raise ImportError(
             f"train.tensorboard=true needs the tensorboard package: {TENSORBOARD_HINT} "
             "(or set train.tensorboard=false)"
         ) from None

@@ -454,6 +454,7 @@ def report(
     from d2r.logs import metrics_csv
 
     runs = find_runs(list(paths))
+    _check_writable(runs, out, curves, csv)
     results = [read_run(run, checkpoint, eps) for run in runs]
     groups, columns = group(results, group_by), columns_of(results)  # refusals come first
     texts = {
@@ -471,6 +472,18 @@ def report(
         for suffix, text in texts.items():
             atomic_write_text(Path(out) / f"report.{suffix}", text)
     return texts
+
+
+def _check_writable(runs: list[Path], out: str | Path | None, curves: bool, csv: bool) -> None:
+    """Every place the report writes, before it reads any run: `out`, and each run directory
+    it draws curves.png or metrics.csv in (a colleague's runs may be read-only)."""
+    from d2r.files import check_writable
+
+    if out is not None:
+        check_writable(out, "report directory (--out)")
+    what = "for curves.png; --no-curves only reads runs" if curves else "for metrics.csv"
+    for run in runs if curves or csv else []:
+        check_writable(run, f"run directory ({what})")
 
 
 def add_command(sub: Any) -> None:

@@ -19,6 +19,7 @@ from torch import nn
 import d2r
 from d2r import checkpoint, data
 from d2r.config import Config, load_yaml, replace, resolve, to_dict
+from d2r.files import check_writable
 from d2r.methods import METHODS, Method
 from d2r.models import MODELS
 from d2r.registry import build, resolve_spec
@@ -240,8 +241,9 @@ def _git_hash() -> str | None:
 
 
 def prepare_run_dir(out: str | Path, resume: bool = False) -> Path:
-    """Create the run directory, refusing one that already holds a run (never overwrite a
-    result) unless resuming it, and checking it is writable before any training starts."""
+    """The run directory, checked before any work: refused if it already holds a run (never
+    overwrite a result) unless resuming it, or if it cannot be created or written. The check
+    creates nothing; the run's first write does."""
     run_dir = Path(out)
     if resume:
         for name in ("config.yaml", "last.safetensors"):
@@ -254,16 +256,7 @@ def prepare_run_dir(out: str | Path, resume: bool = False) -> Path:
         raise ValueError(
             f"{str(run_dir)!r} already holds a run; choose another --out (or resume it)"
         )
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write_test"
-        probe.write_bytes(b"\0" * 4096)
-        probe.unlink()
-    except OSError as err:
-        raise ValueError(
-            f"cannot write to run directory {str(run_dir)!r}: {err.strerror}"
-        ) from None
-    return run_dir
+    return check_writable(run_dir, "run directory (--out)")
 
 
 def default_run_dir(cfg: Config) -> Path:

@@ -5,6 +5,8 @@ checkpoints. The step itself is `train_step`, read top to bottom like nanoGPT's 
 from __future__ import annotations
 
 import random
+import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -37,7 +39,8 @@ from d2r.runs import (
 
 def lr_factor(epoch: int, epochs: int, warmup_factor: float, decay_at: list[float]) -> float:
     """The reference step schedule scaled to `epochs` (0-based epoch): x warmup_factor in the
-    first epoch, then x0.1 for each fraction in `decay_at` already reached."""
+    first epoch, then x0.1 for each fraction in `decay_at` already reached. A one-epoch run has
+    no warm-up (it would be the whole run): it trains at the full lr."""
     if epoch == 0 and epochs > 1:
         return warmup_factor
     return 0.1 ** sum(epoch >= round(f * epochs) for f in decay_at)
@@ -92,8 +95,7 @@ class Trainer:
         progress: bool = True,
         resume: bool = False,
     ):
-        cfg = resolved_config(cfg)  # every option's value, defaults included, is recorded
-        self.cfg = cfg
+        self.cfg = cfg = resolved_config(cfg)  # every option's value, defaults included
         self.dist = distributed.from_env()  # one process, or a rank under torchrun
         self.device = pick_device(distributed.device_name(cfg.train.device, self.dist))
         distributed.setup(self.dist, self.device)
@@ -103,25 +105,27 @@ class Trainer:
         self.method = build_method(cfg, info, initial_weights=not resume).to(self.device)
         self.fast = speed.resolve(cfg.train, self.device)
         self.model = self._prepare_model()  # what the step calls: the method, or DDP around it
-        self.loader, self.x_check, self.y_check = self._load_data()
+        t, run_dir = cfg.train, Path(out) if out else default_run_dir(cfg)
+        # No tensorboard package or an unwritable run directory fails before the data is read;
+        # only rank 0 writes (the other ranks keep the path for Run.dir)
+        self.log = MetricsLog(run_dir, tensorboard=t.tensorboard, enabled=self.dist.is_main)
+        self.run_dir = prepare_run_dir(run_dir, resume) if self.dist.is_main else run_dir
+        self.loader, self.x_check, self.y_check = self._load_data()  # missing files: no dir yet
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         # a frozen guide is no group: the optimizer never touches it (it is still checkpointed)
         trained = self.method.trained_models()
         groups = [{"params": m.parameters(), "name": n} for n, m in trained.items()]
-        t = cfg.train
         self.optimizer = self.fast.sgd(
             groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay, nesterov=t.nesterov
         )
         self.check_attack = from_name(cfg.eval.attack, eval_eps(cfg), norm=eval_norm(cfg))
-        run_dir = Path(out) if out else default_run_dir(cfg)
-        # built before the directory: a missing tensorboard package fails with nothing written
-        self.log = MetricsLog(run_dir, tensorboard=t.tensorboard, enabled=self.dist.is_main)
-        # Only rank 0 writes; the other ranks keep the path for Run.dir.
-        self.run_dir = prepare_run_dir(run_dir, resume) if self.dist.is_main else run_dir
         # what the user sees: a bar on a terminal, log lines otherwise, nothing when quiet
         shown = progress and self.dist.is_main  # under torchrun only rank 0 reports
         self.display = Progress(t.epochs, "auto" if shown else "off")
         self.checks, self.resumed = StepChecks(self.device, t.nonfinite), resume
         self.state = self._restore() if resume else TrainState()
+        self.already_finished = self.state.epoch >= t.epochs  # a --resume with nothing to do
         self._last_save, self._saved_step = time.monotonic(), self.state.step if resume else None
 
     def _prepare_model(self) -> nn.Module:
@@ -155,10 +159,15 @@ class Trainer:
 
     def fit(self) -> Run:
         """Train from epoch `state.epoch` (0, or where a resumed run stopped). SIGINT/SIGTERM
-        end the current step, write last.safetensors and raise Preempted."""
+        end the current step, write last.safetensors and raise Preempted; after the last
+        epoch's checkpoint the run is finished, and a signal no longer stops it (a scheduler's
+        time limit during the final writes must not turn a finished run into a failed one)."""
+        if self.already_finished:
+            return Run(self.run_dir, self.cfg, self.method, self.state.history)
         self._write_header()
+        epochs = self.cfg.train.epochs
         with self.checks.guard:
-            for epoch in range(self.state.epoch, self.cfg.train.epochs):
+            for epoch in range(self.state.epoch, epochs):
                 self._set_lr(epoch)
                 record = self._train_epoch(epoch)
                 if self._should_check(epoch):
@@ -169,8 +178,9 @@ class Trainer:
                 self.state.epoch, self.state.sums, self.state.count = epoch + 1, {}, 0
                 self._checkpoint(record)
                 self.checks.finite(self.checks.flags(None))  # a signal during the check
-                self.checks.stop_if_signalled(self.run_dir, self.state.step)
-        self._finish()
+                if epoch + 1 < epochs:
+                    self.checks.stop_if_signalled(self.run_dir, self.state.step)
+            self._finish()
         return Run(self.run_dir, self.cfg, self.method, self.state.history)
 
     def _finish(self) -> None:
@@ -182,6 +192,10 @@ class Trainer:
         if self.dist.is_main and read_metrics(self.run_dir, "epoch"):
             write_curves(self.run_dir)
         self.log.close()
+        signum = self.checks.stop_signum or self.checks.guard.signum
+        if signum and self.dist.is_main:
+            name = signal.Signals(signum).name
+            print(f"d2r: {name} came after the last epoch: the run is finished", file=sys.stderr)
 
     def _write_header(self) -> None:
         if self.dist.is_main:
@@ -303,11 +317,7 @@ class Trainer:
         path = self.run_dir / "last.safetensors"
         state = checkpoint.restore_run(path, self.method, self.optimizer, self.loader)
         if state.epoch >= self.cfg.train.epochs:  # nothing to do: leave the finished run as is
-            raise ValueError(
-                f"{str(self.run_dir)!r} already finished its {state.epoch} epochs; to train "
-                f"longer: d2r train --resume {self.run_dir} --set train.epochs=N (N > "
-                f"{state.epoch})"
-            )
+            return state
         if self.dist.enabled:
             # The checkpoint holds rank 0's RNG; give every rank its own attack-noise stream
             # again (deterministic, but not the stream an uninterrupted DDP run would draw).

@@ -4,7 +4,9 @@ corrupt file under an official name."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import http.client
 import os
 import shutil
 import tempfile
@@ -14,8 +16,11 @@ import warnings
 from pathlib import Path
 
 from d2r.data.sources import DatasetInfo, RemoteFile, fix_hint, info
+from d2r.files import check_writable, describe, follow_umask
 
 _CHUNK = 1 << 20
+# Failures of the disk, not of a mirror: no other mirror can help, so they stop at once.
+_LOCAL = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
 def md5sum(path: str | Path) -> str:
@@ -86,6 +91,7 @@ def _fetch_one(url: str, remote: RemoteFile, root: Path) -> Path:
     handle, temp = tempfile.mkstemp(dir=root, prefix=f".{remote.filename}.", suffix=".part")
     os.close(handle)
     try:
+        follow_umask(temp)  # the data root is often shared: the file gets the umask's mode
         _fetch(url, Path(temp))
         actual = md5sum(temp)
         if actual != remote.md5:
@@ -103,20 +109,35 @@ def _fetch_one(url: str, remote: RemoteFile, root: Path) -> Path:
 
 def _fetch_verified(remote: RemoteFile, root: Path, name: str) -> Path:
     """The first mirror that yields a verified file; otherwise an error listing every attempt."""
-    errors: list[Exception] = []
+    errors: list[tuple[str, Exception]] = []
     for url in remote.urls:
         try:
             return _fetch_one(url, remote, root)
-        except (urllib.error.URLError, OSError, ValueError) as error:
-            errors.append(error)
+        except OSError as error:
+            if error.errno in _LOCAL:
+                raise OSError(
+                    f"{name}: cannot write {root / remote.filename} "
+                    f"({remote.size / 1e6:,.0f} MB): {describe(error, path=False)} (--root)"
+                ) from None
+            errors.append((url, error))
+        except (http.client.HTTPException, ValueError) as error:  # a cut connection, a bad file
+            errors.append((url, error))
     # A wrong checksum is a data problem (ValueError); only unreachable mirrors are an OSError.
-    kind = ValueError if any(type(e) is ValueError for e in errors) else OSError
+    kind = ValueError if any(type(e) is ValueError for _, e in errors) else OSError
     raise kind(
         f"{name}: could not fetch a verified {root / remote.filename}:\n  "
-        + "\n  ".join(str(e) for e in errors)
-        + f"\nRetry, or download {remote.urls[0]} by hand, check its MD5 is {remote.md5} "
-        f"and put it in {root}."
+        + "\n  ".join(_reason(url, e) for url, e in errors)
+        + f".\nCheck the network and retry, or download {remote.urls[0]} by hand, check its MD5 "
+        f"is {remote.md5} and put it in {root}."
     )
+
+
+def _reason(url: str, error: Exception) -> str:
+    if isinstance(error, ValueError):
+        return str(error)  # names the URL already
+    if isinstance(error, urllib.error.URLError) and not isinstance(error, urllib.error.HTTPError):
+        return f"{url}: {error.reason}"  # not '<urlopen error ...>'
+    return f"{url}: {error or type(error).__name__}"
 
 
 def download(name: str, root: str | Path) -> list[Path]:
@@ -124,8 +145,9 @@ def download(name: str, root: str | Path) -> list[Path]:
 
     Files already present with the right checksum are kept. Returns the files' paths. When no
     mirror yields a verified file: ValueError if one served a wrong checksum, else OSError, each
-    naming the URLs and the manual fix; nothing unverified is left in `root`."""
-    root = Path(root).expanduser()
+    naming the URLs and the manual fix; nothing unverified is left in `root`. A `root` that
+    cannot be written is a ValueError before any download."""
+    root = check_writable(root, "data directory (--root)")
     root.mkdir(parents=True, exist_ok=True)
     paths = []
     for remote in info(name).files:

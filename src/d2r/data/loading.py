@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from d2r.data.download import require, split_files, verify_file
 from d2r.data.sources import DATASETS, SPLITS, SYNTHETIC, DatasetInfo, fix_hint, info
+from d2r.files import follow_umask
 
 CACHE_DIR = "d2r_cache"  # under root, next to the archives it was converted from
 _CACHE_VERSION = 1  # bump when a reader's output changes, so older caches are not reused
@@ -42,6 +43,7 @@ def _write_cache(path: Path, x: torch.Tensor, y: torch.Tensor) -> None:
         handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
         os.close(handle)
         try:
+            follow_umask(temp)  # a shared data root: others may read the cache too
             save_file({"x": x, "y": y}, temp)
             os.replace(temp, path)
         finally:

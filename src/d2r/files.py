@@ -1,0 +1,88 @@
+"""Where d2r writes: an output place is checked before any work (`check_writable`), files made
+through a temp file get the mode the user's umask gives (`follow_umask`; mkstemp makes them
+0600, which hides results from colleagues on a shared cluster), and an OSError is told in one
+line with its fix (`describe`)."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import tempfile
+from pathlib import Path
+
+# errno -> what to do about it, for the one-line messages
+_FIXES = {
+    errno.ENOSPC: "free disk space or choose another place",
+    errno.EDQUOT: "free space in your quota or choose another place",
+    errno.EACCES: "fix its permissions or choose a place you can write to",
+    errno.EPERM: "fix its permissions or choose a place you can write to",
+    errno.EROFS: "the file system is read-only: choose another place",
+    errno.ENOTDIR: "a part of the path is a file, not a directory: choose another path",
+    errno.EEXIST: "a file of that name is in the way: choose another path",
+    errno.ENOENT: "check the path",
+}
+
+
+def umask() -> int:
+    """The process's umask. Read from /proc (Linux), which changes nothing; elsewhere set and
+    restored, which another thread could observe in between, so that is the fallback only."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(fd_or_path: int | str | Path) -> None:
+    """Give a file made by tempfile.mkstemp (mode 0600) the mode a plain open() would have."""
+    mode = 0o666 & ~umask()
+    if isinstance(fd_or_path, int):
+        os.fchmod(fd_or_path, mode)
+    else:
+        os.chmod(fd_or_path, mode)
+
+
+def describe(err: OSError, path: bool = True) -> str:
+    """ "'runs/x': Permission denied; fix its permissions or choose a place you can write to":
+    the file (with `path`), what happened, and the fix when the errno says what it is."""
+    what = err.strerror or str(err)
+    if path and err.filename is not None:
+        what = f"{str(err.filename)!r}: {what}"
+    fix = _FIXES.get(err.errno) if err.errno is not None else None
+    return f"{what}; {fix}" if fix else what
+
+
+def check_writable(directory: str | Path, what: str = "output directory") -> Path:
+    """Refuse, before any work, a directory that cannot be created or written: ValueError naming
+    it, the reason and the fix. It is created (with its parents) to probe a write, and whatever
+    the probe created is removed again, so a check leaves no trace: the caller's own writes
+    create the directory when they come."""
+    directory = Path(directory).expanduser()
+    created = [p for p in (directory, *directory.parents) if not p.exists()]  # deepest first
+    probe = directory / f".d2r-write-test-{os.getpid()}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"\0" * 4096)  # a block: a full disk fails here, not at the end
+    except OSError as err:
+        reason = describe(err, path=False)
+        raise ValueError(f"cannot write to {what} {str(directory)!r}: {reason}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+        with contextlib.suppress(OSError):
+            for path in created:
+                path.rmdir()
+    return directory
+
+
+def new_temp_dir(prefix: str) -> Path:
+    """A fresh directory under the system's temp directory, with the umask's mode (mkdtemp
+    makes it 0700)."""
+    directory = Path(tempfile.mkdtemp(prefix=prefix))
+    directory.chmod(0o777 & ~umask())
+    return directory
