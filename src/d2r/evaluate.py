@@ -511,11 +511,8 @@ def evaluate_models(
         try:
             for job in jobs:
                 _run_job(job, x, y, data_spec[0], options, checks=checks, progress=progress)
-        except OSError as err:
-            unsaved = Store(checkpoints, [e for *_, ledger in jobs for e in ledger.unsaved])
-            if not unsaved.results:  # nothing computed is lost
-                raise
-            raise save_elsewhere(unsaved, out, err, fallback) from None
+        except OSError as err:  # a result the store refused is kept elsewhere, never dropped
+            raise save_elsewhere(Store(checkpoints), jobs, out, err, fallback) from None
     return commit(out).content()
 
 
@@ -534,10 +531,14 @@ class ResultsNotWritten(OSError):
 
 
 def save_elsewhere(
-    unsaved: Store, out: Path, err: OSError, fallback: Path | None
-) -> ResultsNotWritten:
-    """Results that took hours are never dropped: into the store in `fallback` (the run
-    directory; beside the weights) or else a new temp directory."""
+    unsaved: Store, jobs: list[tuple], out: Path, err: OSError, fallback: Path | None
+) -> OSError:
+    """The results the jobs' ledgers could not write (none: `err` itself, nothing is lost) into
+    the store in `fallback` (the run directory; beside the weights) or a new temp directory:
+    results that took hours are never dropped. Returns the error to raise."""
+    unsaved.results = [entry for *_, ledger in jobs for entry in ledger.unsaved]
+    if not unsaved.results:
+        return err
     for place in [fallback, None]:
         if place is not None and Path(place).resolve() == Path(out).resolve():
             continue
