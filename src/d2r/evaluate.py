@@ -487,14 +487,11 @@ def evaluate_models(
     force: bool = False,
     fallback: Path | None = None,
 ) -> dict[str, Any]:
-    """Evaluate each model ({key: (model, its row label, what identifies it: "checkpoint",
-    "sha256", ...)}) on the first `n` test images of `data_spec` (name, root, verify, like) with
-    `attacks` at each eps (`attack_plan`). Each result goes into the store in `out` (eval.json,
-    eval.md; d2r.evalstore) as soon as its attack finishes; a key already stored is reused
-    (`force`: computed again), and a stopped evaluation resumes from its partial state.
-    SIGINT/SIGTERM: the batch finishes, is saved, and EvaluationStopped is raised. A result
-    that cannot be written to `out` (a disk filled during hours of attacks) goes to `fallback`
-    or a temp directory (ResultsNotWritten says where). Returns eval.json's content."""
+    """Each model ({key: (model, row label, identity incl. "sha256")}) on the first `n` test
+    images of `data_spec` (name, root, verify, like), `attacks` at each eps (`attack_plan`);
+    each result goes into the store in `out` as its attack finishes (stored keys reused unless
+    `force`; a stopped run resumes; SIGINT/SIGTERM: EvaluationStopped after the batch). A
+    result `out` refuses goes to `fallback` or a temp dir (ResultsNotWritten)."""
     from d2r.trainer import pick_device
 
     plan = attack_plan(attacks, eps, norm)
@@ -504,8 +501,7 @@ def evaluate_models(
     guard = SignalGuard(action="finishing the batch and saving the evaluation's progress")
     images = images_id(data_spec[0], x, y)
     jobs = _jobs(models, plan, out, images, (seed, norm), meta, guard, force)  # partials checked
-    checkpoints = [{**extra, "label": label} for _, label, extra in models.values()]
-    commit(out, checkpoints=checkpoints)
+    commit(out, checkpoints=(checkpoints := [{**e, "label": lb} for _, lb, e in models.values()]))
     options = {"seed": seed, "batch_size": batch_size, "device": device, "norm": norm}
     with guard:
         try:

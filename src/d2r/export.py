@@ -82,9 +82,8 @@ def _export_source(path: Path) -> tuple[Path, str] | None:
 def model_card(
     run_dir: Path, checkpoint: str, cfg: Any, not_recorded: list[str] | tuple = ()
 ) -> dict[str, Any]:
-    """Everything needed to rebuild and trust the model, as plain JSON. `training.config` is the
-    run's resolved config (every option, defaults included) without the `not_recorded` keys
-    (d2r.runs.read_config), which `training.not_recorded` lists instead of guessing them."""
+    """Everything needed to rebuild and trust the model, as plain JSON; `training.config` is the
+    resolved config without the `not_recorded` keys (listed instead of guessed)."""
     import d2r
     from d2r import data
     from d2r.attacks import norm_label
@@ -116,18 +115,26 @@ def model_card(
         "normalization": NORMALIZATION,
         "eps": config["method"].get("eps"),
         "norm": norm_label(config["method"].get("norm", "linf")),  # before norm existed: linf
-        "training": {
-            "method": config["method"],
-            "guide": config["guide"],
-            "epochs": config["train"].get("epochs"),
-            "seed": config.get("seed"),
-            "checkpoint": checkpoint,
-            "epoch": _checkpoint_epoch(run_dir, checkpoint),
-            "config": config,
-            "not_recorded": list(not_recorded),
-        },
+        "training": _training(config, run_dir, checkpoint, list(not_recorded)),
         "evaluation": _evaluation(run_dir, checkpoint),
         "source": {"run_dir": str(run_dir), "checkpoint": f"{checkpoint}.safetensors"},
+    }
+
+
+def _training(
+    config: dict[str, Any], run_dir: Path, checkpoint: str, not_recorded: list[str]
+) -> dict[str, Any]:
+    """How the model was trained: the method, guide, length and seed at a glance, then the
+    whole resolved config."""
+    return {
+        "method": config["method"],
+        "guide": config["guide"],
+        "epochs": config["train"].get("epochs"),
+        "seed": config.get("seed"),
+        "checkpoint": checkpoint,
+        "epoch": _checkpoint_epoch(run_dir, checkpoint),
+        "config": config,
+        "not_recorded": not_recorded,
     }
 
 

@@ -34,6 +34,21 @@ def crop_flip(
     return x.reshape(b, c, -1).gather(2, flat).view(b, c, h, w)
 
 
+def _check_loader_args(x, y, batch_size, crop_padding, rank, world_size) -> None:
+    if x.dtype != torch.uint8 or x.ndim != 4 or len(x) != len(y):
+        raise ValueError(
+            f"DeviceLoader takes uint8 images (N, C, H, W) and N labels, got {x.dtype} "
+            f"{tuple(x.shape)} and {len(y)} labels; pass d2r.data.load's output."
+        )
+    if batch_size < 1 or crop_padding < 0:
+        raise ValueError(f"batch_size {batch_size} must be >= 1, crop_padding >= 0")
+    if not 0 <= rank < world_size or batch_size < world_size:
+        raise ValueError(
+            f"rank {rank} of {world_size} processes with a global batch of "
+            f"{batch_size}: need 0 <= rank < world_size <= batch_size"
+        )
+
+
 class DeviceLoader:
     """Batches `(x float32 (B, C, H, W) in [0, 1], y int64 (B,))` on `device` from uint8 images.
 
@@ -58,18 +73,7 @@ class DeviceLoader:
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
-        if x.dtype != torch.uint8 or x.ndim != 4 or len(x) != len(y):
-            raise ValueError(
-                f"DeviceLoader takes uint8 images (N, C, H, W) and N labels, got {x.dtype} "
-                f"{tuple(x.shape)} and {len(y)} labels; pass d2r.data.load's output."
-            )
-        if batch_size < 1 or crop_padding < 0:
-            raise ValueError(f"batch_size {batch_size} must be >= 1, crop_padding >= 0")
-        if not 0 <= rank < world_size or batch_size < world_size:
-            raise ValueError(
-                f"rank {rank} of {world_size} processes with a global batch of "
-                f"{batch_size}: need 0 <= rank < world_size <= batch_size"
-            )
+        _check_loader_args(x, y, batch_size, crop_padding, rank, world_size)
         # Data parallel: every rank draws the same plan (same seed) and keeps its own
         # contiguous slice of each global batch, so the union of the slices is that batch.
         self.rank, self.world_size = rank, world_size
