@@ -93,7 +93,10 @@ stop_daemons() {
   for name in slurmd slurmctld; do
     if [ -f "$DIR/$name.pid" ]; then
       pid="$(cat "$DIR/$name.pid")"
-      kill "$pid" 2>/dev/null && for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+      # only our daemon: a stale pid file may name a process that reused the number
+      if [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$name" ]; then
+        kill "$pid" && for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+      fi
       rm -f "$DIR/$name.pid"
     fi
   done
@@ -101,7 +104,8 @@ stop_daemons() {
 
 stop() {
   stop_daemons
-  if [ -f /run/munge/munged.pid ]; then kill "$(cat /run/munge/munged.pid)" 2>/dev/null; fi
+  pid="$(cat /run/munge/munged.pid 2>/dev/null)"
+  if [ -n "$pid" ] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = munged ]; then kill "$pid"; fi
   echo "slurm_local: stopped"
 }
 

@@ -119,6 +119,19 @@ _CHILD: dict[str, threading.Thread] = {}  # the running command's waiter, in a j
 
 
 def _spawn(args: list[str], log: Path) -> int:
+    """`d2r eval` in this process (one interpreter start less per cell; a signal during it
+    loses nothing), `d2r train` as a child: see _spawn_child."""
+    if args[0] != "eval":
+        return _spawn_child(args, log)
+    from contextlib import redirect_stderr, redirect_stdout
+
+    from d2r.cli import main
+
+    with open(log, "a") as f, redirect_stdout(f), redirect_stderr(f):
+        return main(args)
+
+
+def _spawn_child(args: list[str], log: Path) -> int:
     """Run `python -m d2r ARGS` in the job's process group (Slurm's signals reach it), waited
     for in a thread so that submitit's signal handler can wait for it too. A command stopped
     by a signal raises Stopped in run_cell: the job ends unfinished, and Slurm requeues it
