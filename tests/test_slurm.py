@@ -15,10 +15,11 @@ import pytest
 import torch
 import yaml
 
-from d2r import slurm, sweep
+from d2r import sweep
 from d2r.checkpoint import load
 from d2r.cli import main
 from d2r.logs import read_metrics
+from d2r.sweep import slurm
 
 ROOT = Path(__file__).resolve().parents[1]
 HOW = (

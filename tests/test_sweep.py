@@ -219,6 +219,6 @@ def test_every_study_passes_the_check(study, monkeypatch):
     assert cells and len({c.name for c in cells}) == len(cells)
     spec = sweep.load_spec(study)
     if "slurm" in spec:
-        from d2r import slurm
+        from d2r.sweep import slurm
 
         slurm.options(spec["slurm"])

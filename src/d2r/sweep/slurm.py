@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from d2r.config import resolve
-from d2r.sweep import Cell, cell_state, config_path, last_error, python_command, run_cell
+from d2r.sweep.cell import Cell, cell_state, config_path, last_error, python_command, run_cell
 
 # spec key -> submitit AutoExecutor parameter; anything else goes to sbatch as `extra`
 OPTIONS = {
