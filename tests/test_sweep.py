@@ -18,6 +18,7 @@ import yaml
 from d2r import sweep
 from d2r.checkpoint import load
 from d2r.cli import main
+from d2r.config import dump_yaml
 from d2r.logs import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,11 +133,22 @@ def test_a_changed_spec_is_refused_instead_of_resuming_another_run(tmp_path, cap
     (out / "seed-0").mkdir(parents=True)
     changed = sweep.cells(path)[0].config
     changed.train.epochs = 2
-    from d2r.config import dump_yaml
-
     (out / "seed-0" / "config.yaml").write_text(dump_yaml(changed))
     err = cli_error(capsys, "sweep", str(path), "--out", str(out))
     assert "cell 'seed-0'" in err and "train.epochs" in err and "another --out" in err
+
+
+def test_a_cell_killed_before_its_first_checkpoint_starts_again(tmp_path):
+    path = write_spec(tmp_path / "spec.yaml", set=TINY, grid={"seed": [0]})
+    cell, out = sweep.cells(path)[0], tmp_path / "out"
+    (out / "seed-0").mkdir(parents=True)
+    (out / "seed-0" / "config.yaml").write_text(dump_yaml(cell.config))
+    (out / "seed-0" / "train.log").write_text("killed\n")
+    assert sweep.cell_state(out / "seed-0", cell) == "pending"
+    [(step, args)] = sweep.cell.commands(out, cell, "pending")
+    assert step == "train" and "--out" in args and not (out / "seed-0").exists()
+    [aside] = (out / "aborted").iterdir()  # kept, beside nothing `d2r report DIR` reads
+    assert aside.name.startswith("seed-0-") and (aside / "train.log").read_text() == "killed\n"
 
 
 # Interrupt and resume --------------------------------------------------------------------------

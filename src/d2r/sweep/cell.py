@@ -83,13 +83,16 @@ def check_unchanged(run_dir: Path, cell: Cell) -> None:
         )
 
 
-def set_aside(run_dir: Path) -> None:
+def set_aside(run_dir: Path) -> Path | None:
     """A run killed before its first checkpoint has nothing to resume; its directory (logs
-    only) is renamed, not deleted, and the cell starts again."""
-    if (run_dir / "config.yaml").is_file() and not (run_dir / "last.safetensors").is_file():
-        run_dir.rename(
-            run_dir.with_name(f"{run_dir.name}.aborted-{time.strftime('%Y%m%d-%H%M%S')}")
-        )
+    only) moves to DIR/aborted/ (kept, and out of `d2r report DIR`'s way) and the cell starts
+    again. Returns where it went."""
+    if not (run_dir / "config.yaml").is_file() or (run_dir / "last.safetensors").is_file():
+        return None
+    target = run_dir.parent / "aborted" / f"{run_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    target.parent.mkdir(exist_ok=True)
+    run_dir.rename(target)
+    return target
 
 
 # Running one cell (both executors) --------------------------------------------------------------
