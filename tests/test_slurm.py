@@ -90,6 +90,13 @@ def weights(run: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in tensors.items() if k.startswith(("target.", "guide."))}
 
 
+def steps_logged(run: Path) -> int:
+    """The last step in metrics.jsonl (0 before the first; a torn last line is skipped)."""
+    if not (run / "metrics.jsonl").is_file():
+        return 0
+    return max((r["step"] for r in read_metrics(run, "step")), default=0)
+
+
 def squeue(job: str) -> str:
     cmd = ["squeue", "-h", "-r", "-t", "all", "-o", "%T|%r", "-j", job.split("_")[0]]
     return subprocess.run(cmd, capture_output=True, text=True).stdout.strip()
@@ -113,14 +120,7 @@ def test_a_job_requeued_mid_training_resumes_to_the_uninterrupted_weights(tmp_pa
     )
     driver.start()
     deadline = time.monotonic() + 240
-    while (
-        max(
-            [r["step"] for r in read_metrics(run, "step")]
-            if (run / "metrics.jsonl").is_file()
-            else [0]
-        )
-        < 4
-    ):
+    while steps_logged(run) < 4:
         assert time.monotonic() < deadline and driver.is_alive(), "training did not start"
         time.sleep(0.01)
     job = json.loads((out / "sweep.json").read_text())["cells"][0]["job_id"]
