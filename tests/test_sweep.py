@@ -62,7 +62,7 @@ def cli_error(capsys, *args: str) -> str:
 def test_the_spec_is_checked_whole_before_anything_starts(tmp_path, capsys, spec, expected):
     path = write_spec(tmp_path / "spec.yaml", **spec)
     out = tmp_path / "out"
-    err = cli_error(capsys, "sweep", str(path), "--out", str(out), "--executor", "slurm")
+    err = cli_error(capsys, "sweep", str(path), "--out", str(out))
     assert expected in err
     assert not out.exists()  # nothing written, nothing started
 

@@ -66,12 +66,22 @@ def run(
     for cell in todo:
         check_unchanged(out / cell.name, cell)
         cell.state = cell_state(out / cell.name, cell)
-    if dry_run:
-        return todo
-    if executor == "slurm":
-        from d2r.sweep import slurm
+    from d2r.sweep import slurm
 
-        slurm.options(spec.get("slurm") or {})  # bad options fail before any file is written
+    slurm.options(spec.get("slurm") or {})  # checked whatever the executor: the spec is one
+    if not dry_run:
+        _execute(spec, spec_path, out, executor, todo, devices)
+    return todo
+
+
+def _execute(
+    spec: dict[str, Any],
+    spec_path: str | Path,
+    out: Path,
+    executor: str,
+    todo: list[Cell],
+    devices: list[str | None] | None,
+) -> None:
     write_configs(out, todo)
 
     def save() -> None:
@@ -83,13 +93,14 @@ def run(
         if executor == "local":
             Local(devices or visible_gpus()).run(out, pending, save)
         else:
+            from d2r.sweep import slurm
+
             slurm.run(out, pending, spec.get("slurm") or {}, save)
     except Stopped as err:
         save()
         again = f"d2r sweep {spec_path} --out {out} --executor {executor}"
         raise Stopped(err.signame, again) from None
     save()
-    return todo
 
 
 def write_configs(out: Path, todo: list[Cell]) -> None:
