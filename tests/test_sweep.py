@@ -151,6 +151,16 @@ def test_a_cell_killed_before_its_first_checkpoint_starts_again(tmp_path):
     assert aside.name.startswith("seed-0-") and (aside / "train.log").read_text() == "killed\n"
 
 
+def test_a_process_killed_while_the_sweep_stops_is_a_stop_not_a_failure(tmp_path, capsys):
+    # e.g. `d2r eval`, or a trainer still importing, ended by the forwarded SIGTERM (-15)
+    path = write_spec(tmp_path / "spec.yaml", set=TINY, grid={"seed": [0]})
+    cell = sweep.cells(path)[0]
+    with pytest.raises(sweep.Stopped) as stop:
+        sweep.run_cell(tmp_path, cell, lambda args, log: -15, lambda: "SIGTERM")
+    assert stop.value.exit_code == 143 and cell.attempts == 1 and cell.error is None
+    assert "retrying" not in capsys.readouterr().err
+
+
 # Interrupt and resume --------------------------------------------------------------------------
 # 3 epochs of 4 steps, logged and checkpointed after every step (as tests/test_resume.py)
 RESUMABLE = {

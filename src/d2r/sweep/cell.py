@@ -144,8 +144,10 @@ def run_cell(
                 raise Stopped(stopped() or "SIGINT")
             run_dir.mkdir(parents=True, exist_ok=True)
             code = spawn(args, run_dir / f"{step}.log")
-            if code in STOPPED:
-                raise Stopped(STOPPED[code])
+            # 128 + signal: the trainer checkpointed; any other end while the sweep is being
+            # stopped (a process killed before its handlers were set, `d2r eval`) is a stop too
+            if code in STOPPED or (code != 0 and stopped()):
+                raise Stopped(STOPPED.get(code) or stopped() or "SIGTERM")
             if code != 0:
                 cell.error = f"{step}: {last_error(run_dir / f'{step}.log')}"
                 break
