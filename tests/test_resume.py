@@ -1,6 +1,7 @@
-"""Exact resume and preemption: a training subprocess killed (SIGKILL) or stopped (SIGTERM) at a
-random step, then `d2r train --resume`, ends with weights bit-identical to an uninterrupted run;
-metrics.jsonl holds each step once; config changes on resume need an explicit --set."""
+"""Exact resume and preemption: a training subprocess killed (SIGKILL) or stopped (SIGTERM,
+SIGUSR1) at a random step, then `d2r train --resume`, ends with weights bit-identical to an
+uninterrupted run; metrics.jsonl holds each step once; config changes on resume need an
+explicit --set."""
 
 import json
 import os
@@ -91,14 +92,16 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_identical(tmp_path, referen
     assert not list(out.glob(".*.tmp"))
 
 
-def test_sigterm_checkpoints_exits_143_and_says_how_to_resume(tmp_path, reference):
+# SIGUSR1: Slurm's warning before a time limit or preemption (sbatch --signal=USR1@120)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=lambda s: s.name)
+def test_a_signal_checkpoints_exits_128_plus_it_and_says_how_to_resume(tmp_path, reference, sig):
     out = tmp_path / "run"
     proc = start(out)
     wait_for_step(proc, out, 5)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 128 + signal.SIGTERM, err
-    assert f"d2r train --resume {out}" in err and "SIGTERM" in err
+    assert proc.returncode == 128 + sig, err
+    assert f"d2r train --resume {out}" in err and sig.name in err
     _, meta = load(out / "last.safetensors")
     assert meta["step"] == max(steps_logged(out)) < STEPS  # the checkpoint is the last step
     assert main(["train", "--resume", str(out), "-q"]) == 0

@@ -355,10 +355,11 @@ def build_parser() -> argparse.ArgumentParser:
     dl.add_argument("--root", default="data")
     dl.set_defaults(func=_data)
 
-    from d2r import export, report  # each defines its subcommand beside its code
+    from d2r import export, report, sweep  # each defines its subcommand beside its code
 
     report.add_command(sub)
     export.add_command(sub)
+    sweep.add_command(sub)
     return parser
 
 

@@ -73,7 +73,8 @@ class SignalGuard:
     checkpoints and raises Preempted); a second one raises KeyboardInterrupt at once - safe
     because every file is written by atomic rename. Only the main thread can own handlers."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    # SIGUSR1: Slurm's warning before a time limit or preemption (sbatch --signal=USR1@120)
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
     def __init__(self, action: str = "finishing the step and writing a checkpoint") -> None:
         self.signum: int | None = None

@@ -1,0 +1,210 @@
+"""Studies: a grid of runs (configs x seeds, then the evaluation) from one spec, on this machine
+(`executor="local"`) or as Slurm jobs (`executor="slurm"`, d2r.sweep.slurm through submitit).
+
+A spec (YAML):
+
+    base: configs/cifar10/d2r_cag.yaml   # optional; the default config otherwise
+    set: {train.epochs: 100}              # fixed overrides (`--set` keys)
+    grid:                                 # every combination is one run (a cell)
+      method.alpha: [0, 30]
+      seed: [0, 1, 2]
+    eval: {attacks: [pgd20, pgd50, cw20, aa], eps: 8/255}   # after training; optional
+    slurm: {partition: gpu, time_min: 600, gpus_per_node: 1}
+
+A grid axis is a list of values, or a mapping of names to values (the names label the cells:
+`method: {trades: {name: trades, beta: 6}, ...}`); the axis `base` takes config files. `parts:`
+(a list of {name, base, set, grid, eval}) makes one study of several grids.
+
+Each cell is one `d2r train` run directory DIR/<cell name>; its state is read from its files
+(eval.json: done; a finished last checkpoint: trained; any checkpoint: interrupted), so a rerun
+skips what is done and resumes what was interrupted (`d2r train --resume`, exact). Cells run as
+`python -m d2r train|eval` processes: Ctrl-C, SIGTERM and resume are the trainer's own.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from d2r.checkpoint import atomic_write_text
+from d2r.config import dump_yaml
+from d2r.sweep.cell import (
+    STOPPED,
+    Cell,
+    Stopped,
+    cell_state,
+    check_unchanged,
+    config_path,
+    last_error,
+    python_command,
+    run_cell,
+)
+from d2r.sweep.local import Local, visible_gpus
+from d2r.sweep.spec import _text, cells, check_cell, load_spec
+
+SWEEP_JSON = "sweep.json"
+
+
+def run(
+    spec_path: str | Path,
+    out: str | Path,
+    *,
+    executor: str = "local",
+    dry_run: bool = False,
+    devices: list[str | None] | None = None,
+) -> list[Cell]:
+    """Run the study `spec_path` into `out` (see the module doc); returns its cells with their
+    final states. The whole spec is checked first; `dry_run` stops there (the CLI prints the
+    cells). Raises Stopped on Ctrl-C/SIGTERM (rerun to continue)."""
+    if executor not in ("local", "slurm"):
+        raise ValueError(f"--executor {executor!r}: choose local or slurm")
+    out, spec = Path(out), load_spec(spec_path)
+    todo = cells(spec_path)
+    for cell in todo:
+        check_unchanged(out / cell.name, cell)
+        cell.state = cell_state(out / cell.name, cell)
+    from d2r.sweep import slurm
+
+    slurm.options(spec.get("slurm") or {})  # checked whatever the executor: the spec is one
+    if not dry_run:
+        _execute(spec, spec_path, out, executor, todo, devices)
+    return todo
+
+
+def _execute(
+    spec: dict[str, Any],
+    spec_path: str | Path,
+    out: Path,
+    executor: str,
+    todo: list[Cell],
+    devices: list[str | None] | None,
+) -> None:
+    write_configs(out, todo)
+
+    def save() -> None:
+        write_status(out, spec_path, executor, todo)
+
+    save()
+    pending = [c for c in todo if c.state != "done"]
+    try:
+        if executor == "local":
+            Local(devices or visible_gpus()).run(out, pending, save)
+        else:
+            from d2r.sweep import slurm
+
+            slurm.run(out, pending, spec.get("slurm") or {}, save)
+    except Stopped as err:
+        save()
+        again = f"d2r sweep {spec_path} --out {out} --executor {executor}"
+        raise Stopped(err.signame, again) from None
+    save()
+
+
+def write_configs(out: Path, todo: list[Cell]) -> None:
+    for cell in todo:
+        path = config_path(out, cell)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, dump_yaml(cell.config))
+
+
+def write_status(out: Path, spec_path: str | Path, executor: str, todo: list[Cell]) -> None:
+    """DIR/sweep.json: the cells, their overrides and states (for people and `d2r report`)."""
+    body = {
+        "format": "d2r-sweep",
+        "spec": str(spec_path),
+        "executor": executor,
+        "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "cells": [
+            {
+                "name": c.name,
+                "dir": str(out / c.name),
+                "state": c.state,
+                "attempts": c.attempts,
+                "error": c.error,
+                "overrides": c.overrides,
+                **c.extra,
+            }
+            for c in todo
+        ],
+    }
+    atomic_write_text(out / SWEEP_JSON, json.dumps(body, indent=2, default=str))
+
+
+def read_status(path: Path) -> dict[str, dict[str, Any]]:
+    """An earlier sweep.json's cells by name ({} when there is none)."""
+    try:
+        return {c["name"]: c for c in json.loads(path.read_text())["cells"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def table(out: Path, todo: list[Cell]) -> str:
+    """The study's table (d2r.report): mean ± std over seeds, written to DIR/report.*."""
+    from d2r.report import report
+
+    runs = [out / c.name for c in todo if (out / c.name / "config.yaml").is_file()]
+    if not runs:
+        return "no run to report\n"
+    return report(runs, out)["md"]
+
+
+def dry_run_text(todo: list[Cell], out: Path) -> str:
+    lines = [f"{len(todo)} cells -> {out}"]
+    for c in todo:
+        sets = ", ".join(
+            f"{k}={_text(v) if not isinstance(v, dict) else json.dumps(v)}"
+            for k, v in c.overrides.items()
+        )
+        lines.append(f"  {c.name} [{c.state}]: {sets}")
+    return "\n".join(lines)
+
+
+# Command line -----------------------------------------------------------------------------------
+def add_command(sub: Any) -> None:
+    """`d2r sweep SPEC.yaml --out DIR [--executor local|slurm] [--dry-run]`."""
+    p = sub.add_parser(
+        "sweep",
+        help="a study: a grid of runs (+ evaluation) on this machine or on Slurm",
+        description="Train and evaluate every cell of a sweep spec into DIR/<cell>; a rerun skips "
+        "finished cells and resumes interrupted ones. Ends with the table (d2r report DIR).",
+    )
+    p.add_argument("spec", metavar="SPEC.yaml")
+    p.add_argument("--out", required=True, help="the study's directory")
+    p.add_argument("--executor", choices=["local", "slurm"], default="local")
+    p.add_argument("--dry-run", action="store_true", help="check the spec and print the cells")
+    p.set_defaults(func=_command)
+
+
+def _command(args: Any) -> int:
+    out = Path(args.out)
+    todo = run(args.spec, out, executor=args.executor, dry_run=args.dry_run)
+    if args.dry_run:
+        print(dry_run_text(todo, out))
+        return 0
+    print(table(out, todo), end="")
+    failed = [c for c in todo if c.state == "failed"]
+    for c in failed:
+        print(f"d2r sweep: {c.name} failed twice: {c.error}", file=sys.stderr)
+    print(f"wrote {out / SWEEP_JSON} and {out / 'report.md'}")
+    return 1 if failed else 0
+
+
+__all__ = [
+    "STOPPED",
+    "Cell",
+    "Stopped",
+    "add_command",
+    "cell_state",
+    "cells",
+    "check_cell",
+    "check_unchanged",
+    "config_path",
+    "last_error",
+    "load_spec",
+    "python_command",
+    "run",
+    "run_cell",
+]

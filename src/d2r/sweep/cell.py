@@ -1,0 +1,176 @@
+"""One cell of a study: its state read from its run directory, and running what is left of it
+(train or resume, then evaluate) as `python -m d2r` commands; both executors use this."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from d2r.config import (
+    Config,
+    resolve,
+    to_dict,
+)
+from d2r.guard import Preempted
+
+# exit codes of a run stopped by a signal (d2r.guard.Preempted: 128 + SIGINT/SIGUSR1/SIGTERM)
+STOPPED = {128 + s: signal.Signals(s).name for s in (2, 10, 15)}
+
+
+@dataclass
+class Cell:
+    """One run of the study: its name (the run directory's), the config it trains with and
+    the evaluation after it (None: none)."""
+
+    name: str
+    config: Config
+    overrides: dict[str, Any]
+    eval: dict[str, Any] | None = None
+    state: str = "pending"
+    attempts: int = 0
+    error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # executor's notes (device, job id)
+
+
+class Stopped(Preempted):
+    """A cell's process was stopped by a signal (it wrote its checkpoint); the sweep stops. A
+    Preempted, so the CLI exits with 128 + the signal number as `d2r train` does."""
+
+    def __init__(self, signame: str, command: str = "") -> None:
+        self.signame, self.signum = signame, signal.Signals[signame].value
+        Exception.__init__(
+            self,
+            f"sweep stopped by {signame}; every checkpoint is complete; continue with: "
+            f"{command or 'the same d2r sweep command'}",
+        )
+
+
+# A cell's state, read from its run directory ----------------------------------------------------
+def cell_state(run_dir: Path, cell: Cell) -> str:
+    """pending (nothing to resume), interrupted (a checkpoint short of the last epoch),
+    trained (all epochs, evaluation still to do) or done."""
+    sidecar = run_dir / "last.json"
+    if not (run_dir / "last.safetensors").is_file() or not sidecar.is_file():
+        return "pending"
+    epoch = json.loads(sidecar.read_text()).get("epoch", 0)
+    if epoch < cell.config.train.epochs:
+        return "interrupted"
+    if cell.eval is not None and not (run_dir / "eval.json").is_file():
+        return "trained"
+    return "done"
+
+
+def check_unchanged(run_dir: Path, cell: Cell) -> None:
+    """A cell directory from an earlier run of the spec must hold this cell's config: a spec
+    edited since then would otherwise resume one run into another."""
+    from d2r.config import changed_keys
+    from d2r.runs import resolved_config
+
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        return
+    # both resolved (every option at its value), as a run records its config
+    old, new = (to_dict(resolved_config(c)) for c in (resolve(saved), cell.config))
+    changed = changed_keys(old, new)
+    if changed:
+        raise ValueError(
+            f"cell {cell.name!r}: {str(run_dir)!r} holds a run of another config "
+            f"({', '.join(changed)} differ); the spec changed since it ran: give another --out, "
+            "or move that directory away"
+        )
+
+
+def set_aside(run_dir: Path) -> Path | None:
+    """A run killed before its first checkpoint has nothing to resume; its directory (logs
+    only) moves to DIR/aborted/ (kept, and out of `d2r report DIR`'s way) and the cell starts
+    again. Returns where it went."""
+    if not (run_dir / "config.yaml").is_file() or (run_dir / "last.safetensors").is_file():
+        return None
+    target = run_dir.parent / "aborted" / f"{run_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    target.parent.mkdir(exist_ok=True)
+    run_dir.rename(target)
+    return target
+
+
+# Running one cell (both executors) --------------------------------------------------------------
+def commands(out: Path, cell: Cell, state: str) -> list[tuple[str, list[str]]]:
+    """What is left to do for `cell` in `state`: train (or resume), then evaluate."""
+    run_dir, todo = out / cell.name, []
+    if state == "pending":
+        set_aside(run_dir)
+        todo.append(
+            ("train", ["train", "-q", "--out", str(run_dir), "-c", str(config_path(out, cell))])
+        )
+    elif state == "interrupted":
+        todo.append(("train", ["train", "-q", "--resume", str(run_dir)]))
+    if state != "done" and cell.eval is not None:
+        todo.append(("eval", eval_args(run_dir, cell.eval)))
+    return todo
+
+
+def config_path(out: Path, cell: Cell) -> Path:
+    return out / "configs" / f"{cell.name}.yaml"
+
+
+def eval_args(run_dir: Path, ev: dict[str, Any]) -> list[str]:
+    args = ["eval", str(run_dir), "-q", "--attacks", ",".join(ev["attacks"])]
+    args += ["--eps", repr(ev["eps"]), "--seed", str(ev["seed"]), "--checkpoint", ev["checkpoint"]]
+    for key in ("n", "batch_size"):
+        if ev.get(key) is not None:
+            args += [f"--{key.replace('_', '-')}", str(ev[key])]
+    return args
+
+
+def run_cell(
+    out: Path,
+    cell: Cell,
+    spawn: Callable[[list[str], Path], int],
+    stopped: Callable[[], str | None] = lambda: None,
+    tries: int = 2,
+) -> str:
+    """Train/resume then evaluate `cell`, `tries` times at most (a retry resumes from the
+    checkpoint).
+    Returns the final state; `spawn(args, log)` runs `python -m d2r ARGS` into a log file and
+    returns its exit code; `stopped()` names a signal that stops the sweep, if any. A process
+    stopped by a signal (or a signal before the next step) raises Stopped."""
+    run_dir = out / cell.name
+    for attempt in range(tries):
+        cell.attempts += 1
+        for step, args in commands(out, cell, cell_state(run_dir, cell)):
+            if stopped():
+                raise Stopped(stopped() or "SIGINT")
+            run_dir.mkdir(parents=True, exist_ok=True)
+            code = spawn(args, run_dir / f"{step}.log")
+            # 128 + signal: the trainer checkpointed; any other end while the sweep is being
+            # stopped (a process killed before its handlers were set, `d2r eval`) is a stop too
+            if code in STOPPED or (code != 0 and stopped()):
+                raise Stopped(STOPPED.get(code) or stopped() or "SIGTERM")
+            if code != 0:
+                cell.error = f"{step}: {last_error(run_dir / f'{step}.log')}"
+                break
+        else:
+            cell.error = None
+            return cell_state(run_dir, cell)
+        if attempt + 1 < tries:
+            print(f"d2r sweep: {cell.name} failed ({cell.error}); retrying once", file=sys.stderr)
+    return "failed"
+
+
+def last_error(log: Path) -> str:
+    """The `d2r: error: ...` line of a failed command, else its last line."""
+    try:
+        lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return "no log"
+    errors = [ln for ln in lines if ln.startswith("d2r: error:")]
+    return (errors or lines or ["no output"])[-1]
+
+
+def python_command(args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "d2r", *args]
