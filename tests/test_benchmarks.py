@@ -68,7 +68,8 @@ def test_gpu_check_smoke_runs_every_part_and_writes_both_files(tmp_path):
         assert figures["step_ms"] > 0 and figures["ratio"] > 0 and figures["batch"] == 8
     assert parts["step_bf16_eager"]["figures"]["amp"] == "bf16"
     epoch = parts["epoch"]["figures"]
-    assert epoch["steps"] == 2 and epoch["epoch_s"] > 0 and epoch["steady_epoch_s"] > 0
+    # steady_epoch_s: from the step lines' times; with 2 tiny steps it can round to 0
+    assert epoch["steps"] == 2 and epoch["epoch_s"] > 0 and epoch["steady_epoch_s"] >= 0
     assert parts["pgd"]["figures"]["images"] == 32 and 0 <= parts["pgd"]["figures"]["pgd20"] <= 1
     assert parts["pgd"]["figures"]["model"].startswith("the epoch part's model")
     assert parts["vs_naive"]["figures"]["speedup"] > 0

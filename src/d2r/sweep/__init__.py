@@ -172,13 +172,15 @@ def add_command(sub: Any) -> None:
         "finished cells and resumes interrupted ones. Ends with the table (d2r report DIR).",
     )
     p.add_argument("spec", metavar="SPEC.yaml")
-    p.add_argument("--out", required=True, help="the study's directory")
+    p.add_argument("--out", help="the study's directory (required)")
     p.add_argument("--executor", choices=["local", "slurm"], default="local")
     p.add_argument("--dry-run", action="store_true", help="check the spec and print the cells")
     p.set_defaults(func=_command)
 
 
 def _command(args: Any) -> int:
+    if not args.out:  # checked here, not by argparse: the common flags parse without it
+        raise ValueError("give the study's directory: d2r sweep SPEC.yaml --out DIR")
     out = Path(args.out)
     todo = run(args.spec, out, executor=args.executor, dry_run=args.dry_run)
     if args.dry_run:
