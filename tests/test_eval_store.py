@@ -216,7 +216,10 @@ def _wait_for_partial(out: Path, attack: str, process: subprocess.Popen) -> None
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None:
         for path in out.glob("eval-partial-*.json"):
-            state = json.loads(path.read_text())  # written by atomic rename: always whole
+            try:  # written by atomic rename: always whole, but gone once its attack finishes
+                state = json.loads(path.read_text())
+            except FileNotFoundError:
+                continue
             if state["key"]["attack"] == attack and state["batches"] >= 1:
                 return
         time.sleep(0.005)
