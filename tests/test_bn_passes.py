@@ -17,14 +17,6 @@ STEPS = 3
 BUDGET = {"eps": 0.3, "step_size": 0.1, "steps": STEPS}  # x' far from x: distinct batch means
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _probed(model: nn.Module) -> nn.Sequential:
     """A BatchNorm on the input first: its running statistics are those of the batches the
     model saw in train mode, whatever the weights."""

@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from torch import nn
 
 import d2r
 from d2r import data
@@ -32,14 +31,10 @@ from d2r.evaluate import EvaluationWarning, markdown_table
 from d2r.logs import read_metrics
 from d2r.methods import METHODS
 from d2r.runs import build_method
+from test_evaluate import Rounded, _mlp
 from tiny_runs import TINY, evaluated_run
 
 EPS = 0.5
-
-
-def _mlp(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)).eval()
 
 
 @pytest.fixture()
@@ -246,17 +241,6 @@ def test_a_suite_of_l2_attacks_is_evaluated_as_l2_and_mixed_norms_are_refused(ba
         d2r.evaluate(model, x, y, attacks=mixed, eps=EPS)
     with pytest.raises(ValueError, match="mixes norms"):
         d2r.evaluate(model, x, y, attacks=suite, eps=EPS, norm="linf")
-
-
-class Rounded(nn.Module):
-    """Gradient masking by construction: torch.round has a zero gradient everywhere."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        return self.model(torch.round(x * 4) / 4)
 
 
 def test_the_large_eps_check_reaches_any_image_in_l2(batch):

@@ -305,11 +305,9 @@ class Trainer:
         if improved:
             self.state.best = record["robust_acc"]
         self.state.metrics_bytes = self.log.size()
-        names = ["last", "best"] if improved else ["last"]
-        for name in names:
-            path = self.run_dir / f"{name}.safetensors"
-            state = (self.method, self.optimizer, self.loader, self.state, to_dict(self.cfg))
-            checkpoint.save_run(path, *state, record)
+        run = (self.method, self.optimizer, self.loader, self.state, to_dict(self.cfg))
+        for name in ["last", "best"] if improved else ["last"]:
+            checkpoint.save_run(self.run_dir / f"{name}.safetensors", *run, record)
         self._last_save, self._saved_step = time.monotonic(), self.state.step
 
     def _restore(self) -> TrainState:
