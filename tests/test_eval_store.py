@@ -174,6 +174,13 @@ def test_sigterm_finishes_the_batch_saves_and_exits_143(weights, tmp_path, monke
     monkeypatch.undo()
     assert main(_eval(weights, resumed, *args)) == 0
     _assert_same(straight, resumed)
+
+    # a signal during an attack's last batch: its result is stored first, nothing is left over
+    last = tmp_path / "last"
+    CountCalls(monkeypatch, at=6, action=lambda: os.kill(os.getpid(), signal.SIGINT))
+    assert main(_eval(weights, last, *args)) == 130
+    assert "stopped by SIGINT after pgd3 finished" in capsys.readouterr().err
+    _assert_same(straight, last)
     # d2r.evaluate in memory draws the same starts; another seed draws others, and changes
     # the flags: a resume that did not seed each batch from (seed, index) would not match
     stored = _flags(straight)[("pgd3", 0.1)]

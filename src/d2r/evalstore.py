@@ -339,7 +339,8 @@ class StoreLedger(Ledger):
     """The store in `out` for one checkpoint and suite (`keys`: attack name -> key): finished
     keys come from eval.json, unless `force` and not yet in `redone` (the key ids computed
     again in this call, shared by its ledgers); partial state after every batch; `stop(name,
-    batches)` is called after each save (it raises to stop at a signal)."""
+    batches)` is called after each save of an unfinished attack (with batches=None once a
+    result is stored); it raises to stop at a signal."""
 
     def __init__(
         self,
@@ -349,7 +350,7 @@ class StoreLedger(Ledger):
         *,
         force: bool = False,
         redone: set[str] | None = None,
-        stop: Callable[[str, int], None] = lambda name, batches: None,
+        stop: Callable[[str, int | None], None] = lambda name, batches: None,
     ) -> None:
         self.out, self.keys, self.meta = Path(out), dict(keys), dict(meta)
         self.force, self.stop = force, stop
@@ -411,7 +412,8 @@ class StoreLedger(Ledger):
                     file=sys.stderr,
                 )
             self.progress_saved = False
-        self.stop(name, batches)
+        if len(flags) < self.keys[name]["images"]["n"]:  # the last batch: store it first
+            self.stop(name, batches)
 
     def finish(self, name: str, flags: Tensor, seconds: float) -> None:
         key = self.keys[name]
@@ -423,6 +425,7 @@ class StoreLedger(Ledger):
             raise
         partial_path(self.out, key).unlink(missing_ok=True)
         self.redone.add(key_id(key))
+        self.stop(name, None)
 
     def add_warnings(self, messages: list[str]) -> None:
         """The evaluation's warnings (checks run after the attacks) onto every result of the

@@ -593,18 +593,22 @@ def suite_keys(
     return keys
 
 
-def _stopper(guard: SignalGuard, label: str, eps: float, out: Path) -> Callable[[str, int], None]:
-    """After each saved batch: stop there if a signal came."""
+def _stopper(
+    guard: SignalGuard, label: str, eps: float, out: Path
+) -> Callable[[str, int | None], None]:
+    """After each saved batch (batches=None: after a stored result): stop if a signal came."""
 
-    def stop(name: str, batches: int) -> None:
-        if guard.signum is not None:
-            raise EvaluationStopped(
-                guard.signum,
-                f"stopped by {signal.Signals(guard.signum).name} after batch {batches} of "
-                f"{name} at eps {format_eps(eps)} on {label}; every finished batch is saved in "
-                f"{out} (results in eval.json, progress in eval-partial-*.json); run the same "
-                "d2r eval command again to continue from there",
-            )
+    def stop(name: str, batches: int | None) -> None:
+        if guard.signum is None:
+            return
+        where = f"{name} finished" if batches is None else f"batch {batches} of {name}"
+        raise EvaluationStopped(
+            guard.signum,
+            f"stopped by {signal.Signals(guard.signum).name} after {where} at eps "
+            f"{format_eps(eps)} on {label}; every finished batch is saved in {out} (results "
+            "in eval.json, progress in eval-partial-*.json); run the same d2r eval command "
+            "again to continue from there",
+        )
 
     return stop
 
