@@ -69,7 +69,15 @@ def _summary_table(history: list[dict], attack: str) -> str:
         return "no evaluation recorded"
     last = evaluated[-1]
     best = max(evaluated, key=lambda r: r["robust_acc"])
-    head = ["checkpoint", "epoch", "clean", f"{attack.upper()} (eps={last['check_eps']:.4g})"]
+    # which images and weights the check measured (older logs: the test split, the target)
+    where = f"{last.get('check_split', 'test')}, n={last['check_n']}"
+    where += ", EMA" if last.get("check_model") == "ema" else ""
+    head = [
+        "checkpoint",
+        "epoch",
+        f"clean ({where})",
+        f"{attack.upper()} (eps={last['check_eps']:.4g})",
+    ]
     rows = [
         [name, str(r["epoch"]), f"{100 * r['clean_acc']:.2f}%", f"{100 * r['robust_acc']:.2f}%"]
         for name, r in (("last", last), ("best", best))
@@ -182,9 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--eps", type=_number, default=8 / 255, help="Linf radius, e.g. 8/255")
     ev.add_argument(
         "--checkpoint",
-        choices=["last", "best", "both"],
+        choices=["last", "best", "ema", "both"],
         default=None,
-        help="which checkpoint(s) of the run (default: both when both exist)",
+        help="which checkpoint(s) of the run: ema is the EMA weights of last (train.ema_decay "
+        "> 0), both is last and best (default: every one the run has)",
     )
     ev.add_argument("--model", help="architecture of foreign weights (see `d2r list`)")
     ev.add_argument("--weights", help="foreign weights: .safetensors or .pt (weights only)")

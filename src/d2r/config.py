@@ -24,9 +24,17 @@ import yaml
 _FRACTION = re.compile(r"^\s*([0-9.eE+-]+)\s*/\s*([0-9.eE+-]+)\s*$")
 
 
-def _num(default: Any = dataclasses.MISSING, *, positive: bool = False, **kwargs: Any) -> Any:
-    """A numeric field and its range: >= 0, or > 0 with `positive` (checked by `_fill_section`)."""
-    return field(default=default, metadata={"positive": positive, "range": True}, **kwargs)
+def _num(
+    default: Any = dataclasses.MISSING,
+    *,
+    positive: bool = False,
+    below: float | None = None,
+    **kwargs: Any,
+) -> Any:
+    """A numeric field and its range: >= 0, or > 0 with `positive`, and < `below` when given
+    (checked by `_fill_section`)."""
+    metadata = {"positive": positive, "below": below, "range": True}
+    return field(default=default, metadata=metadata, **kwargs)
 
 
 @dataclass
@@ -36,10 +44,22 @@ class DataConfig:
     verify: bool = True
     batch_size: int = _num(128, positive=True)
     augment: bool = True
-    # first N training images (or a seeded sample, see subset_seed)
+    # first N training images (or a seeded sample, see subset_seed), after val_size is held out
     train_subset: int | None = _num(None, positive=True)
+    # first N test images for the per-epoch check of a run without a validation split
     test_subset: int | None = _num(None, positive=True)
+    # Seeds the subsets' samples (None: the first N images) and the validation split (None: 0,
+    # so every run of an experiment, whatever its `seed`, holds out the same images).
     subset_seed: int | None = None
+    # Images held out of the training split, stratified by class: the per-epoch check and the
+    # choice of best.safetensors read them, so the test split is only ever read by `d2r eval`.
+    # null: no validation split; the check then reads the test split (as the AWP and LBGAT
+    # releases picked their best epoch).
+    val_size: int | None = _num(200, positive=True)
+    # Generated training data (Wang et al. 2023): an uncompressed .npz with image (N, H, W, C)
+    # uint8 and label (N,) integers, memory-mapped; extra_fraction of every batch comes from it.
+    extra: str | None = None
+    extra_fraction: float = _num(0.0, below=1.0)
 
 
 @dataclass
@@ -53,6 +73,13 @@ class TrainConfig:
     # x0.1 at each fraction of the run in `decay_at` (75% and 90%, i.e. epochs 76 and 91 of 100).
     warmup_factor: float = _num(0.2)
     decay_at: list[float] = _num(default_factory=lambda: [0.75, 0.9])
+    # "cosine": lr * half a cosine from 1 to 0 over the run, per step, after a linear warm-up
+    # over warmup_epochs (cosine only; the step schedule's warm-up is warmup_factor).
+    schedule: Literal["step", "cosine"] = "step"
+    warmup_epochs: float = _num(0.0)
+    # EMA of the target's weights after every step (0: none; 0.995 in Wang et al. 2023): the
+    # per-epoch check and best.safetensors then use it, and `d2r eval` evaluates it (d2r.ema).
+    ema_decay: float = _num(0.0, below=1.0)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     # steps between metrics.jsonl lines (the only host sync of the loop)
     log_every: int = _num(20, positive=True)
@@ -79,7 +106,8 @@ class EvalConfig:
 
     eps: float | None = _num(None)  # None: the method's training eps
     attack: str = "pgd20"
-    subset: int | None = _num(1000, positive=True)  # test images used per epoch (None: all)
+    # first N images of the validation split (or, with data.val_size null, of the test split)
+    subset: int | None = _num(1000, positive=True)
     batch_size: int = _num(500, positive=True)
     every: int = _num(1, positive=True)  # epochs between checks (the last is always checked)
 
@@ -189,11 +217,14 @@ def _check_field(key: str, f: dataclasses.Field, hint: Any, value: Any) -> None:
         raise ValueError(f"config key {key!r}: choose one of {', '.join(choices)}, got {value!r}")
     if not f.metadata.get("range") or value is None:
         return
+    below = f.metadata["below"]
     for v in value if isinstance(value, list) else [value]:
         if f.metadata["positive"] and v <= 0:
             raise ValueError(f"config key {key!r}: must be > 0, got {v}")
         if v < 0:
             raise ValueError(f"config key {key!r}: must be >= 0, got {v}")
+        if below is not None and v >= below:
+            raise ValueError(f"config key {key!r}: must be < {below:g}, got {v}")
 
 
 def _literal_choices(hint: Any) -> tuple[Any, ...]:

@@ -258,25 +258,38 @@ def evaluate_run(
     out: str | Path | None = None,
     **options: Any,
 ) -> dict[str, Any]:
-    """`d2r eval RUN`: the run's target at each checkpoint ("last", "best", or both: the default
-    when best.safetensors exists), on its data set's test split; writes eval.json and eval.md to
-    `out` (default: the run directory) and returns eval.json's content. `options`: n, seed,
-    batch_size, device, checks, progress (see `evaluate_models`)."""
-    from d2r.checkpoint import load_run
+    """`d2r eval RUN`: the run's target at each checkpoint ("last", "best", "ema" (the EMA
+    weights of last.safetensors), "both" for last and best; default: every one the run holds),
+    on its data set's test split; writes eval.json and eval.md to `out` (default: the run
+    directory) and returns eval.json's content. `options`: n, seed, batch_size, device,
+    checks, progress (see `evaluate_models`)."""
+    from d2r.checkpoint import load_run, run_checkpoints
 
     build_suite(attacks, eps, options.get("seed", 0))  # bad names or eps fail before loading
     run_dir = Path(run_dir)
-    if checkpoint is None:
-        checkpoint = "both" if (run_dir / "best.safetensors").is_file() else "last"
+    keys = {None: run_checkpoints(run_dir), "both": ["last", "best"]}.get(checkpoint)
     models = {}
-    for key in ["last", "best"] if checkpoint == "both" else [checkpoint]:
+    for key in keys or [checkpoint]:
         cfg, method = load_run(run_dir, key)
-        epoch = _checkpoint_epoch(run_dir / f"{key}.json")
-        label = f"{key} (epoch {epoch})" if epoch is not None else key
-        digest = file_sha256(run_dir / f"{key}.safetensors")
-        models[key] = (method.target, label, {"checkpoint": key, "epoch": epoch, "sha256": digest})
+        models[key] = (method.target, *_describe_checkpoint(run_dir, key))
     data_spec = (cfg.data.name, cfg.data.root, cfg.data.verify)
     return evaluate_models(models, data_spec, attacks, eps, Path(out or run_dir), **options)
+
+
+def _describe_checkpoint(run_dir: Path, key: str) -> tuple[str, dict[str, Any]]:
+    """A checkpoint's row label and what identifies it: its file's sha256 and which weights of
+    it were evaluated (the target's, or its EMA)."""
+    from d2r.checkpoint import checkpoint_path, target_weights
+
+    path = checkpoint_path(run_dir, key)
+    sidecar = _sidecar(path.with_suffix(".json"))
+    epoch, weights = sidecar.get("epoch"), target_weights(sidecar, key)
+    parts = [] if epoch is None else [f"epoch {epoch}"]
+    if weights == "ema" and key != "ema":
+        parts.append("EMA")  # best of a run with an EMA: the weights its check picked
+    label = f"{key} ({', '.join(parts)})" if parts else key
+    extra = {"checkpoint": key, "epoch": epoch, "sha256": file_sha256(path), "weights": weights}
+    return label, extra
 
 
 def evaluate_weights(
@@ -337,8 +350,9 @@ def evaluate_models(
     device = pick_device(device)
     results: dict[str, dict[str, Any]] = {}
     for key, (model, label, extra) in models.items():
-        same = [r for r in results.values() if r["sha256"] == extra["sha256"]]
-        if same:  # the same bytes, the same numbers
+        identity = (extra["sha256"], extra.get("weights"))
+        same = [r for r in results.values() if (r["sha256"], r.get("weights")) == identity]
+        if same:  # the same bytes (and the same weights of them), the same numbers
             results[key] = {**same[0], **extra, "label": label}
             continue
         print(f"evaluating {label} on {name} ({len(y)} test images, {device})", file=sys.stderr)
@@ -371,11 +385,13 @@ def file_sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def _checkpoint_epoch(sidecar: Path) -> int | None:
+def _sidecar(path: Path) -> dict[str, Any]:
+    """A checkpoint's metadata from its JSON copy ({} when unreadable)."""
     try:
-        return json.loads(sidecar.read_text()).get("epoch")
+        meta = json.loads(path.read_text())
     except (OSError, ValueError):
-        return None
+        return {}
+    return meta if isinstance(meta, dict) else {}
 
 
 def _test_images(name: str, root: str | Path, verify: bool, n: int | None):

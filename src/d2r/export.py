@@ -27,7 +27,8 @@ NORMALIZATION = "none: float images (B, C, H, W) in [0, 1]; no mean/std to apply
 def export_model(
     run_dir: str | Path, out: str | Path | None = None, checkpoint: str = "last"
 ) -> dict[str, Any]:
-    """Write the target of `run_dir`'s `checkpoint` ('last' or 'best') to `out` (default
+    """Write the target of `run_dir`'s `checkpoint` ('last', 'best', or 'ema': the EMA weights
+    of last.safetensors; see checkpoint.load_run) to `out` (default
     RUN_DIR/model-<checkpoint>.safetensors) and its card to `out` with .json; return the card."""
     from d2r.checkpoint import atomic_write, atomic_write_text, load_run
 
@@ -64,6 +65,7 @@ def model_card(
     (d2r.runs.read_config), which `training.not_recorded` lists instead of guessing them."""
     import d2r
     from d2r import data
+    from d2r.checkpoint import checkpoint_path, target_weights
     from d2r.config import to_dict
     from d2r.runs import resolved_config
 
@@ -96,12 +98,16 @@ def model_card(
             "epochs": config["train"].get("epochs"),
             "seed": config.get("seed"),
             "checkpoint": checkpoint,
-            "epoch": _checkpoint_epoch(run_dir, checkpoint),
+            "weights": target_weights(_sidecar(run_dir, checkpoint), checkpoint),
+            "epoch": _sidecar(run_dir, checkpoint).get("epoch"),
             "config": config,
             "not_recorded": list(not_recorded),
         },
         "evaluation": _evaluation(run_dir, checkpoint),
-        "source": {"run_dir": str(run_dir), "checkpoint": f"{checkpoint}.safetensors"},
+        "source": {
+            "run_dir": str(run_dir),
+            "checkpoint": checkpoint_path(run_dir, checkpoint).name,
+        },
     }
 
 
@@ -118,11 +124,15 @@ def _without(config: dict[str, Any], keys: list[str]) -> dict[str, Any]:
     return config
 
 
-def _checkpoint_epoch(run_dir: Path, checkpoint: str) -> int | None:
+def _sidecar(run_dir: Path, checkpoint: str) -> dict[str, Any]:
+    """The checkpoint's metadata from its JSON copy ({} when unreadable)."""
+    from d2r.checkpoint import checkpoint_path
+
     try:
-        return json.loads((run_dir / f"{checkpoint}.json").read_text()).get("epoch")
+        meta = json.loads(checkpoint_path(run_dir, checkpoint).with_suffix(".json").read_text())
     except (OSError, ValueError):
-        return None
+        return {}
+    return meta if isinstance(meta, dict) else {}
 
 
 def _evaluation(run_dir: Path, checkpoint: str) -> dict[str, Any] | None:
@@ -215,7 +225,7 @@ def load_model(path: str | Path, *, checkpoint: str = "last") -> nn.Module:
 
 
 def add_command(sub: Any) -> None:
-    """`d2r export RUN_DIR --out FILE [--checkpoint last|best]` (called by cli.build_parser)."""
+    """`d2r export RUN_DIR --out FILE [--checkpoint last|best|ema]` (cli.build_parser calls it)."""
     p = sub.add_parser(
         "export",
         help="write a run's target as safetensors with a JSON model card",
@@ -225,7 +235,12 @@ def add_command(sub: Any) -> None:
     )
     p.add_argument("run_dir", help="run directory written by `d2r train`")
     p.add_argument("--out", help="model file (default: RUN_DIR/model-<checkpoint>.safetensors)")
-    p.add_argument("--checkpoint", choices=["last", "best"], default="last")
+    p.add_argument(
+        "--checkpoint",
+        choices=["last", "best", "ema"],
+        default="last",
+        help="ema: the EMA weights of last.safetensors (a run with train.ema_decay > 0)",
+    )
     p.set_defaults(func=_command)
 
 

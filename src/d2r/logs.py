@@ -14,10 +14,11 @@ from typing import Any
 from d2r.checkpoint import atomic_write_text
 
 TENSORBOARD_HINT = 'pip install "d2r[tensorboard]"'
-# Numbers of a record that are bookkeeping (the per-epoch check's images and eps); every other
-# number is an accuracy ("*_acc") or one of the method's loss terms.
+# Keys of a record that are bookkeeping (the per-epoch check's images, split, weights and eps);
+# every other number is an accuracy ("*_acc") or one of the method's loss terms.
 BOOKKEEPING = frozenset(
-    {"kind", "epoch", "step", "seconds", "lr", "skipped_batches", "check_n", "check_eps"}
+    {"kind", "epoch", "step", "seconds", "lr", "skipped_batches"}
+    | {"check_n", "check_eps", "check_split", "check_model"}
 )
 
 

@@ -169,7 +169,8 @@ def _from_epoch_check(run_dir: Path, cfg: Config) -> dict[str, Any]:
     last, attack = evaluated[-1], cfg.eval.attack
     # the images actually evaluated, never eval.subset (it may exceed the test split)
     n = f"n={last['check_n']}" if "check_n" in last else "n not recorded"
-    detail = f"{attack}, epoch {last['epoch']}, {n}"
+    split = last.get("check_split", "test")  # older logs: the check read the test split
+    detail = f"{attack} on {split}, epoch {last['epoch']}, {n}"
     metrics = {"clean": last["clean_acc"], attack: last["robust_acc"]}
     eps = last.get("check_eps", cfg.eval.eps)  # older logs: the config's eval.eps
     return {"eps": eps, "source": EPOCH_CHECK, "detail": detail, "metrics": metrics}
@@ -276,7 +277,8 @@ def _source_text(g: dict[str, Any]) -> str:
 NOTES = [
     "Accuracies in % (mean ± sample std over seeds when there are several); eps is the Linf "
     "radius; worst case = robust against every attack run, per sample.",
-    "† no eval.json: the last per-epoch check during training (one attack on a test subset), "
+    "† no eval.json: the last per-epoch check during training (one attack on the validation "
+    "split, or a test subset in runs without one), "
     "not the full evaluation; run `d2r eval RUN_DIR --attacks pgd20,pgd50,cw20,aa`.",
 ]
 
@@ -449,7 +451,7 @@ def add_command(sub: Any) -> None:
     p.add_argument("--out", help="directory for report.md / report.tex / report.json")
     p.add_argument(
         "--checkpoint",
-        choices=["last", "best"],
+        choices=["last", "best", "ema"],
         default="last",
         help="which eval.json entry to report when it holds several (default: last)",
     )

@@ -4,8 +4,10 @@ checkpoints. The step itself is `train_step`, read top to bottom like nanoGPT's 
 
 from __future__ import annotations
 
+import math
 import random
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,8 @@ from torch import Tensor, nn
 from d2r import checkpoint, data, distributed, speed
 from d2r.attacks import from_name
 from d2r.checkpoint import TrainState
-from d2r.config import Config, dump_yaml, to_dict
+from d2r.config import Config, TrainConfig, dump_yaml, to_dict
+from d2r.ema import EMA
 from d2r.evaluate import correct_flags
 from d2r.guard import DeviceFlags, StepChecks
 from d2r.logs import MetricsLog
@@ -39,6 +42,30 @@ def lr_factor(epoch: int, epochs: int, warmup_factor: float, decay_at: list[floa
     if epoch == 0 and epochs > 1:
         return warmup_factor
     return 0.1 ** sum(epoch >= round(f * epochs) for f in decay_at)
+
+
+def cosine_factor(step: int, total: int, warmup: float) -> float:
+    """Cosine annealing without restarts (Loshchilov & Hutter, SGDR, arXiv:1608.03983) per step
+    (0-based, of `total`), after a linear warm-up over `warmup` steps: (step + 1) / warmup
+    there, then half a cosine from 1 down to 0 at the end of the run."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(total - warmup, 1)
+    return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def check_schedule(t: TrainConfig) -> None:
+    """The schedule's options that only make sense together, refused before any work."""
+    if t.schedule == "step" and t.warmup_epochs > 0:
+        raise ValueError(
+            "train.warmup_epochs is the cosine schedule's warm-up (the step schedule's is "
+            "train.warmup_factor): set train.schedule=cosine or train.warmup_epochs=0"
+        )
+    if t.warmup_epochs >= t.epochs > 0 and t.schedule == "cosine":
+        raise ValueError(
+            f"train.warmup_epochs={t.warmup_epochs} leaves no epoch of the {t.epochs} to anneal; "
+            "use fewer warm-up epochs"
+        )
 
 
 def pick_device(name: str) -> torch.device:
@@ -91,6 +118,7 @@ class Trainer:
         resume: bool = False,
     ):
         cfg = resolved_config(cfg)  # every option's value, defaults included, is recorded
+        check_schedule(cfg.train)
         self.cfg = cfg
         self.dist = distributed.from_env()  # one process, or a rank under torchrun
         self.device = pick_device(distributed.device_name(cfg.train.device, self.dist))
@@ -99,7 +127,10 @@ class Trainer:
         self.method = build_method(cfg, data.info(cfg.data.name)).to(self.device)  # bad options
         self.fast = speed.resolve(cfg.train, self.device)
         self.model = self._prepare_model()  # what the step calls: the method, or DDP around it
-        self.loader, self.x_check, self.y_check = self._load_data()
+        # the EMA of the target's weights (after _prepare_model: it reads the final tensors)
+        decay = cfg.train.ema_decay
+        self.ema = EMA(self.method.target, decay) if decay > 0 else None
+        self.loader, self.x_check, self.y_check, self.check_split = self._load_data()
         groups = [{"params": m.parameters(), "name": n} for n, m in self.method.models().items()]
         t = cfg.train
         self.optimizer = self.fast.sgd(
@@ -128,11 +159,12 @@ class Trainer:
             torch.manual_seed(self.cfg.seed + self.dist.rank)
         return model
 
-    def _load_data(self) -> tuple[data.DeviceLoader, Tensor, Tensor]:
-        """The training loader (uint8 on the device, augmented per batch) and the images of
-        the per-epoch check."""
+    def _load_data(self) -> tuple[data.DeviceLoader, Tensor, Tensor, str]:
+        """The training loader (uint8 on the device, augmented per batch, generated data mixed
+        in when asked) and the images of the per-epoch check, with their split's name."""
         d, info = self.cfg.data, data.info(self.cfg.data.name)
-        x, y, x_check, y_check = data.load_splits(d, self.cfg.eval.subset)
+        extra = data.open_extra(d.extra, d.extra_fraction, info, d.batch_size)  # checked first
+        x, y, x_check, y_check, split = data.load_splits(d, self.cfg.eval.subset)
         loader = data.DeviceLoader(
             x,
             y,
@@ -144,8 +176,10 @@ class Trainer:
             flip=info.flip and d.augment,
             rank=self.dist.rank,
             world_size=self.dist.world_size,
+            extra=extra,
+            extra_fraction=d.extra_fraction,
         )
-        return loader, x_check.to(self.device), y_check.to(self.device)
+        return loader, x_check.to(self.device), y_check.to(self.device), split
 
     def fit(self) -> Run:
         """Train from epoch `state.epoch` (0, or where a resumed run stopped). SIGINT/SIGTERM
@@ -185,8 +219,14 @@ class Trainer:
             write_env(self.run_dir, self.device, extra, resumed_step)
 
     def _set_lr(self, epoch: int) -> None:
+        """The step schedule's lr for `epoch`; the cosine schedule's for the next step (it is
+        set before every step: a Python float, no sync)."""
         t = self.cfg.train
-        factor = lr_factor(epoch, t.epochs, t.warmup_factor, t.decay_at)
+        if t.schedule == "cosine":
+            batches = len(self.loader)
+            factor = cosine_factor(self.state.step, t.epochs * batches, t.warmup_epochs * batches)
+        else:
+            factor = lr_factor(epoch, t.epochs, t.warmup_factor, t.decay_at)
         for group in self.optimizer.param_groups:
             group["lr"] = t.lr * factor
 
@@ -196,16 +236,14 @@ class Trainer:
         start, state = time.perf_counter(), self.state  # sums/count carry over into a resume
         bar = self.display.epoch(self.loader, epoch)
         for x, y in bar:
+            if self.cfg.train.schedule == "cosine":
+                self._set_lr(epoch)
             out, flags = train_step(
                 self.model, self.method, self.optimizer, self.fast, self.checks, x, y
             )
             # the step's one host read: a non-finite loss is skipped (counted) or stops the run
             finite = self.checks.check(flags, out, epoch, state.step, self._last_checkpoint)
-            state.step, state.skipped = state.step + 1, state.skipped + (not finite)
-            if finite:
-                state.count += 1
-                for name, value in out.items():  # accumulate on the device: no extra sync
-                    state.sums[name] = state.sums.get(name, 0.0) + value.detach()
+            self._account(out, finite)
             if state.step % self.cfg.train.log_every == 0:
                 means = self._means()
                 bar.log(state.step, means)
@@ -220,6 +258,19 @@ class Trainer:
             "lr": lr,
             **self._means(),
         }
+
+    def _account(self, out: dict[str, Tensor], finite: bool) -> None:
+        """After a step: the counters, the EMA (a skipped batch changed no weight, so it is no
+        update either) and the epoch's loss sums, all without a host sync."""
+        state = self.state
+        state.step, state.skipped = state.step + 1, state.skipped + (not finite)
+        if not finite:
+            return
+        if self.ema is not None:
+            self.ema.update()
+        state.count += 1
+        for name, value in out.items():  # accumulate on the device: no extra sync
+            state.sums[name] = state.sums.get(name, 0.0) + value.detach()
 
     def _position(self, epoch: int) -> dict[str, int]:
         return {"epoch": epoch + 1, "step": self.state.step, "skipped_batches": self.state.skipped}
@@ -254,10 +305,11 @@ class Trainer:
         return self.dist.is_main and (last or (epoch + 1) % self.cfg.eval.every == 0)
 
     def _check(self) -> dict[str, Any]:
-        """The per-epoch check: the target alone, eval mode, fp32, clean and the check's attack
-        (the guide's clean accuracy too), on the held-out images."""
+        """The per-epoch check: the target alone (its EMA weights when train.ema_decay > 0),
+        eval mode, fp32, clean and the check's attack (the guide's clean accuracy too), on the
+        validation split (the test split in a run without one)."""
         target, x, y, bs = self.method.target, self.x_check, self.y_check, self.cfg.eval.batch_size
-        with eval_mode(target):
+        with eval_mode(target), self.ema.applied() if self.ema else nullcontext():
             clean = correct_flags(target, x, y, batch_size=bs)
             robust = correct_flags(target, x, y, self.check_attack, batch_size=bs)
         result = {
@@ -265,6 +317,8 @@ class Trainer:
             "robust_acc": robust.float().mean().item(),
             "check_eps": self.check_attack.eps,
             "check_n": len(y),
+            "check_split": self.check_split,
+            "check_model": "ema" if self.ema else "target",
         }
         if self.method.uses_guide:
             with eval_mode(self.method.guide):
@@ -274,7 +328,8 @@ class Trainer:
 
     def _checkpoint(self, record: dict[str, Any] | None) -> None:
         """last.safetensors gets the complete state (at an epoch end, `record` is its log line;
-        mid-epoch, None); best.safetensors the same when the checked robust accuracy improved.
+        mid-epoch, None); best.safetensors the same when the checked robust accuracy improved
+        (on the validation split, of the EMA weights when there is an EMA).
         Each write is an atomic rename: a kill leaves the previous complete file."""
         if not self.dist.is_main:
             return
@@ -286,13 +341,13 @@ class Trainer:
         for name in names:
             path = self.run_dir / f"{name}.safetensors"
             state = (self.method, self.optimizer, self.loader, self.state, to_dict(self.cfg))
-            checkpoint.save_run(path, *state, record)
+            checkpoint.save_run(path, *state, record, ema=self.ema)
         self._last_save, self._saved_step = time.monotonic(), self.state.step
 
     def _restore(self) -> TrainState:
         """Everything from last.safetensors; metrics.jsonl cut back to the checkpoint."""
         path = self.run_dir / "last.safetensors"
-        state = checkpoint.restore_run(path, self.method, self.optimizer, self.loader)
+        state = checkpoint.restore_run(path, self.method, self.optimizer, self.loader, self.ema)
         if state.epoch >= self.cfg.train.epochs:  # nothing to do: leave the finished run as is
             raise ValueError(
                 f"{str(self.run_dir)!r} already finished its {state.epoch} epochs; to train "

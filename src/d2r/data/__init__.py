@@ -6,10 +6,14 @@ verified downloads; augmentation on the batch.
     loader = d2r.data.DeviceLoader(x, y, 128, crop_padding=info.crop_padding, flip=info.flip,
                                    seed=0, device="cuda")
     for x_batch, y_batch in loader: ...                   # float (B, C, H, W) in [0, 1]
+
+`load_splits` is what a training run reads (the validation split held out of the training
+split); `open_extra` opens generated data (`data.extra`) for the loader to mix into batches.
 """
 
 from d2r.data.download import download, md5sum, require
-from d2r.data.loading import CACHE_DIR, load, load_splits, subset
+from d2r.data.extra import ExtraData, open_extra
+from d2r.data.loading import CACHE_DIR, Splits, load, load_splits, subset, validation_split
 from d2r.data.pipeline import DeviceLoader, crop_flip
 from d2r.data.sources import DATASETS, SPLITS, DatasetInfo, RemoteFile, digits_split, info
 
@@ -19,7 +23,9 @@ __all__ = [
     "SPLITS",
     "DatasetInfo",
     "DeviceLoader",
+    "ExtraData",
     "RemoteFile",
+    "Splits",
     "crop_flip",
     "digits_split",
     "download",
@@ -27,6 +33,8 @@ __all__ = [
     "load",
     "load_splits",
     "md5sum",
+    "open_extra",
     "require",
     "subset",
+    "validation_split",
 ]
