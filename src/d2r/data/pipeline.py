@@ -198,17 +198,19 @@ class DeviceLoader:
 
     def state_dict(self) -> dict[str, Any]:
         """Epochs started, batches consumed in the current one, the generator state at its start
-        (uint8 CPU tensor), and the sizes a resume must match."""
-        return {
+        (uint8 CPU tensor; with generated data, the second generator's too), and the sizes a
+        resume must match."""
+        state = {
             "epoch": self._epoch,
             "batch": self._batch,
             "generator": self._epoch_start[0].clone(),
-            "extra_generator": self._epoch_start[1].clone(),
             "num_examples": len(self.x),
             "batch_size": self.batch_size,
-            "extra_examples": len(self.extra) if self.extra is not None else 0,
-            "extra_per_batch": self.extra_per_batch,
         }
+        if self.extra is not None:
+            state["extra_generator"] = self._epoch_start[1].clone()
+            state.update(extra_examples=len(self.extra), extra_per_batch=self.extra_per_batch)
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restores `state_dict()`'s output: the next `iter()` continues the interrupted epoch
@@ -235,8 +237,8 @@ class DeviceLoader:
             raise ValueError(
                 f"loader state is for {saved[0]} examples in batches of {saved[1]} with "
                 f"{saved[3]} of {saved[2]} generated images each, this loader has {here[0]} in "
-                f"batches of {here[1]} with {here[3]} of {here[2]}; resume with the same data, "
-                "data.extra, data.extra_fraction and batch size."
+                f"batches of {here[1]} with {here[3]} of {here[2]}; resume with the same data and "
+                "batch size (and the same data.extra and data.extra_fraction)."
             )
 
 
