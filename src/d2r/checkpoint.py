@@ -209,23 +209,11 @@ def save_run(
     extra.update({**optim_tensors, **rng_tensors})
     extra.update(prefixed("sums", {k: torch.as_tensor(v) for k, v in state.sums.items()}))
     tensors.update(prefixed(STATE, extra))
+    train_state = {**state.counters(), "loader": position, "optimizer": optim_meta}
+    meta = {"epoch": state.epoch, "step": state.step, "record": record, "config": config}
+    meta.update(models=list(models), train_state={**train_state, "rng": rng_meta})
     if ema is not None:
         tensors.update(prefixed(EMA_PREFIX, ema.state_dict()))
-    train_state = {
-        **state.counters(),
-        "loader": position,
-        "optimizer": optim_meta,
-        "rng": rng_meta,
-    }
-    meta = {
-        "epoch": state.epoch,
-        "step": state.step,
-        "record": record,
-        "config": config,
-        "models": list(models),
-        "train_state": train_state,
-    }
-    if ema is not None:
         meta["ema"] = {"of": "target", "decay": ema.decay, "updates": ema.updates}
     save(path, tensors, meta)
 

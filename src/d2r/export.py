@@ -65,7 +65,7 @@ def model_card(
     (d2r.runs.read_config), which `training.not_recorded` lists instead of guessing them."""
     import d2r
     from d2r import data
-    from d2r.checkpoint import checkpoint_path, target_weights
+    from d2r.checkpoint import checkpoint_path
     from d2r.config import to_dict
     from d2r.runs import resolved_config
 
@@ -78,6 +78,7 @@ def model_card(
         **{k: v for k, v in cfg.target.items() if k != "name"},
     }
     config = _without(to_dict(cfg), list(not_recorded))
+    file = checkpoint_path(run_dir, checkpoint).name
     return {
         "format": CARD_FORMAT,
         "format_version": CARD_VERSION,
@@ -97,18 +98,22 @@ def model_card(
             "guide": config["guide"],
             "epochs": config["train"].get("epochs"),
             "seed": config.get("seed"),
-            "checkpoint": checkpoint,
-            "weights": target_weights(_sidecar(run_dir, checkpoint), checkpoint),
-            "epoch": _sidecar(run_dir, checkpoint).get("epoch"),
+            **_checkpoint_info(run_dir, checkpoint),
             "config": config,
             "not_recorded": list(not_recorded),
         },
         "evaluation": _evaluation(run_dir, checkpoint),
-        "source": {
-            "run_dir": str(run_dir),
-            "checkpoint": checkpoint_path(run_dir, checkpoint).name,
-        },
+        "source": {"run_dir": str(run_dir), "checkpoint": file},
     }
+
+
+def _checkpoint_info(run_dir: Path, checkpoint: str) -> dict[str, Any]:
+    """Which checkpoint, which of its weights (the target's, or its EMA) and its epoch."""
+    from d2r.checkpoint import target_weights
+
+    meta = _sidecar(run_dir, checkpoint)
+    weights = target_weights(meta, checkpoint)
+    return {"checkpoint": checkpoint, "weights": weights, "epoch": meta.get("epoch")}
 
 
 def _without(config: dict[str, Any], keys: list[str]) -> dict[str, Any]:

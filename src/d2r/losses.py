@@ -77,13 +77,11 @@ def d2r_loss(
     `gap_mean` maps the batch's K1 - K2 to the one the absolute value is taken of: the identity
     by default; data-parallel training passes the mean over ranks (d2r.distributed), since the
     absolute value of a mean is not the mean of the per-shard absolute values.
-    `label_smoothing` applies to the CE term (Szegedy et al. 2016, as in Wang et al. 2023).
-    """
+    `label_smoothing`: of the CE term (Szegedy et al. 2016; 0.1 in Wang et al. 2023)."""
     check_choice("sym_rule", sym_rule, SYM_RULES)
     check_choice("kl_reduction", kl_reduction, KL_REDUCTIONS)
-    if kl_reduction == "batchmean":
-        num_classes = logits_clean.shape[1]
-        alpha, beta = alpha / num_classes, beta / num_classes
+    if kl_reduction == "batchmean":  # per-class weights keep the total loss the same
+        alpha, beta = (weight / logits_clean.shape[1] for weight in (alpha, beta))
     ce = F.cross_entropy(logits_guide, y, label_smoothing=label_smoothing)
     mse = F.mse_loss(logits_adv, logits_guide)
     kl_adv = _reduce(

@@ -94,12 +94,15 @@ class DeviceLoader:
         self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
         self.crop_padding, self.flip = crop_padding, flip
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
-        self.extra, self.extra_per_batch = extra, int(batch_size * extra_fraction) if extra else 0
-        self.real_per_batch = batch_size - self.extra_per_batch
-        self.extra_generator = torch.Generator().manual_seed(seed + EXTRA_SEED_OFFSET)
-        self._reader: ThreadPoolExecutor | None = None
+        self._add_extra(extra, extra_fraction, seed)
         self._epoch, self._batch, self._resume_at = 0, 0, None
         self._epoch_start = self._generator_states()
+
+    def _add_extra(self, extra: ExtraData | None, fraction: float, seed: int) -> None:
+        self.extra, self.extra_per_batch = extra, int(self.batch_size * fraction) if extra else 0
+        self.real_per_batch = self.batch_size - self.extra_per_batch
+        self.extra_generator = torch.Generator().manual_seed(seed + EXTRA_SEED_OFFSET)
+        self._reader: ThreadPoolExecutor | None = None  # the thread that reads generated images
 
     def __len__(self) -> int:
         n = len(self.x)
