@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from torch import nn
 
 from d2r import data, losses, trainer
@@ -83,6 +84,19 @@ def test_load_splits_holds_out_validation_and_never_reads_the_test_split(monkeyp
     d.val_size, d.train_subset = 200, 1400
     with pytest.raises(ValueError, match=r"data.train_subset=1400: 1297 training images are left"):
         load_splits(d)
+
+
+def test_a_run_of_an_older_d2r_resumes_without_a_validation_split(tmp_path):
+    """Its config.yaml records no data.val_size: it trained on the whole training split, so it
+    resumes so (today's default would hold images out and refuse the loader's state)."""
+    out = tmp_path / "run"
+    tiny = sets("train.epochs=1", "data.train_subset=64", "method.steps=1", "eval.subset=20")
+    assert main(["train", "-q", "--out", str(out), *tiny, *sets("data.val_size=null")]) == 0
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    del saved["data"]["val_size"]  # as an older d2r wrote it
+    (out / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert main(["train", "--resume", str(out), "-q", *sets("train.epochs=2")]) == 0
+    assert [r["check_split"] for r in read_metrics(out, "epoch")] == ["test", "test"]
 
 
 # One tiny run with EMA, validation and the cosine schedule, shared ------------------------------

@@ -43,7 +43,7 @@ def _train_config(args: argparse.Namespace):
     named with --set may change (a -c file that differs elsewhere is refused)."""
     if not args.resume:
         return resolve(args.config, args.set)
-    from d2r.config import check_resume_config, to_dict
+    from d2r.config import check_resume_config, earlier_defaults, load_yaml, to_dict
     from d2r.runs import resolved_config
 
     if args.out:
@@ -54,9 +54,10 @@ def _train_config(args: argparse.Namespace):
             f"cannot resume {args.resume!r}: no config.yaml there; give a "
             "run directory written by `d2r train`"
         )
-    cfg = resolve(args.config or saved_path, args.set)
+    earlier = earlier_defaults(load_yaml(saved_path))  # a run of an older d2r keeps its values
+    cfg = resolve(args.config or saved_path, [*earlier, *args.set])
     # both sides resolved (defaults filled) alike: a config.yaml records every option
-    old, new = (to_dict(resolved_config(c)) for c in (resolve(saved_path), cfg))
+    old, new = (to_dict(resolved_config(c)) for c in (resolve(saved_path, earlier), cfg))
     check_resume_config(old, new, args.set, saved_path)
     return cfg
 

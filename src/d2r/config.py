@@ -368,6 +368,19 @@ def replace(cfg: Config, **changes: Any) -> Config:
 
 
 # Resuming ---------------------------------------------------------------------------------------
+# Options whose default changed: a run's config.yaml that does not record one was written by a
+# d2r that used the value here, so resuming that run keeps it.
+EARLIER_DEFAULTS: dict[str, Any] = {"data.val_size": None}  # before the validation split
+
+
+def earlier_defaults(raw: dict[str, Any]) -> list[str]:
+    """`--set` items giving the EARLIER_DEFAULTS of the keys that `raw` (a run's config.yaml,
+    as read) does not record."""
+    given = flatten(raw)
+    missing = {k: v for k, v in EARLIER_DEFAULTS.items() if k not in given}
+    return [f"{k}={yaml.safe_dump(v).splitlines()[0]}" for k, v in missing.items()]
+
+
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     if not isinstance(tree, dict):
         return {prefix: tree}
