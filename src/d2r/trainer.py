@@ -243,6 +243,8 @@ class Trainer:
             )
             # the step's one host read: a non-finite loss is skipped (counted) or stops the run
             finite = self.checks.check(flags, out, epoch, state.step, self._last_checkpoint)
+            if finite and self.ema is not None:  # a skipped batch changed no weight
+                self.ema.update()  # the target's EMA, after the optimizer step, on the device
             self._account(out, finite)
             if state.step % self.cfg.train.log_every == 0:
                 means = self._means()
@@ -260,14 +262,11 @@ class Trainer:
         }
 
     def _account(self, out: dict[str, Tensor], finite: bool) -> None:
-        """After a step: the counters, the EMA (a skipped batch changed no weight, so it is no
-        update either) and the epoch's loss sums, all without a host sync."""
+        """After a step: the counters and the epoch's loss sums, without a host sync."""
         state = self.state
         state.step, state.skipped = state.step + 1, state.skipped + (not finite)
         if not finite:
             return
-        if self.ema is not None:
-            self.ema.update()
         state.count += 1
         for name, value in out.items():  # accumulate on the device: no extra sync
             state.sums[name] = state.sums.get(name, 0.0) + value.detach()
