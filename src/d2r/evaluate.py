@@ -360,7 +360,8 @@ def evaluate_models(
             model.to(device), x, y, attacks, eps, seed, batch_size, device,
             checks=checks, progress=progress,
         )  # fmt: skip
-        results[key] = {**extra, "label": label, "data": name, "argv": sys.argv[1:], **result}
+        record = {"label": label, "data": name, "split": "test", "argv": sys.argv[1:]}
+        results[key] = {**extra, **record, **result}
     return write_results(results, out)
 
 
