@@ -9,10 +9,15 @@ import torch
 from d2r import data
 from d2r.config import resolve, to_dict
 from d2r.methods import METHODS
+from d2r.runs import resolved_config
 from d2r.trainer import build_method
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PATHS = sorted(CONFIGS.rglob("*.yaml"))
+# The recipe of Wang et al. 2023 (generated data, EMA, ...) with two methods; the other configs
+# are rows of the paper's tables, on the D2R recipe.
+RECIPES = [CONFIGS / "cifar10/trades_ema_gen.yaml", CONFIGS / "cifar10/d2r_cag_ema_gen.yaml"]
+PAPER = [p for p in PATHS if p not in RECIPES]
 
 # Table 1 (SPEC section 8, plus the PGD-AT, MART and AWP rows of CIFAR-10) and Table 2
 TABLE1 = {
@@ -59,17 +64,43 @@ def test_config_loads_validates_and_builds(path, fast_init):
     assert logits.shape == (2, info.num_classes)
 
 
-@pytest.mark.parametrize("path", PATHS, ids=[str(p.relative_to(CONFIGS)) for p in PATHS])
+@pytest.mark.parametrize("path", PAPER, ids=[str(p.relative_to(CONFIGS)) for p in PAPER])
 def test_config_follows_the_paper_recipe(path):
     cfg = resolve(path)
     t = cfg.train
     assert (t.epochs, t.lr, t.momentum, t.weight_decay, t.nesterov) == (100, 0.1, 0.9, 2e-4, False)
     assert (t.warmup_factor, t.decay_at, cfg.data.batch_size) == (0.2, [0.75, 0.9], 128)
+    assert (t.schedule, t.ema_decay, cfg.data.extra, cfg.method.get("label_smoothing", 0)) == (
+        "step",
+        0.0,
+        None,
+        0.0,
+    )
     options = {k: cfg.method[k] for k in ("eps", "step_size", "steps")}
     assert options == {"eps": 0.031, "step_size": 0.007, "steps": 10}
     assert cfg.eval.eps == pytest.approx(8 / 255) and cfg.eval.attack == "pgd20"
     assert cfg.guide is None or cfg.guide["name"] == "resnet18"  # the reference strides
     assert cfg.guide is None or set(cfg.guide) <= {"name", "weights", "trainable"}
+
+
+@pytest.mark.parametrize("path", PATHS, ids=[str(p.relative_to(CONFIGS)) for p in PATHS])
+def test_every_config_holds_out_a_validation_split(path):
+    assert resolve(path).data.val_size == 1000  # best is never picked on test images
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
+def test_recipe_configs_carry_wang_et_al_2023(path):
+    cfg = resolve(path)
+    d, t, m = cfg.data, cfg.train, resolved_config(cfg).method  # "8/255" read as a number
+    assert cfg.target == {"name": "wrn", "depth": 28, "widen_factor": 10, "activation": "silu"}
+    assert (d.batch_size, d.extra_fraction, d.extra.endswith(".npz")) == (512, 0.7, True)
+    assert (t.epochs, t.lr, t.weight_decay, t.nesterov) == (400, 0.2, 5e-4, True)
+    assert (t.schedule, t.warmup_epochs, t.ema_decay) == ("cosine", 10, 0.995)
+    assert m["label_smoothing"] == 0.1 and m["steps"] == 10
+    assert (m["eps"], m["step_size"]) == pytest.approx((8 / 255, 2 / 255))
+    text = path.read_text()  # the published figure and the data's source, in its comments
+    assert "67.31" in text and "huggingface.co/datasets/P2333/DM-Improves-AT" in text
+    assert "arXiv:2302.04638" in text
 
 
 @pytest.mark.parametrize("row,expected", TABLE1.items())

@@ -190,10 +190,17 @@ def test_gloo_sync_batchnorm_is_batchnorm_in_one_process_and_in_eval():
         ["method.beta=20", "method.sym_rule=sign"],
         ["train.sync_bn=true", "target.name=small_cnn", "guide.name=tiny_cnn", "method.beta=20"],
         ["train.compile=on", "method.beta=20"],
+        # every rank keeps the same EMA; each takes its slice of the generated images too
+        ["train.ema_decay=0.9", "data.extra={npz}", "data.extra_fraction=0.5", "method.beta=20"],
     ],
-    ids=["plain", "awp", "sym-abs", "sym-sign", "sync-bn", "compile"],
+    ids=["plain", "awp", "sym-abs", "sym-sign", "sync-bn", "compile", "ema-generated"],
 )
 def test_two_processes_match_one_on_the_same_global_batch(tmp_path, extra):
+    if any("{npz}" in item for item in extra):
+        from test_recipe import write_npz
+
+        npz = write_npz(tmp_path / "generated.npz", n=64)
+        extra = [item.format(npz=npz) for item in extra]
     one, two = tmp_path / "one", tmp_path / "two"
     mp.spawn(_train_worker, args=(1, 0, str(one), extra), nprocs=1)
     mp.spawn(_train_worker, args=(2, free_port(), str(two), extra), nprocs=2)

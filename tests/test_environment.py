@@ -350,10 +350,10 @@ from d2r.cli import main
 
 def late(module, name, when):
     real = getattr(module, name)
-    def wrapper(*args):
+    def wrapper(*args, **kwargs):
         if when(args):
             os.kill(os.getpid(), signal.SIGTERM)  # delivered before `real` runs
-        return real(*args)
+        return real(*args, **kwargs)
     setattr(module, name, wrapper)
 
 fired = []

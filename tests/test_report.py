@@ -314,12 +314,13 @@ def test_an_older_config_is_never_filled_in_silently(tmp_path):
 
 
 def test_the_per_epoch_check_reports_the_images_evaluated(runs):
-    """eval.subset=1000 on digits, whose test split has 300 images: n=300, never 1000."""
+    """eval.subset=1000 on digits, whose validation split (the default data.val_size) has 300
+    images: n=300, never 1000, and the split is named."""
     plain = runs[1]
     assert yaml.safe_load((plain / "config.yaml").read_text())["eval"]["subset"] == 1000
     assert read_metrics(plain, "epoch")[-1]["check_n"] == 300
     texts = report([plain], curves=False)
-    assert "n=300" in texts["md"] and "n=1000" not in texts["md"]
+    assert "pgd10 on val, epoch 1, n=300" in texts["md"] and "n=1000" not in texts["md"]
 
 
 # The resolved config ---------------------------------------------------------------------------

@@ -54,6 +54,6 @@ def evaluated_run(factory: pytest.TempPathFactory) -> Path:
 
 def plain_run(factory: pytest.TempPathFactory) -> Path:
     """PGD-AT, one epoch, never evaluated (only the per-epoch check in metrics.jsonl), whose
-    eval.subset (1000) exceeds the digits test split (300 images)."""
+    eval.subset (1000) exceeds the digits validation split (300 images)."""
     sets = ("train.epochs=1", "method.name=pgd_at", "eval.subset=1000")
     return tiny_run(factory, "pgd_at-seed0", *sets)

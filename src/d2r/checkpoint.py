@@ -29,6 +29,7 @@ from d2r.files import follow_umask
 if TYPE_CHECKING:
     from d2r.config import Config
     from d2r.data import DeviceLoader
+    from d2r.ema import EMA
     from d2r.methods import Method
 
 FORMAT = "d2r-checkpoint"
@@ -173,6 +174,9 @@ def unprefixed(prefix: str, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
 
 # The run's state ------------------------------------------------------------------------------
 STATE = "state"  # tensor-key prefix of the training state, beside one prefix per model
+EMA_PREFIX = "ema"  # tensor-key prefix of the target's EMA weights (train.ema_decay > 0)
+# What `load_run` loads: a file's models, or (ema) last.safetensors' target EMA weights
+CHECKPOINTS = ("last", "best", "ema")
 
 
 @dataclass
@@ -202,9 +206,12 @@ def save_run(
     state: TrainState,
     config: dict[str, Any],
     record: dict[str, Any] | None,
+    *,
+    ema: EMA | None = None,
 ) -> None:
     """Write everything an exact resume needs to `path` (atomic). `record`: the epoch's log
-    line at an epoch end, None mid-epoch."""
+    line at an epoch end, None mid-epoch. The EMA of the target (if any) is stored under its
+    own prefix "ema", outside the models (it is not trained), and described in meta["ema"]."""
     models = method.models()
     tensors = {}
     for name, model in models.items():
@@ -212,39 +219,43 @@ def save_run(
     optim_tensors, optim_meta = optimizer_state(optimizer, models)
     rng_tensors, rng_meta = capture_rng()
     position = loader.state_dict()
-    extra = {"loader.generator": position.pop("generator"), **optim_tensors, **rng_tensors}
+    generators = [k for k, v in position.items() if isinstance(v, Tensor)]
+    extra = {f"loader.{k}": position.pop(k) for k in generators}  # the loader's RNG states
+    extra.update({**optim_tensors, **rng_tensors})
     extra.update(prefixed("sums", {k: torch.as_tensor(v) for k, v in state.sums.items()}))
     tensors.update(prefixed(STATE, extra))
-    train_state = {
-        **state.counters(),
-        "terms": list(state.sums),  # the file keeps tensors sorted; the log keeps this order
-        "loader": position,
-        "optimizer": optim_meta,
-        "rng": rng_meta,
-    }
-    meta = {
-        "epoch": state.epoch,
-        "step": state.step,
-        "record": record,
-        "config": config,
-        "models": list(models),
-        "train_state": train_state,
-    }
+    # "terms": the file keeps tensors sorted; the log keeps this order
+    train_state = {**state.counters(), "terms": list(state.sums), "loader": position}
+    train_state.update(optimizer=optim_meta, rng=rng_meta)
+    meta = {"epoch": state.epoch, "step": state.step, "record": record, "config": config}
+    meta.update(models=list(models), train_state=train_state)
+    if ema is not None:
+        tensors.update(prefixed(EMA_PREFIX, ema.state_dict()))
+        meta["ema"] = {"of": "target", "decay": ema.decay, "updates": ema.updates}
     save(path, tensors, meta)
 
 
 def restore_run(
-    path: Path, method: Method, optimizer: torch.optim.Optimizer, loader: DeviceLoader
+    path: Path,
+    method: Method,
+    optimizer: torch.optim.Optimizer,
+    loader: DeviceLoader,
+    ema: EMA | None = None,
 ) -> TrainState:
-    """Load `path` into the method, optimizer and loader, restore every RNG, and return the
-    counters. The RNGs come last: building the models drew from the global RNG."""
+    """Load `path` into the method, optimizer, loader and EMA, restore every RNG, and return
+    the counters. The RNGs come last: building the models drew from the global RNG. An EMA
+    that the checkpoint lacks (train.ema_decay set on resume) starts from the loaded weights."""
     tensors, meta = load(path)  # format, integrity hash
     models = method.models()
     load_models(models, tensors, meta, path)
+    if ema is not None and "ema" in meta:
+        ema.load_state_dict(unprefixed(EMA_PREFIX, tensors), meta["ema"]["updates"], str(path))
+    elif ema is not None:
+        ema.reset()
     extra = unprefixed(STATE, tensors)
     ts = meta["train_state"]
     load_optimizer_state(optimizer, models, extra, ts["optimizer"], str(path))
-    loader.load_state_dict({**ts["loader"], "generator": extra["loader.generator"]})
+    loader.load_state_dict({**ts["loader"], **unprefixed("loader", extra)})
     device = next(method.parameters()).device
     sums = unprefixed("sums", extra)
     sums = {k: sums[k].to(device) for k in ts.get("terms", sorted(sums))}
@@ -272,7 +283,9 @@ def model_weights(tensors: dict[str, Tensor], name: str) -> dict[str, Tensor]:
 
 def load_run(run_dir: str | Path, which: str = "last") -> tuple[Config, Method]:
     """Rebuild a run's method from its config.yaml and load its `which` checkpoint (strictly),
-    in eval mode: what `d2r eval` and `d2r export` start from."""
+    in eval mode: what `d2r eval` and `d2r export` start from. `which`: "last", "best", or
+    "ema", last.safetensors with the target's EMA weights in `method.target`. In a run with an
+    EMA, "best" also loads best.safetensors' EMA weights: the model its check measured."""
     from d2r import data
     from d2r.config import resolve
     from d2r.runs import build_method
@@ -283,10 +296,49 @@ def load_run(run_dir: str | Path, which: str = "last") -> tuple[Config, Method]:
     cfg = resolve(run_dir / "config.yaml")
     # the checkpoint holds every model: no `weights` file is read
     method = build_method(cfg, data.info(cfg.data.name, cfg.data.like), initial_weights=False)
-    path = run_dir / f"{which}.safetensors"
+    path = checkpoint_path(run_dir, which)
     tensors, meta = load(path)
     load_models(method.models(), tensors, meta, path)
+    if target_weights(meta, which) == "ema":
+        load_ema_target(method.target, tensors, meta, path)
     return cfg, method.eval()
+
+
+def checkpoint_path(run_dir: str | Path, which: str) -> Path:
+    """The file of checkpoint `which` (CHECKPOINTS); "ema" lives in last.safetensors."""
+    if which not in CHECKPOINTS:
+        raise ValueError(f"unknown checkpoint {which!r}; choose one of {', '.join(CHECKPOINTS)}")
+    return Path(run_dir) / f"{'last' if which == 'ema' else which}.safetensors"
+
+
+def target_weights(meta: dict[str, Any], which: str) -> str:
+    """Which weights `load_run(..., which)` puts in the target: "ema" or "target"."""
+    return "ema" if which == "ema" or (which == "best" and "ema" in meta) else "target"
+
+
+def load_ema_target(
+    target: nn.Module, tensors: dict[str, Tensor], meta: dict[str, Any], path: Path
+) -> None:
+    from d2r.weights import load_weights
+
+    if "ema" not in meta:
+        raise ValueError(
+            f"{str(path)!r} holds no EMA weights (the run trained with train.ema_decay=0); "
+            "use --checkpoint last or best"
+        )
+    load_weights(target, unprefixed(EMA_PREFIX, tensors), f"{path}:ema")
+
+
+def run_checkpoints(run_dir: str | Path) -> list[str]:
+    """The checkpoints a run directory holds, in CHECKPOINTS order (read from the JSON copies
+    of the metadata): last, best when written, ema when last.safetensors has an EMA."""
+    run_dir = Path(run_dir)
+    found = ["last"] + (["best"] if (run_dir / "best.safetensors").is_file() else [])
+    try:
+        meta = json.loads((run_dir / "last.json").read_text())
+    except (OSError, ValueError):
+        meta = {}
+    return found + (["ema"] if isinstance(meta, dict) and "ema" in meta else [])
 
 
 def remove_stale_temps(run_dir: Path) -> None:

@@ -57,7 +57,7 @@ def _train_config(args: argparse.Namespace):
     named with --set may change (a -c file that differs elsewhere is refused)."""
     if not args.resume:
         return resolve(args.config, args.set)
-    from d2r.config import check_resume_config, to_dict
+    from d2r.config import check_resume_config, earlier_defaults, load_yaml, to_dict
     from d2r.runs import resolved_config
 
     if args.out:
@@ -68,9 +68,10 @@ def _train_config(args: argparse.Namespace):
             f"cannot resume {args.resume!r}: no config.yaml there; give a "
             "run directory written by `d2r train`"
         )
-    cfg = resolve(args.config or saved_path, args.set)
+    earlier = earlier_defaults(load_yaml(saved_path))  # a run of an older d2r keeps its values
+    cfg = resolve(args.config or saved_path, [*earlier, *args.set])
     # both sides resolved (defaults filled) alike: a config.yaml records every option
-    old, new = (to_dict(resolved_config(c)) for c in (resolve(saved_path), cfg))
+    old, new = (to_dict(resolved_config(c)) for c in (resolve(saved_path, earlier), cfg))
     check_resume_config(old, new, args.set, saved_path)
     return cfg
 
@@ -83,8 +84,11 @@ def _summary_table(history: list[dict], attack: str) -> str:
         return "no evaluation recorded"
     last = evaluated[-1]
     best = max(evaluated, key=lambda r: r["robust_acc"])
+    # which images and weights the check measured (older logs: the test split, the target)
+    where = f"{last.get('check_split', 'test')}, n={last['check_n']}"
+    where += ", EMA" if last.get("check_model") == "ema" else ""
     budget = f"eps={last['check_eps']:.4g}, {last.get('check_norm', 'Linf')}"
-    head = ["checkpoint", "epoch", "clean", f"{attack.upper()} ({budget})"]
+    head = ["checkpoint", "epoch", f"clean ({where})", f"{attack.upper()} ({budget})"]
     rows = [
         [name, str(r["epoch"]), f"{100 * r['clean_acc']:.2f}%", f"{100 * r['robust_acc']:.2f}%"]
         for name, r in (("last", last), ("best", best))
@@ -315,9 +319,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument(
         "--checkpoint",
-        choices=["last", "best", "both"],
+        choices=["last", "best", "ema", "both"],
         default=None,
-        help="which checkpoint(s) of the run (default: both when both exist)",
+        help="which checkpoint(s) of the run: ema is the EMA weights of last (train.ema_decay "
+        "> 0), both is last and best (default: every one the run has)",
     )
     ev.add_argument("--model", help="architecture of foreign weights (see `d2r list`)")
     ev.add_argument("--weights", help="foreign weights: .safetensors or .pt (weights only)")

@@ -24,9 +24,17 @@ import yaml
 _FRACTION = re.compile(r"^\s*([0-9.eE+-]+)\s*/\s*([0-9.eE+-]+)\s*$")
 
 
-def _num(default: Any = dataclasses.MISSING, *, positive: bool = False, **kwargs: Any) -> Any:
-    """A numeric field and its range: >= 0, or > 0 with `positive` (checked by `_fill_section`)."""
-    return field(default=default, metadata={"positive": positive, "range": True}, **kwargs)
+def _num(
+    default: Any = dataclasses.MISSING,
+    *,
+    positive: bool = False,
+    below: float | None = None,
+    **kwargs: Any,
+) -> Any:
+    """A numeric field and its range: >= 0, or > 0 with `positive`, and < `below` when given
+    (checked by `_fill_section`)."""
+    metadata = {"positive": positive, "below": below, "range": True}
+    return field(default=default, metadata=metadata, **kwargs)
 
 
 @dataclass
@@ -36,13 +44,27 @@ class DataConfig:
     verify: bool = True
     batch_size: int = _num(128, positive=True)
     augment: bool = True
-    # first N training images (or a seeded sample, see subset_seed)
+    # first N training images (or a seeded sample, see subset_seed), after val_size is held out
     train_subset: int | None = _num(None, positive=True)
+    # first N test images for the per-epoch check of a run without a validation split
     test_subset: int | None = _num(None, positive=True)
+    # Seeds the subsets' samples (None: the first N images) and the validation split (None: 0,
+    # so every run of an experiment, whatever its `seed`, holds out the same images).
     subset_seed: int | None = None
     # data.name=synthetic only: the real set whose image shape, classes and split sizes it takes
     # (cifar10 when unset); see d2r.data.synthetic
     like: str | None = None
+    # Images held out of the training split, stratified by class: the per-epoch check and the
+    # choice of best.safetensors read them, so the test split is only ever read by `d2r eval`.
+    # null: no validation split; the check then reads the test split (as the AWP and LBGAT
+    # releases picked their best epoch). 300 for the demo: digits' 1,497 training images keep
+    # 1,197 (10 batches, the last of 45); with 200 the last batch of 17 made the first
+    # full-lr epoch diverge for seeds 0 and 1 (checked over 3 epochs).
+    val_size: int | None = _num(300, positive=True)
+    # Generated training data (Wang et al. 2023): an uncompressed .npz with image (N, H, W, C)
+    # uint8 and label (N,) integers, memory-mapped; extra_fraction of every batch comes from it.
+    extra: str | None = None
+    extra_fraction: float = _num(0.0, below=1.0)
 
 
 @dataclass
@@ -57,6 +79,13 @@ class TrainConfig:
     # epochs 76 and 91 of 100).
     warmup_factor: float = _num(0.2)
     decay_at: list[float] = _num(default_factory=lambda: [0.75, 0.9])
+    # "cosine": lr * half a cosine from 1 to 0 over the run, per step, after a linear warm-up
+    # over warmup_epochs (cosine only; the step schedule's warm-up is warmup_factor).
+    schedule: Literal["step", "cosine"] = "step"
+    warmup_epochs: float = _num(0.0)
+    # EMA of the target's weights after every step (0: none; 0.995 in Wang et al. 2023): the
+    # per-epoch check and best.safetensors then use it, and `d2r eval` evaluates it (d2r.ema).
+    ema_decay: float = _num(0.0, below=1.0)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     # steps between metrics.jsonl lines (the only host sync of the loop)
     log_every: int = _num(20, positive=True)
@@ -83,7 +112,8 @@ class EvalConfig:
 
     eps: float | None = _num(None)  # None: the method's training eps
     attack: str = "pgd20"
-    subset: int | None = _num(1000, positive=True)  # test images used per epoch (None: all)
+    # first N images of the validation split (or, with data.val_size null, of the test split)
+    subset: int | None = _num(1000, positive=True)
     batch_size: int = _num(500, positive=True)
     every: int = _num(1, positive=True)  # epochs between checks (the last is always checked)
 
@@ -193,11 +223,14 @@ def _check_field(key: str, f: dataclasses.Field, hint: Any, value: Any) -> None:
         raise ValueError(f"config key {key!r}: choose one of {', '.join(choices)}, got {value!r}")
     if not f.metadata.get("range") or value is None:
         return
+    below = f.metadata["below"]
     for v in value if isinstance(value, list) else [value]:
         if f.metadata["positive"] and v <= 0:
             raise ValueError(f"config key {key!r}: must be > 0, got {v}")
         if v < 0:
             raise ValueError(f"config key {key!r}: must be >= 0, got {v}")
+        if below is not None and v >= below:
+            raise ValueError(f"config key {key!r}: must be < {below:g}, got {v}")
 
 
 def _literal_choices(hint: Any) -> tuple[Any, ...]:
@@ -339,6 +372,19 @@ def replace(cfg: Config, **changes: Any) -> Config:
 
 
 # Resuming ---------------------------------------------------------------------------------------
+# Options whose default changed: a run's config.yaml that does not record one was written by a
+# d2r that used the value here, so resuming that run keeps it.
+EARLIER_DEFAULTS: dict[str, Any] = {"data.val_size": None}  # before the validation split
+
+
+def earlier_defaults(raw: dict[str, Any]) -> list[str]:
+    """`--set` items giving the EARLIER_DEFAULTS of the keys that `raw` (a run's config.yaml,
+    as read) does not record."""
+    given = flatten(raw)
+    missing = {k: v for k, v in EARLIER_DEFAULTS.items() if k not in given}
+    return [f"{k}={yaml.safe_dump(v).splitlines()[0]}" for k, v in missing.items()]
+
+
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     if not isinstance(tree, dict):
         return {prefix: tree}

@@ -75,7 +75,8 @@ def _plot_accuracy(ax, records, epochs, ev: dict[str, Any]) -> None:
             label = f"{label} ({attack})" if key == "robust_acc" else label
             ax.plot(*zip(*points, strict=True), marker="o", label=label)
     n = next((r["check_n"] for r in reversed(records) if "check_n" in r), None)  # older: none
-    ax.set_ylabel(f"accuracy on {n} test images (%)" if n else "accuracy on the test subset (%)")
+    split = {"val": "validation"}.get(records[-1].get("check_split", "test"), "test")
+    ax.set_ylabel(f"accuracy on {n} {split} images (%)" if n else "accuracy on the test subset (%)")
     ax.set_title("accuracy per epoch")
     if ax.lines:
         ax.legend()

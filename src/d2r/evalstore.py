@@ -39,6 +39,7 @@ FORMAT_VERSION = 2  # 1 was one snapshot per call, never released
 PARTIAL_FORMAT = "d2r-eval-partial"
 EVAL_JSON, EVAL_MD = "eval.json", "eval.md"
 CLEAN = "clean"
+TARGET = "target"  # a checkpoint's own target weights (the other: "ema", their moving average)
 
 
 # Keys and flags -------------------------------------------------------------------------------
@@ -62,9 +63,12 @@ def result_key(
     norm: str | None,
     images: Mapping[str, Any],
     seed: int,
+    weights: str = TARGET,
 ) -> dict[str, Any]:
-    """What determines a result. Clean accuracy has no attack settings, eps or norm."""
-    return {
+    """What determines a result. Clean accuracy has no attack settings, eps or norm. `weights`:
+    which weights of the file, the target's or (train.ema_decay) their EMA; named in the key
+    only for an EMA, so the keys of every other result stay those of earlier versions."""
+    key = {
         "sha256": sha256,
         "attack": attack,
         "settings": dict(settings),
@@ -74,6 +78,7 @@ def result_key(
         "seed": seed,
         "version": __version__,
     }
+    return key if weights == TARGET else {**key, "weights": weights}
 
 
 def key_id(key: Mapping[str, Any]) -> str:
@@ -199,7 +204,8 @@ def rows(store: Store) -> list[dict[str, Any]]:
     groups: dict[tuple, dict[tuple, list[dict[str, dict]]]] = {}
     for entry in store.results:
         k = entry["key"]
-        base = (k["sha256"], json.dumps(k["images"], sort_keys=True), k["seed"], k["version"])
+        images = json.dumps(k["images"], sort_keys=True)
+        base = (k["sha256"], k.get("weights", TARGET), images, k["seed"], k["version"])
         threat = (None, None) if k["attack"] == CLEAN else (k["eps"], k["norm"])
         sets = groups.setdefault(base, {}).setdefault(threat, [])
         free = [d for d in sets if k["attack"] not in d]
@@ -211,7 +217,7 @@ def rows(store: Store) -> list[dict[str, Any]]:
         for (eps, norm), sets in (threats or {(None, None): [{}]}).items():
             for attacks in sets:
                 row = _row({**clean, **attacks}, eps, norm)
-                out += [{**_identity(c), **row} for c in _names(store, base[0])]
+                out += [{**_identity(c), **row} for c in _names(store, *base[:2])]
     return sorted(out, key=lambda r: (r["norm"] or "", r["eps"] or 0.0))
 
 
@@ -220,13 +226,19 @@ def _appended(items: list[dict]) -> dict:
     return items[-1]
 
 
-def _names(store: Store, sha256: str) -> list[dict[str, Any]]:
-    found = [c for c in store.checkpoints if c["sha256"] == sha256]
-    return found or [{"checkpoint": sha256[:12], "label": sha256[:12], "sha256": sha256}]
+def _names(store: Store, sha256: str, weights: str) -> list[dict[str, Any]]:
+    found = [
+        c
+        for c in store.checkpoints
+        if c["sha256"] == sha256 and c.get("weights", TARGET) == weights
+    ]
+    name = sha256[:12] if weights == TARGET else f"{sha256[:12]} {weights}"
+    return found or [{"checkpoint": name, "label": name, "sha256": sha256, "weights": weights}]
 
 
 def _identity(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: checkpoint.get(k) for k in ("checkpoint", "label", "epoch", "sha256")}
+    names = ("checkpoint", "label", "epoch", "sha256")
+    return {**{k: checkpoint.get(k) for k in names}, "weights": checkpoint.get("weights", TARGET)}
 
 
 def _row(entries: Mapping[str, dict], eps: float | None, norm: str | None) -> dict[str, Any]:

@@ -25,7 +25,16 @@ from tqdm import tqdm
 from d2r import attacks as attacks_mod
 from d2r.attacks import AutoAttack, EvaluationWarning, norm_label
 from d2r.config import format_eps, parse_number
-from d2r.evalstore import CLEAN, Ledger, Store, StoreLedger, commit, images_id, result_key
+from d2r.evalstore import (
+    CLEAN,
+    TARGET,
+    Ledger,
+    Store,
+    StoreLedger,
+    commit,
+    images_id,
+    result_key,
+)
 from d2r.files import check_writable, describe, new_temp_dir
 from d2r.guard import Preempted, SignalGuard
 from d2r.methods import eval_mode
@@ -401,30 +410,42 @@ def evaluate_run(
     out: str | Path | None = None,
     **options: Any,
 ) -> dict[str, Any]:
-    """`d2r eval RUN`: the run's target at each checkpoint ("last", "best", or both: the default
-    when best.safetensors exists), on its data set's test split, with `attacks` at each eps
-    (see `attack_plan`). Results go into the store in `out` (default: the run directory; see
-    `evaluate_models`); returns eval.json's content. `options`: n, seed, batch_size, device,
-    norm, checks, progress, force."""
-    from d2r.checkpoint import load_run, stored_sha256
+    """`d2r eval RUN`: the run's target at each checkpoint ("last", "best", "ema" (the EMA
+    weights of last.safetensors), "both" for last and best; default: every one the run holds),
+    on its data set's test split, with `attacks` at each eps (see `attack_plan`). Results go
+    into the store in `out` (default: the run directory; see `evaluate_models`); returns
+    eval.json's content. `options`: n, seed, batch_size, device, norm, checks, progress, force."""
+    from d2r.checkpoint import load_run, run_checkpoints
 
     attack_plan(attacks, eps, options.get("norm"))  # bad names or eps fail before loading
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"{str(run_dir)!r} is not a run directory (no config.yaml)")
     out = check_writable(out or run_dir, "eval output directory (--out)")  # not after hours
-    if checkpoint is None:
-        checkpoint = "both" if (run_dir / "best.safetensors").is_file() else "last"
+    keys = {None: run_checkpoints(run_dir), "both": ["last", "best"]}.get(checkpoint)
     models = {}
-    for key in ["last", "best"] if checkpoint == "both" else [checkpoint]:
+    for key in keys or [checkpoint]:
         cfg, method = load_run(run_dir, key)
-        epoch = _checkpoint_epoch(run_dir / f"{key}.json")
-        label = f"{key} (epoch {epoch})" if epoch is not None else key
-        # the content sha256 load_run just verified, read from the header (no rehashing)
-        digest = stored_sha256(run_dir / f"{key}.safetensors")
-        models[key] = (method.target, label, {"checkpoint": key, "epoch": epoch, "sha256": digest})
+        models[key] = (method.target, *_describe_checkpoint(run_dir, key))
     data_spec = (cfg.data.name, cfg.data.root, cfg.data.verify, cfg.data.like)
     return evaluate_models(models, data_spec, attacks, eps, out, fallback=run_dir, **options)
+
+
+def _describe_checkpoint(run_dir: Path, key: str) -> tuple[str, dict[str, Any]]:
+    """A checkpoint's row label and what identifies it: its file's sha256 and which weights of
+    it were evaluated (the target's, or its EMA)."""
+    from d2r.checkpoint import checkpoint_path, stored_sha256, target_weights
+
+    path = checkpoint_path(run_dir, key)
+    sidecar = _sidecar(path.with_suffix(".json"))
+    epoch, weights = sidecar.get("epoch"), target_weights(sidecar, key)
+    parts = [] if epoch is None else [f"epoch {epoch}"]
+    if weights == "ema" and key != "ema":
+        parts.append("EMA")  # best of a run with an EMA: the weights its check picked
+    label = f"{key} ({', '.join(parts)})" if parts else key
+    # the content sha256 load_run just verified, read from the header (no rehashing)
+    extra = {"checkpoint": key, "epoch": epoch, "sha256": stored_sha256(path), "weights": weights}
+    return label, extra
 
 
 def evaluate_weights(
@@ -570,7 +591,8 @@ def _jobs(models, plan, out, images, seeding, meta, guard, force) -> list[tuple]
     for model, label, extra in models.values():
         for e, names in plan.items():
             suite = build_suite(names, e, seed, norm)
-            keys = suite_keys(extra["sha256"], suite, model, images, seed)
+            weights = extra.get("weights", TARGET)
+            keys = suite_keys(extra["sha256"], suite, model, images, seed, weights)
             stop = _stopper(guard, label, e, out)
             ledger = StoreLedger(out, keys, meta, force=force, redone=redone, stop=stop)
             jobs.append((model, label, e, suite, ledger))
@@ -583,13 +605,15 @@ def suite_keys(
     model: nn.Module,
     images: Mapping[str, Any],
     seed: int,
+    weights: str = TARGET,
 ) -> dict[str, dict[str, Any]]:
-    """The store key of clean accuracy and of each attack of `suite` (d2r.evalstore)."""
-    keys = {CLEAN: result_key(sha256, CLEAN, {}, None, None, images, seed)}
+    """The store key of clean accuracy and of each attack of `suite` (d2r.evalstore), for the
+    `weights` ("target" or "ema") of the file with content `sha256`."""
+    keys = {CLEAN: result_key(sha256, CLEAN, {}, None, None, images, seed, weights)}
     for name, attack in suite.items():
         settings = attack_settings(attack, model)
         norm = attack_norm(attack)
-        keys[name] = result_key(sha256, name, settings, attack.eps, norm, images, seed)
+        keys[name] = result_key(sha256, name, settings, attack.eps, norm, images, seed, weights)
     return keys
 
 
@@ -622,11 +646,13 @@ def file_sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def _checkpoint_epoch(sidecar: Path) -> int | None:
+def _sidecar(path: Path) -> dict[str, Any]:
+    """A checkpoint's metadata from its JSON copy ({} when unreadable)."""
     try:
-        return json.loads(sidecar.read_text()).get("epoch")
+        meta = json.loads(path.read_text())
     except (OSError, ValueError):
-        return None
+        return {}
+    return meta if isinstance(meta, dict) else {}
 
 
 def _test_images(name: str, root: str | Path, verify: bool, like: str | None, n: int | None):

@@ -27,7 +27,8 @@ NORMALIZATION = "none: float images (B, C, H, W) in [0, 1]; no mean/std to apply
 def export_model(
     run_dir: str | Path, out: str | Path | None = None, checkpoint: str = "last"
 ) -> dict[str, Any]:
-    """Write the target of `run_dir`'s `checkpoint` ('last' or 'best') to `out` (default
+    """Write the target of `run_dir`'s `checkpoint` ('last', 'best', or 'ema': the EMA weights
+    of last.safetensors; see checkpoint.load_run) to `out` (default
     RUN_DIR/model-<checkpoint>.safetensors) and its card to `out` with .json; return the card."""
     from d2r.checkpoint import atomic_write, atomic_write_text, load_run
     from d2r.runs import read_config
@@ -87,6 +88,7 @@ def model_card(
     import d2r
     from d2r import data
     from d2r.attacks import norm_label
+    from d2r.checkpoint import checkpoint_path
     from d2r.config import to_dict
     from d2r.runs import resolved_config, split_model_spec
 
@@ -95,12 +97,10 @@ def model_card(
     # every option of the architecture, as built: the card rebuilds it alone (load_model)
     # (target.weights, where the training started from, is no option of the architecture)
     arch = split_model_spec("target", cfg.target)[0]
-    options = {
-        "num_classes": info.num_classes,
-        "in_channels": info.channels,
-        **{k: v for k, v in arch.items() if k != "name"},
-    }
+    options = {"num_classes": info.num_classes, "in_channels": info.channels}
+    options.update({k: v for k, v in arch.items() if k != "name"})
     config = _without(to_dict(cfg), list(not_recorded))
+    source = {"run_dir": str(run_dir), "checkpoint": checkpoint_path(run_dir, checkpoint).name}
     return {
         "format": CARD_FORMAT,
         "format_version": CARD_VERSION,
@@ -117,22 +117,27 @@ def model_card(
         "norm": norm_label(config["method"].get("norm", "linf")),  # before norm existed: linf
         "training": _training(config, run_dir, checkpoint, list(not_recorded)),
         "evaluation": _evaluation(run_dir, checkpoint),
-        "source": {"run_dir": str(run_dir), "checkpoint": f"{checkpoint}.safetensors"},
+        "source": source,
     }
 
 
 def _training(
     config: dict[str, Any], run_dir: Path, checkpoint: str, not_recorded: list[str]
 ) -> dict[str, Any]:
-    """How the model was trained: the method, guide, length and seed at a glance, then the
-    whole resolved config."""
+    """How the model was trained: the method, guide, length and seed at a glance, which
+    checkpoint and which of its weights (the target's, or its EMA), then the whole resolved
+    config."""
+    from d2r.checkpoint import target_weights
+
+    meta = _sidecar(run_dir, checkpoint)
     return {
         "method": config["method"],
         "guide": config["guide"],
         "epochs": config["train"].get("epochs"),
         "seed": config.get("seed"),
         "checkpoint": checkpoint,
-        "epoch": _checkpoint_epoch(run_dir, checkpoint),
+        "weights": target_weights(meta, checkpoint),
+        "epoch": meta.get("epoch"),
         "config": config,
         "not_recorded": not_recorded,
     }
@@ -151,20 +156,24 @@ def _without(config: dict[str, Any], keys: list[str]) -> dict[str, Any]:
     return config
 
 
-def _checkpoint_epoch(run_dir: Path, checkpoint: str) -> int | None:
+def _sidecar(run_dir: Path, checkpoint: str) -> dict[str, Any]:
+    """The checkpoint's metadata from its JSON copy ({} when unreadable)."""
+    from d2r.checkpoint import checkpoint_path
+
     try:
-        return json.loads((run_dir / f"{checkpoint}.json").read_text()).get("epoch")
+        meta = json.loads(checkpoint_path(run_dir, checkpoint).with_suffix(".json").read_text())
     except (OSError, ValueError):
-        return None
+        return {}
+    return meta if isinstance(meta, dict) else {}
 
 
 def _evaluation(run_dir: Path, checkpoint: str) -> list[dict[str, Any]] | None:
     """Every stored evaluation of this checkpoint file (eval.json rows of its sha256: one per
     eps and norm, with the worst case and what it covers), or None if it was never evaluated."""
-    from d2r.checkpoint import stored_sha256
+    from d2r.checkpoint import checkpoint_path, stored_sha256
     from d2r.evalstore import Store, rows
 
-    sha256 = stored_sha256(run_dir / f"{checkpoint}.safetensors")
+    sha256 = stored_sha256(checkpoint_path(run_dir, checkpoint))
     found = [
         {k: v for k, v in row.items() if k not in ("label", "warnings")}
         for row in rows(Store.read(run_dir))
@@ -249,7 +258,7 @@ def load_model(path: str | Path, *, checkpoint: str = "last") -> nn.Module:
 
 
 def add_command(sub: Any) -> None:
-    """`d2r export RUN_DIR --out FILE [--checkpoint last|best]` (called by cli.build_parser)."""
+    """`d2r export RUN_DIR --out FILE [--checkpoint last|best|ema]` (cli.build_parser calls it)."""
     p = sub.add_parser(
         "export",
         help="write a run's target as safetensors with a JSON model card",
@@ -259,7 +268,12 @@ def add_command(sub: Any) -> None:
     )
     p.add_argument("run_dir", help="run directory written by `d2r train`")
     p.add_argument("--out", help="model file (default: RUN_DIR/model-<checkpoint>.safetensors)")
-    p.add_argument("--checkpoint", choices=["last", "best"], default="last")
+    p.add_argument(
+        "--checkpoint",
+        choices=["last", "best", "ema"],
+        default="last",
+        help="ema: the EMA weights of last.safetensors (a run with train.ema_decay > 0)",
+    )
     p.set_defaults(func=_command)
 
 

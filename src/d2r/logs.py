@@ -14,11 +14,11 @@ from typing import Any
 from d2r.checkpoint import atomic_write_text
 
 TENSORBOARD_HINT = 'pip install "d2r-robust[tensorboard]"'
-# Keys of a record that are bookkeeping (the per-epoch check's images, eps and norm); every other
-# number is an accuracy ("*_acc") or one of the method's loss terms.
+# Keys of a record that are bookkeeping (the per-epoch check's images, split, weights, eps and
+# norm); every other number is an accuracy ("*_acc") or one of the method's loss terms.
 BOOKKEEPING = frozenset(
     {"kind", "epoch", "step", "seconds", "lr", "skipped_batches"}
-    | {"check_n", "check_eps", "check_norm"}
+    | {"check_n", "check_eps", "check_norm", "check_split", "check_model"}
 )
 
 

@@ -64,6 +64,7 @@ def d2r_loss(
     sym_rule: str = "abs",
     kl_reduction: str = "mean_bc",
     gap_mean: GapMean | None = None,
+    label_smoothing: float = 0.0,
 ) -> dict[str, Tensor]:
     """Dual Regularization loss (D2R paper, eq. for L_total; SPEC section 2).
 
@@ -76,13 +77,12 @@ def d2r_loss(
     `gap_mean` maps the batch's K1 - K2 to the one the absolute value is taken of: the identity
     by default; data-parallel training passes the mean over ranks (d2r.distributed), since the
     absolute value of a mean is not the mean of the per-shard absolute values.
-    """
+    `label_smoothing`: of the CE term (Szegedy et al. 2016; 0.1 in Wang et al. 2023)."""
     check_choice("sym_rule", sym_rule, SYM_RULES)
     check_choice("kl_reduction", kl_reduction, KL_REDUCTIONS)
-    if kl_reduction == "batchmean":
-        num_classes = logits_clean.shape[1]
-        alpha, beta = alpha / num_classes, beta / num_classes
-    ce = F.cross_entropy(logits_guide, y)
+    if kl_reduction == "batchmean":  # per-class weights keep the total loss the same
+        alpha, beta = (weight / logits_clean.shape[1] for weight in (alpha, beta))
+    ce = F.cross_entropy(logits_guide, y, label_smoothing=label_smoothing)
     mse = F.mse_loss(logits_adv, logits_guide)
     kl_adv = _reduce(
         kl_elem(F.log_softmax(logits_guide, 1), F.softmax(logits_adv, 1)), kl_reduction
@@ -95,28 +95,40 @@ def d2r_loss(
 
 
 def trades_loss(
-    logits_clean: Tensor, logits_adv: Tensor, y: Tensor, *, beta: float = 6.0
+    logits_clean: Tensor,
+    logits_adv: Tensor,
+    y: Tensor,
+    *,
+    beta: float = 6.0,
+    label_smoothing: float = 0.0,
 ) -> dict[str, Tensor]:
     """TRADES (Zhang et al. 2019, arXiv:1901.08573, and its released code):
         CE(z(x), y) + beta * batchmean KL(p(x) || p(x'))
-    with the exact KL (as nn.KLDivLoss computes it, no 1e-5) and gradients into both arguments."""
-    ce = F.cross_entropy(logits_clean, y)
+    with the exact KL (as nn.KLDivLoss computes it, no 1e-5) and gradients into both arguments.
+    `label_smoothing` applies to the CE term only, as in Wang et al. 2023 (arXiv:2302.04638)."""
+    ce = F.cross_entropy(logits_clean, y, label_smoothing=label_smoothing)
     kl_adv = _kl_batchmean(logits_clean, logits_adv)
     return {"loss": ce + beta * kl_adv, **_detached(ce=ce, kl_adv=kl_adv)}
 
 
 def mart_loss(
-    logits_clean: Tensor, logits_adv: Tensor, y: Tensor, *, beta: float = 6.0
+    logits_clean: Tensor,
+    logits_adv: Tensor,
+    y: Tensor,
+    *,
+    beta: float = 6.0,
+    label_smoothing: float = 0.0,
 ) -> dict[str, Tensor]:
     """MART (Wang et al. ICLR 2020, "Improving adversarial robustness requires revisiting
     misclassified examples"), with the numerical guards of the released code:
         BCE(p(x'), y) = -log p_y(x') - log(1.0001 - max_{k != y} p_k(x') + 1e-12)
         loss = BCE + beta * mean_i [KL(p(x_i) || p(x'_i)) * (1.0000001 - p_y(x_i))]
-    The KL uses log(p(x') + 1e-12) and the exact p log p, as the code's nn.KLDivLoss does."""
+    The KL uses log(p(x') + 1e-12) and the exact p log p, as the code's nn.KLDivLoss does.
+    `label_smoothing` applies to the BCE's cross-entropy -log p_y(x'), not to its margin."""
     probs_adv, probs_clean = F.softmax(logits_adv, 1), F.softmax(logits_clean, 1)
     wrong = probs_adv.masked_fill(F.one_hot(y, probs_adv.shape[1]).bool(), float("-inf"))
     margin = -torch.log(1.0001 - wrong.amax(1) + 1e-12)  # (B,) pushes the top wrong class down
-    bce = F.cross_entropy(logits_adv, y) + margin.mean()
+    bce = F.cross_entropy(logits_adv, y, label_smoothing=label_smoothing) + margin.mean()
     kl = F.kl_div(torch.log(probs_adv + 1e-12), probs_clean, reduction="none").sum(1)  # (B,)
     true_clean = probs_clean.gather(1, y[:, None]).squeeze(1)  # (B,) p_y(x)
     kl_adv = (kl * (1.0000001 - true_clean)).mean()  # weight: misclassified samples count more
@@ -124,14 +136,20 @@ def mart_loss(
 
 
 def lbgat_loss(
-    logits_adv: Tensor, logits_clean: Tensor, logits_guide: Tensor, y: Tensor, *, beta: float = 0.0
+    logits_adv: Tensor,
+    logits_clean: Tensor,
+    logits_guide: Tensor,
+    y: Tensor,
+    *,
+    beta: float = 0.0,
+    label_smoothing: float = 0.0,
 ) -> dict[str, Tensor]:
     """LBGAT (Cui et al. ICCV 2021, arXiv:2011.11164, and its released code), with
     logits_adv = z_t(x'), logits_clean = z_t(x), logits_guide = z_g(x):
         MSE(z_t(x'), z_g(x)) + CE(z_g(x), y) + beta * batchmean KL(p_t(x) || p_t(x'))
-    beta = 0 is "LBGAT0", beta = 6 "LBGAT6" (TRADES' weight)."""
+    beta = 0 is "LBGAT0", beta = 6 "LBGAT6" (TRADES' weight). `label_smoothing`: the CE term."""
     mse = F.mse_loss(logits_adv, logits_guide)
-    ce = F.cross_entropy(logits_guide, y)
+    ce = F.cross_entropy(logits_guide, y, label_smoothing=label_smoothing)
     kl_adv = _kl_batchmean(logits_clean, logits_adv)
     return {"loss": mse + ce + beta * kl_adv, **_detached(ce=ce, mse=mse, kl_adv=kl_adv)}
 

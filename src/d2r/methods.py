@@ -105,12 +105,21 @@ class Method(nn.Module):
     examples are generated first, as in AWP's reference) and `after_step` removes it, so the
     optimizer step is taken with the gradient at the perturbed weights: w <- w - lr * g(w + v).
     Two-model methods (LBGAT, D2R): only the target is perturbed, on the method's own loss (an
-    extension: none of the references combines AWP with a guide model)."""
+    extension: none of the references combines AWP with a guide model).
+
+    `label_smoothing` (0.1 in Wang et al. 2023, arXiv:2302.04638) smooths the cross-entropy
+    terms of each method's loss (which ones: each loss function says), never an attack's
+    objective."""
 
     uses_guide: ClassVar[bool] = False
 
     def __init__(
-        self, target: nn.Module, guide: nn.Module | None = None, *, awp_gamma: float = 0.0
+        self,
+        target: nn.Module,
+        guide: nn.Module | None = None,
+        *,
+        awp_gamma: float = 0.0,
+        label_smoothing: float = 0.0,
     ) -> None:
         super().__init__()
         self.target = target
@@ -120,7 +129,8 @@ class Method(nn.Module):
                 raise ValueError(f"method {name} needs a guide model (config 'guide')")
             self.guide = guide
         check_range("awp_gamma", awp_gamma, hint="5e-3 in AWP")
-        self.awp_gamma = awp_gamma
+        check_range("label_smoothing", label_smoothing, below=1.0, hint="0.1 in Wang et al. 2023")
+        self.awp_gamma, self.label_smoothing = awp_gamma, label_smoothing
         self._awp: Perturbation = []
         self.frozen: tuple[str, ...] = ()  # models kept as loaded (`freeze`)
 
@@ -208,8 +218,9 @@ class PGDAT(Method):
         attack_mode: str = "eval",
         norm: str = "linf",
         awp_gamma: float = 0.0,
+        label_smoothing: float = 0.0,
     ) -> None:
-        super().__init__(target, awp_gamma=awp_gamma)
+        super().__init__(target, awp_gamma=awp_gamma, label_smoothing=label_smoothing)
         check_choice("attack_mode", attack_mode, ATTACK_MODES)
         self.attack_mode = attack_mode
         budget = {"eps": eps, "step_size": step_size, "steps": steps, "norm": norm}
@@ -228,7 +239,7 @@ class PGDAT(Method):
         return x_adv
 
     def loss(self, x: Tensor, y: Tensor, x_adv: Tensor) -> dict[str, Tensor]:
-        ce = F.cross_entropy(self.target(x_adv), y)
+        ce = F.cross_entropy(self.target(x_adv), y, label_smoothing=self.label_smoothing)
         return {"loss": ce, "ce": ce.detach()}
 
     def after_step(self) -> None:
@@ -266,8 +277,9 @@ class TRADES(Method):
         bn_passes: str = "reference",
         norm: str = "linf",
         awp_gamma: float = 0.0,
+        label_smoothing: float = 0.0,
     ) -> None:
-        super().__init__(target, awp_gamma=awp_gamma)
+        super().__init__(target, awp_gamma=awp_gamma, label_smoothing=label_smoothing)
         check_range("beta", beta)
         check_choice("bn_passes", bn_passes, BN_PASSES)
         self.beta, self.bn_passes = beta, bn_passes
@@ -288,7 +300,8 @@ class TRADES(Method):
             logits_adv = self.target(x_adv)
         if reference:
             bn_only_pass(self.target, x)  # the released code's second z(x)
-        return trades_loss(logits_clean, logits_adv, y, beta=self.beta)
+        smoothing = self.label_smoothing
+        return trades_loss(logits_clean, logits_adv, y, beta=self.beta, label_smoothing=smoothing)
 
 
 MART_STARTS = ("normal", "uniform")
@@ -313,8 +326,9 @@ class MART(Method):
         start: str = "normal",
         norm: str = "linf",
         awp_gamma: float = 0.0,
+        label_smoothing: float = 0.0,
     ) -> None:
-        super().__init__(target, awp_gamma=awp_gamma)
+        super().__init__(target, awp_gamma=awp_gamma, label_smoothing=label_smoothing)
         check_choice("start", start, MART_STARTS)
         check_range("beta", beta)
         check_budget(eps, step_size, steps, norm)
@@ -332,7 +346,8 @@ class MART(Method):
     def loss(self, x: Tensor, y: Tensor, x_adv: Tensor) -> dict[str, Tensor]:
         logits_clean = self.target(x)  # the reference's order: clean, then adversarial
         logits_adv = self.target(x_adv)
-        return mart_loss(logits_clean, logits_adv, y, beta=self.beta)
+        smoothing = self.label_smoothing
+        return mart_loss(logits_clean, logits_adv, y, beta=self.beta, label_smoothing=smoothing)
 
 
 @METHODS.register("lbgat")
@@ -355,8 +370,9 @@ class LBGAT(Method):
         steps: int = 10,
         norm: str = "linf",
         awp_gamma: float = 0.0,
+        label_smoothing: float = 0.0,
     ) -> None:
-        super().__init__(target, guide, awp_gamma=awp_gamma)
+        super().__init__(target, guide, awp_gamma=awp_gamma, label_smoothing=label_smoothing)
         check_range("beta", beta)
         self.beta = beta
         self.kl_attack = KLAttack(eps=eps, step_size=step_size, steps=steps, norm=norm)
@@ -372,7 +388,8 @@ class LBGAT(Method):
         logits_adv = self.target(x_adv)
         logits_clean = self.target(x)
         logits_guide = self.guide(x)
-        return lbgat_loss(logits_adv, logits_clean, logits_guide, y, beta=self.beta)
+        terms = (logits_adv, logits_clean, logits_guide, y)
+        return lbgat_loss(*terms, beta=self.beta, label_smoothing=self.label_smoothing)
 
 
 ATTACK_CHOICES = ("cag", "trades")
@@ -404,8 +421,9 @@ class D2R(Method):
         kl_reduction: str = "mean_bc",
         norm: str = "linf",
         awp_gamma: float = 0.0,
+        label_smoothing: float = 0.0,
     ) -> None:
-        super().__init__(target, guide, awp_gamma=awp_gamma)
+        super().__init__(target, guide, awp_gamma=awp_gamma, label_smoothing=label_smoothing)
         check_choice("attack", attack, ATTACK_CHOICES)
         check_choice("sym_rule", sym_rule, SYM_RULES)
         check_choice("kl_reduction", kl_reduction, KL_REDUCTIONS)
@@ -429,6 +447,7 @@ class D2R(Method):
         logits_clean = self.target(x)
         logits_guide = self.guide(x)
         options = {"sym_rule": self.sym_rule, "kl_reduction": self.kl_reduction}
+        options["label_smoothing"] = self.label_smoothing
         # Under torchrun the symmetric term is taken of the global batch's K1 - K2.
         options["gap_mean"] = distributed.mean_over_ranks
         terms = (logits_adv, logits_clean, logits_guide, y)

@@ -17,11 +17,21 @@ class OptionError(ValueError):
         super().__init__(f"{option}={value!r} invalid; {rule}")
 
 
-def check_range(option: str, value: float, *, positive: bool = False, hint: str = "") -> None:
-    """The one range rule of numeric options: a finite number >= 0 (> 0 with `positive`)."""
+def check_range(
+    option: str,
+    value: float,
+    *,
+    positive: bool = False,
+    below: float | None = None,
+    hint: str = "",
+) -> None:
+    """The one range rule of numeric options: a finite number >= 0 (> 0 with `positive`), and
+    < `below` when given."""
     ok = math.isfinite(value) and (value > 0 if positive else value >= 0)
+    ok = ok and (below is None or value < below)
     if not ok:
         rule = "must be > 0" if positive else "must be >= 0"
+        rule += f" and < {below:g}" if below is not None else ""
         raise OptionError(option, value, rule + (f" ({hint})" if hint else ""))
 
 

@@ -161,7 +161,8 @@ def _from_epoch_check(run_dir: Path, cfg: Config) -> dict[str, Any]:
     last, attack = evaluated[-1], cfg.eval.attack
     # the images actually evaluated, never eval.subset (it may exceed the test split)
     n = f"n={last['check_n']}" if "check_n" in last else "n not recorded"
-    detail = f"{attack}, epoch {last['epoch']}, {n}"
+    split = last.get("check_split", "test")  # older logs: the check read the test split
+    detail = f"{attack} on {split}, epoch {last['epoch']}, {n}"
     metrics = {"clean": last["clean_acc"], attack: last["robust_acc"]}
     eps = last.get("check_eps", cfg.eval.eps)  # older logs: the config's eval.eps
     budget = {"eps": eps, "norm": last.get("check_norm", "Linf")}  # older logs: Linf only
@@ -274,8 +275,8 @@ NOTES = [
     "in the norm its column or cell names; worst case = robust against every attack run, per "
     "sample.",
     "† no eval.json result at that eps: the last per-epoch check during training (one attack on "
-    "a test subset), not the full evaluation; run `d2r eval RUN_DIR --attacks "
-    "pgd20,pgd50,cw20,aa`.",
+    "the validation split, or on a test subset in runs without one), not the full evaluation; "
+    "run `d2r eval RUN_DIR --attacks pgd20,pgd50,cw20,aa`.",
 ]
 
 
@@ -504,7 +505,7 @@ def add_command(sub: Any) -> None:
     )
     p.add_argument(
         "--checkpoint",
-        choices=["last", "best"],
+        choices=["last", "best", "ema"],
         default="last",
         help="which checkpoint's eval.json results to report, and the models of --figure fig3 "
         "(default: last)",

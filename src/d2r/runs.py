@@ -18,7 +18,7 @@ from torch import nn
 
 import d2r
 from d2r import checkpoint, data
-from d2r.config import Config, load_yaml, replace, resolve, to_dict
+from d2r.config import Config, TrainConfig, load_yaml, replace, resolve, to_dict
 from d2r.files import check_writable
 from d2r.methods import METHODS, Method
 from d2r.models import MODELS
@@ -158,6 +158,21 @@ def check_config(cfg: Config) -> None:
     method are built on the meta device, which allocates nothing, so even WRN-34-10 is cheap."""
     with torch.device("meta"):  # weights files are read and checked against the shapes
         build_method(cfg, data.info(cfg.data.name, cfg.data.like))
+    check_schedule(cfg.train)
+
+
+def check_schedule(t: TrainConfig) -> None:
+    """The schedule's options that only make sense together, refused before any work."""
+    if t.schedule == "step" and t.warmup_epochs > 0:
+        raise ValueError(
+            "train.warmup_epochs is the cosine schedule's warm-up (the step schedule's is "
+            "train.warmup_factor): set train.schedule=cosine or train.warmup_epochs=0"
+        )
+    if t.warmup_epochs >= t.epochs > 0 and t.schedule == "cosine":
+        raise ValueError(
+            f"train.warmup_epochs={t.warmup_epochs} leaves no epoch of the {t.epochs} to anneal; "
+            "use fewer warm-up epochs"
+        )
 
 
 def write_env(

@@ -4,10 +4,12 @@ checkpoints. The step itself is `train_step`, read top to bottom like nanoGPT's 
 
 from __future__ import annotations
 
+import math
 import random
 import signal
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ from d2r import checkpoint, data, distributed, speed
 from d2r.attacks import from_name, norm_label
 from d2r.checkpoint import TrainState
 from d2r.config import Config, dump_yaml, to_dict
+from d2r.ema import EMA
 from d2r.evaluate import correct_flags
 from d2r.guard import DeviceFlags, StepChecks
 from d2r.logs import MetricsLog
@@ -27,6 +30,7 @@ from d2r.progress import Progress
 from d2r.runs import (
     Run,
     build_method,
+    check_schedule,
     default_run_dir,
     eval_eps,
     eval_norm,
@@ -44,6 +48,16 @@ def lr_factor(epoch: int, epochs: int, warmup_factor: float, decay_at: list[floa
     if epoch == 0 and epochs > 1:
         return warmup_factor
     return 0.1 ** sum(epoch >= round(f * epochs) for f in decay_at)
+
+
+def cosine_factor(step: int, total: int, warmup: float) -> float:
+    """Cosine annealing without restarts (Loshchilov & Hutter, SGDR, arXiv:1608.03983) per step
+    (0-based, of `total`), after a linear warm-up over `warmup` steps: (step + 1) / warmup
+    there, then half a cosine from 1 down to 0 at the end of the run."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(total - warmup, 1)
+    return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
 def pick_device(name: str) -> torch.device:
@@ -96,6 +110,7 @@ class Trainer:
         resume: bool = False,
     ):
         self.cfg = cfg = resolved_config(cfg)  # every option's value, defaults included
+        check_schedule(cfg.train)
         self.dist = distributed.from_env()  # one process, or a rank under torchrun
         self.device = pick_device(distributed.device_name(cfg.train.device, self.dist))
         distributed.setup(self.dist, self.device)
@@ -110,15 +125,13 @@ class Trainer:
         # only rank 0 writes (the other ranks keep the path for Run.dir)
         self.log = MetricsLog(run_dir, tensorboard=t.tensorboard, enabled=self.dist.is_main)
         self.run_dir = prepare_run_dir(run_dir, resume) if self.dist.is_main else run_dir
-        self.loader, self.x_check, self.y_check = self._load_data()  # missing files: no dir yet
+        # the EMA of the target's weights (after _prepare_model: it reads the final tensors)
+        self.ema = EMA(self.method.target, t.ema_decay) if t.ema_decay > 0 else None
+        # missing files or a bad data.extra: refused here, before the run directory exists
+        self.loader, self.x_check, self.y_check, self.check_split = self._load_data()
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-        # a frozen guide is no group: the optimizer never touches it (it is still checkpointed)
-        trained = self.method.trained_models()
-        groups = [{"params": m.parameters(), "name": n} for n, m in trained.items()]
-        self.optimizer = self.fast.sgd(
-            groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay, nesterov=t.nesterov
-        )
+        self.optimizer = self._make_optimizer()
         self.check_attack = from_name(cfg.eval.attack, eval_eps(cfg), norm=eval_norm(cfg))
         # what the user sees: a bar on a terminal, log lines otherwise, nothing when quiet
         shown = progress and self.dist.is_main  # under torchrun only rank 0 reports
@@ -138,11 +151,21 @@ class Trainer:
             torch.manual_seed(self.cfg.seed + self.dist.rank)
         return model
 
-    def _load_data(self) -> tuple[data.DeviceLoader, Tensor, Tensor]:
-        """The training loader (uint8 on the device, augmented per batch) and the images of
-        the per-epoch check."""
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        """SGD over the trained models, one parameter group each; a frozen guide is no group:
+        the optimizer never touches it (it is still checkpointed)."""
+        t, trained = self.cfg.train, self.method.trained_models()
+        groups = [{"params": m.parameters(), "name": n} for n, m in trained.items()]
+        return self.fast.sgd(
+            groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay, nesterov=t.nesterov
+        )
+
+    def _load_data(self) -> tuple[data.DeviceLoader, Tensor, Tensor, str]:
+        """The training loader (uint8 on the device, augmented per batch, generated data mixed
+        in when asked) and the images of the per-epoch check, with their split's name."""
         d, info = self.cfg.data, data.info(self.cfg.data.name, self.cfg.data.like)
-        x, y, x_check, y_check = data.load_splits(d, self.cfg.eval.subset)
+        extra = data.open_extra(d.extra, d.extra_fraction, info, d.batch_size)  # checked first
+        x, y, x_check, y_check, split = data.load_splits(d, self.cfg.eval.subset)
         loader = data.DeviceLoader(
             x,
             y,
@@ -154,8 +177,10 @@ class Trainer:
             flip=info.flip and d.augment,
             rank=self.dist.rank,
             world_size=self.dist.world_size,
+            extra=extra,
+            extra_fraction=d.extra_fraction,
         )
-        return loader, x_check.to(self.device), y_check.to(self.device)
+        return loader, x_check.to(self.device), y_check.to(self.device), split
 
     def fit(self) -> Run:
         """Train from epoch `state.epoch` (0, or where a resumed run stopped). SIGINT/SIGTERM
@@ -207,8 +232,14 @@ class Trainer:
             write_env(self.run_dir, self.device, extra, resumed_step)
 
     def _set_lr(self, epoch: int) -> None:
+        """The step schedule's lr for `epoch`; the cosine schedule's for the next step (it is
+        set before every step: a Python float, no sync)."""
         t = self.cfg.train
-        factor = lr_factor(epoch, t.epochs, t.warmup_factor, t.decay_at)
+        if t.schedule == "cosine":
+            batches = len(self.loader)
+            factor = cosine_factor(self.state.step, t.epochs * batches, t.warmup_epochs * batches)
+        else:
+            factor = lr_factor(epoch, t.epochs, t.warmup_factor, t.decay_at)
         for group in self.optimizer.param_groups:
             group["lr"] = t.lr * factor
 
@@ -218,16 +249,16 @@ class Trainer:
         start, state = time.perf_counter(), self.state  # sums/count carry over into a resume
         bar = self.display.epoch(self.loader, epoch)
         for x, y in bar:
+            if self.cfg.train.schedule == "cosine":
+                self._set_lr(epoch)
             out, flags = train_step(
                 self.model, self.method, self.optimizer, self.fast, self.checks, x, y
             )
             # the step's one host read: a non-finite loss is skipped (counted) or stops the run
             finite = self.checks.check(flags, out, epoch, state.step, self._last_checkpoint)
-            state.step, state.skipped = state.step + 1, state.skipped + (not finite)
-            if finite:
-                state.count += 1
-                for name, value in out.items():  # accumulate on the device: no extra sync
-                    state.sums[name] = state.sums.get(name, 0.0) + value.detach()
+            if finite and self.ema is not None:  # a skipped batch changed no weight
+                self.ema.update()  # the target's EMA, after the optimizer step, on the device
+            self._account(out, finite)
             if state.step % self.cfg.train.log_every == 0:
                 means = self._means()
                 bar.log(state.step, means)
@@ -242,6 +273,16 @@ class Trainer:
             "lr": lr,
             **self._means(),
         }
+
+    def _account(self, out: dict[str, Tensor], finite: bool) -> None:
+        """After a step: the counters and the epoch's loss sums, without a host sync."""
+        state = self.state
+        state.step, state.skipped = state.step + 1, state.skipped + (not finite)
+        if not finite:
+            return
+        state.count += 1
+        for name, value in out.items():  # accumulate on the device: no extra sync
+            state.sums[name] = state.sums.get(name, 0.0) + value.detach()
 
     def _position(self, epoch: int) -> dict[str, int]:
         return {"epoch": epoch + 1, "step": self.state.step, "skipped_batches": self.state.skipped}
@@ -276,10 +317,11 @@ class Trainer:
         return self.dist.is_main and (last or (epoch + 1) % self.cfg.eval.every == 0)
 
     def _check(self) -> dict[str, Any]:
-        """The per-epoch check: the target alone, eval mode, fp32, clean and the check's attack
-        (the guide's clean accuracy too), on the held-out images."""
+        """The per-epoch check: the target alone (its EMA weights when train.ema_decay > 0),
+        eval mode, fp32, clean and the check's attack (the guide's clean accuracy too), on the
+        validation split (the test split in a run without one)."""
         target, x, y, bs = self.method.target, self.x_check, self.y_check, self.cfg.eval.batch_size
-        with eval_mode(target):
+        with eval_mode(target), self.ema.applied() if self.ema else nullcontext():
             clean = correct_flags(target, x, y, batch_size=bs)
             robust = correct_flags(target, x, y, self.check_attack, batch_size=bs)
         result = {
@@ -288,6 +330,8 @@ class Trainer:
             "check_eps": self.check_attack.eps,
             "check_norm": norm_label(self.check_attack.norm),
             "check_n": len(y),
+            "check_split": self.check_split,
+            "check_model": "ema" if self.ema else "target",
         }
         if self.method.uses_guide:
             with eval_mode(self.method.guide):
@@ -297,7 +341,8 @@ class Trainer:
 
     def _checkpoint(self, record: dict[str, Any] | None) -> None:
         """last.safetensors gets the complete state (at an epoch end, `record` is its log line;
-        mid-epoch, None); best.safetensors the same when the checked robust accuracy improved.
+        mid-epoch, None); best.safetensors the same when the checked robust accuracy improved
+        (on the validation split, of the EMA weights when there is an EMA).
         Each write is an atomic rename: a kill leaves the previous complete file."""
         if not self.dist.is_main:
             return
@@ -307,13 +352,13 @@ class Trainer:
         self.state.metrics_bytes = self.log.size()
         run = (self.method, self.optimizer, self.loader, self.state, to_dict(self.cfg))
         for name in ["last", "best"] if improved else ["last"]:
-            checkpoint.save_run(self.run_dir / f"{name}.safetensors", *run, record)
+            checkpoint.save_run(self.run_dir / f"{name}.safetensors", *run, record, ema=self.ema)
         self._last_save, self._saved_step = time.monotonic(), self.state.step
 
     def _restore(self) -> TrainState:
         """Everything from last.safetensors; metrics.jsonl cut back to the checkpoint."""
         path = self.run_dir / "last.safetensors"
-        state = checkpoint.restore_run(path, self.method, self.optimizer, self.loader)
+        state = checkpoint.restore_run(path, self.method, self.optimizer, self.loader, self.ema)
         if state.epoch >= self.cfg.train.epochs:  # nothing to do: leave the finished run as is
             return state
         if self.dist.enabled:

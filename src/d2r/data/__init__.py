@@ -7,11 +7,15 @@ verified downloads; augmentation on the batch.
                                    seed=0, device="cuda")
     for x_batch, y_batch in loader: ...                   # float (B, C, H, W) in [0, 1]
     x, y = d2r.data.load("synthetic", root, "train", like="cifar10")  # generated, no file
+
+`load_splits` is what a training run reads (the validation split held out of the training
+split); `open_extra` opens generated data (`data.extra`) for the loader to mix into batches.
 """
 
 from d2r.data import synthetic  # registers `synthetic`; synthetic.generate(like, split, n)
 from d2r.data.download import download, md5sum, require
-from d2r.data.loading import CACHE_DIR, load, load_splits, subset
+from d2r.data.extra import ExtraData, open_extra
+from d2r.data.loading import CACHE_DIR, Splits, load, load_splits, subset, validation_split
 from d2r.data.pipeline import DeviceLoader, crop_flip
 from d2r.data.sources import (
     DATASETS,
@@ -30,7 +34,9 @@ __all__ = [
     "SYNTHETIC",
     "DatasetInfo",
     "DeviceLoader",
+    "ExtraData",
     "RemoteFile",
+    "Splits",
     "crop_flip",
     "digits_split",
     "download",
@@ -38,7 +44,9 @@ __all__ = [
     "load",
     "load_splits",
     "md5sum",
+    "open_extra",
     "require",
     "subset",
     "synthetic",
+    "validation_split",
 ]

@@ -1,4 +1,5 @@
-"""`load`: official archive -> verified -> read once -> cached uint8 tensors; and `subset`."""
+"""`load`: official archive -> verified -> read once -> cached uint8 tensors; `subset`; the
+validation split and `load_splits`, what a training run reads."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -144,14 +145,66 @@ def subset(
     return x[index], y[index]
 
 
-def load_splits(d: Any, check_subset: int | None = None) -> tuple[torch.Tensor, ...]:
-    """What a training run reads, from the `data` config section `d`: (x, y) of the training
-    split (data.train_subset) and (x, y) of the per-epoch check's images (data.test_subset,
-    then the first `check_subset`). Every file is looked for before any is read."""
-    for split in ("train", "test"):
+VAL_SEED = 0  # the validation sample when data.subset_seed is None: the same for every run
+
+
+def validation_split(y: torch.Tensor, n: int, seed: int | None = None) -> tuple[torch.Tensor, ...]:
+    """Indices `(train, val)` of a stratified hold-out of `n` examples: each class gives its share
+    of `n` (n * count / N, rounded by largest remainder), sampled with `seed` (None: VAL_SEED).
+    Both are sorted (data order kept) and never overlap; together they are every index."""
+    labels = y.cpu().numpy()
+    if not 0 < n < len(labels):
+        raise ValueError(
+            f"data.val_size={n}: the training split has {len(labels)} images; hold out "
+            f"1..{len(labels) - 1} of them, or set data.val_size=null for no validation split"
+        )
+    classes, counts = np.unique(labels, return_counts=True)
+    quota = n * counts / len(labels)
+    take = np.floor(quota).astype(np.int64)
+    largest = np.argsort(take - quota, kind="stable")  # largest remainder first
+    take[largest[: n - take.sum()]] += 1
+    # numpy's legacy RandomState stream is frozen, so a seed names the same split forever.
+    rng = np.random.RandomState(VAL_SEED if seed is None else seed)
+    pairs = zip(classes, take, strict=True)
+    picked = [rng.permutation(np.flatnonzero(labels == c))[:k] for c, k in pairs]
+    val = np.sort(np.concatenate(picked))
+    train = np.setdiff1d(np.arange(len(labels)), val, assume_unique=True)
+    return torch.from_numpy(train), torch.from_numpy(val)
+
+
+class Splits(NamedTuple):
+    """What a training run reads: the training images and the per-epoch check's images, with
+    the split those come from ("val", held out of the training split, or "test")."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    x_check: torch.Tensor
+    y_check: torch.Tensor
+    check_split: str
+
+
+def load_splits(d: Any, check_subset: int | None = None) -> Splits:
+    """The training images and the per-epoch check's, from the `data` config section `d`:
+    `data.val_size` images held out of the training split (stratified, `validation_split`),
+    then `data.train_subset` of the rest; the check reads the first `check_subset` validation
+    images, or without a validation split the test split's (`data.test_subset` first).
+    Every file is looked for before any is read; with a validation split the test split is
+    not read at all (only `d2r eval` reads it)."""
+    for split in ("train",) if d.val_size else ("train", "test"):
         require(d.name, d.root, split)
     read = {"verify": d.verify, "like": d.like}
-    x, y = subset(*load(d.name, d.root, "train", **read), d.train_subset, d.subset_seed)
-    x_test, y_test = load(d.name, d.root, "test", **read)
-    x_test, y_test = subset(x_test, y_test, d.test_subset, d.subset_seed)
-    return x, y, x_test[:check_subset], y_test[:check_subset]
+    x, y = load(d.name, d.root, "train", **read)
+    if d.val_size:
+        train, val = validation_split(y, d.val_size, d.subset_seed)
+        x_check, y_check, x, y, split = x[val], y[val], x[train], y[train], "val"
+    else:
+        x_check, y_check = load(d.name, d.root, "test", **read)
+        x_check, y_check = subset(x_check, y_check, d.test_subset, d.subset_seed)
+        split = "test"
+    if d.train_subset is not None and d.train_subset > len(x):
+        raise ValueError(
+            f"data.train_subset={d.train_subset}: {len(x)} training images are left after "
+            f"data.val_size={d.val_size} are held out; use at most {len(x)}"
+        )
+    x, y = subset(x, y, d.train_subset, d.subset_seed)
+    return Splits(x, y, x_check[:check_subset], y_check[:check_subset], split)
