@@ -66,7 +66,8 @@ def _train_worker(rank: int, world: int, port: int, out: str, extra: list[str]) 
     from d2r.trainer import Trainer
 
     torch.set_num_threads(1)
-    MODELS.register("bn_free")(BNFree)  # only in this child: the test registry stays unchanged
+    if "bn_free" not in MODELS:  # only in this child: the test registry stays unchanged
+        MODELS.register("bn_free")(BNFree)
     # dynamo and AOTAutograd as on a GPU, without inductor's minutes of C++ compilation on CPU
     speed.COMPILE_OPTIONS = {"backend": "aot_eager"}
     if world > 1:
@@ -181,29 +182,48 @@ def test_gloo_sync_batchnorm_is_batchnorm_in_one_process_and_in_eval():
 # AWP: every rank must add the same perturbation (from the global batch's gradient), or the
 # ranks' weights drift apart through weight decay and the step is not the global-batch step.
 # beta=20: D2R's |K1 - K2| must be taken of the global batch's gap, not averaged per shard.
-@pytest.mark.parametrize(
-    "extra",
-    [
-        [],
-        ["method.awp_gamma=5e-3"],
-        ["method.beta=20"],
-        ["method.beta=20", "method.sym_rule=sign"],
-        ["train.sync_bn=true", "target.name=small_cnn", "guide.name=tiny_cnn", "method.beta=20"],
-        ["train.compile=on", "method.beta=20"],
-        # every rank keeps the same EMA; each takes its slice of the generated images too
-        ["train.ema_decay=0.9", "data.extra={npz}", "data.extra_fraction=0.5", "method.beta=20"],
+VARIANTS = {
+    "plain": [],
+    "awp": ["method.awp_gamma=5e-3"],
+    "sym-abs": ["method.beta=20"],
+    "sym-sign": ["method.beta=20", "method.sym_rule=sign"],
+    "sync-bn": [
+        *["train.sync_bn=true", "target.name=small_cnn", "guide.name=tiny_cnn"],
+        "method.beta=20",
     ],
-    ids=["plain", "awp", "sym-abs", "sym-sign", "sync-bn", "compile", "ema-generated"],
-)
-def test_two_processes_match_one_on_the_same_global_batch(tmp_path, extra):
-    if any("{npz}" in item for item in extra):
-        from test_recipe import write_npz
+    "compile": ["train.compile=on", "method.beta=20"],
+    # every rank keeps the same EMA; each takes its slice of the generated images too
+    "ema-generated": [
+        *["train.ema_decay=0.9", "data.extra={npz}", "data.extra_fraction=0.5"],
+        "method.beta=20",
+    ],
+}
 
-        npz = write_npz(tmp_path / "generated.npz", n=64)
-        extra = [item.format(npz=npz) for item in extra]
-    one, two = tmp_path / "one", tmp_path / "two"
-    mp.spawn(_train_worker, args=(1, 0, str(one), extra), nprocs=1)
-    mp.spawn(_train_worker, args=(2, free_port(), str(two), extra), nprocs=2)
+
+def _train_variants(rank: int, world: int, ports: list[int], out: str, variants: dict) -> None:
+    """Every variant's run, one after another in the same processes (one interpreter start
+    for all of them: most of a tiny run's time), each with its own process group."""
+    for port, (name, extra) in zip(ports, variants.items(), strict=True):
+        _train_worker(rank, world, port, f"{out}/{name}", extra)
+
+
+@pytest.fixture(scope="module")
+def variant_runs(tmp_path_factory) -> Path:
+    """one/<variant>: a single process on the whole batch; two/<variant>: 2 ranks on halves."""
+    from test_recipe import write_npz
+
+    root = tmp_path_factory.mktemp("ddp")
+    npz = write_npz(root / "generated.npz", n=64)
+    variants = {k: [item.format(npz=npz) for item in v] for k, v in VARIANTS.items()}
+    mp.spawn(_train_variants, args=(1, [0] * len(variants), str(root / "one"), variants))
+    ports = [free_port() for _ in variants]
+    mp.spawn(_train_variants, args=(2, ports, str(root / "two"), variants), nprocs=2)
+    return root
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_two_processes_match_one_on_the_same_global_batch(variant_runs, variant):
+    one, two = variant_runs / "one" / variant, variant_runs / "two" / variant
     ref, got = _step_losses(one), _step_losses(two)
     assert len(ref) == len(got) == 4
     for r, g in zip(ref, got, strict=True):
@@ -215,7 +235,7 @@ def test_two_processes_match_one_on_the_same_global_batch(tmp_path, extra):
         torch.testing.assert_close(have[k], want[k], rtol=1e-4, atol=1e-5)
     env = json.loads((two / "env.json").read_text())
     assert env["world_size"] == 2
-    assert env["fast_path"]["compile"] == ("train.compile=on" in extra)
+    assert env["fast_path"]["compile"] == (variant == "compile")
 
 
 def test_torchrun_two_processes_then_resume_with_one(tmp_path):

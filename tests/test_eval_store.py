@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from d2r import data
 from d2r.attacks import PGD, from_name
 from d2r.cli import main
-from d2r.evalstore import CLEAN, Store, rows, summary, unpack_flags
+from d2r.evalstore import CLEAN, Store, key_id, result_key, rows, summary, unpack_flags
 from d2r.evaluate import attack_plan, suite_flags
 from d2r.models import create
 from d2r.report import report
@@ -290,3 +290,12 @@ def test_eval_md_shows_every_result_and_never_mixes_eps(tmp_path):
     (pgd,) = [r for r in lines if "| 8/255 |" in r]  # clean and PGD-20: never AA at 0.031
     assert pgd.startswith("| last | 4 | 8/255 | 0 | 75.00 | 50.00 |")
     assert pgd.endswith("| 50.00 | Clean, PGD-20 |")
+
+
+def test_a_key_names_ema_weights_and_leaves_the_target_keys_of_earlier_versions():
+    images = {"data": "digits", "split": "test", "n": 3, "sha256": "0" * 64}
+    target = result_key("a" * 64, CLEAN, {}, None, None, images, 0)
+    assert "weights" not in target  # the ids of results stored before the EMA existed hold
+    assert result_key("a" * 64, CLEAN, {}, None, None, images, 0, "target") == target
+    ema = result_key("a" * 64, CLEAN, {}, None, None, images, 0, "ema")
+    assert ema == {**target, "weights": "ema"} and key_id(ema) != key_id(target)

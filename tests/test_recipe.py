@@ -6,6 +6,7 @@ memory-mapped .npz; SiLU WRNs, the cosine schedule and label smoothing."""
 import itertools
 import json
 import os
+import shutil
 import signal
 
 import numpy as np
@@ -27,6 +28,7 @@ from d2r.export import load_model
 from d2r.logs import read_metrics
 from d2r.methods import METHODS
 from d2r.models import create
+from d2r.report import read_run
 from d2r.runs import check_config
 from d2r.trainer import cosine_factor
 
@@ -188,6 +190,18 @@ def test_eval_and_export_of_the_ema(ema_run, tmp_path):
     assert model.d2r_card["training"]["weights"] == "ema"
     for key, value in model.state_dict().items():
         assert torch.equal(value, tensors[f"ema.{key}"])
+
+
+def test_the_report_reads_the_ema_results_of_the_current_file(ema_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(ema_run[0], run)
+    before = read_run(run, "ema")  # no eval.json yet: the last per-epoch check, of the EMA
+    assert before.source == "per-epoch check" and before.detail.endswith("EMA weights")
+    args = ["eval", str(run), "--checkpoint", "ema", "--attacks", "pgd3", "--eps", "0.1"]
+    assert main([*args, "--n", "30", "--no-checks", "-q"]) == 0
+    after = read_run(run, "ema", 0.1)
+    assert after.source == "eval.json" and after.detail.startswith("ema, n=30")
+    assert read_run(run, "last", 0.1).source == "per-epoch check"  # ema's results are not last's
 
 
 def test_ema_of_a_run_without_one_is_refused(tmp_path):

@@ -24,7 +24,7 @@ from typing import Any
 
 from d2r.attacks import label as attack_label
 from d2r.attacks import norm_label
-from d2r.checkpoint import atomic_write_text, stored_sha256
+from d2r.checkpoint import atomic_write_text, checkpoint_path, stored_sha256
 from d2r.config import Config, format_eps, parse_number
 from d2r.curves import write_curves
 from d2r.evalstore import Store, summary
@@ -143,7 +143,7 @@ def _from_eval_json(
     if eps is None or not store.results:
         return None
     norm = norm_label(cfg.method.get("norm", "linf"))  # as results record it: Linf, L2
-    sha256 = stored_sha256(run_dir / f"{checkpoint}.safetensors")
+    sha256 = stored_sha256(checkpoint_path(run_dir, checkpoint))  # ema: last's file
     row = summary(store, checkpoint, eps, norm, sha256)
     if row is None:
         return None
@@ -162,7 +162,8 @@ def _from_epoch_check(run_dir: Path, cfg: Config) -> dict[str, Any]:
     # the images actually evaluated, never eval.subset (it may exceed the test split)
     n = f"n={last['check_n']}" if "check_n" in last else "n not recorded"
     split = last.get("check_split", "test")  # older logs: the check read the test split
-    detail = f"{attack} on {split}, epoch {last['epoch']}, {n}"
+    weights = ", EMA weights" if last.get("check_model") == "ema" else ""
+    detail = f"{attack} on {split}, epoch {last['epoch']}, {n}{weights}"
     metrics = {"clean": last["clean_acc"], attack: last["robust_acc"]}
     eps = last.get("check_eps", cfg.eval.eps)  # older logs: the config's eval.eps
     budget = {"eps": eps, "norm": last.get("check_norm", "Linf")}  # older logs: Linf only
