@@ -11,7 +11,9 @@ then the speed goal): env; cuda_tests (`pytest -m cuda`); step_fp32 and step_fas
 off and on); epoch (one epoch of D2R-CAG on 50,000 synthetic CIFAR-10 images, batch 128: the
 goal is <= 90 s on one H100); pgd (PGD-20 on 1,000 synthetic test images); vs_naive
 (benchmarks/vs_naive.py on synthetic CIFAR-10); step_bf16_eager (bf16 + channels_last, not
-compiled); autoattack (AutoAttack standard on 1,000 images).
+compiled); autoattack (AutoAttack standard on 1,000 images); generated_data (the loader with
+70 % generated images from a memory-mapped .npz against the real set alone, last: it runs only
+if time is left).
 
 Each part runs in a child process with a time budget (forked from this one, which imports torch
 and d2r once; the CUDA tests in a pytest process): past the budget the child's process group is
@@ -101,6 +103,13 @@ PARTS = [
         120,
         "d2r.evaluate with AutoAttack standard (eps 8/255, pyautoattack) on the first 1,000 "
         "synthetic test images, the model of the pgd part",
+    ),
+    Part(
+        "generated_data",
+        30,
+        "benchmarks/generated_data.py: batches/s of the loader with 70 % generated images "
+        "(50,000 in a memory-mapped .npz on the machine's disk, read one batch ahead into "
+        "pinned memory) over the real set alone (20,000 in GPU memory), batch 128, best of 3",
     ),
 ]
 assert {p.name for p in PARTS} == {*PART_FUNCTIONS, "cuda_tests"}

@@ -229,6 +229,18 @@ def part_vs_naive(ctx: Context) -> dict:
     return compare(sets, ctx.device, epochs=1, workers=min(8, os.cpu_count() or 1))
 
 
+def part_generated_data(ctx: Context) -> dict:
+    """The loader with 70 % generated images per batch (memory-mapped .npz, read ahead into
+    pinned memory, copied asynchronously) against the real set alone, on the GPU."""
+    from d2r.trainer import pick_device
+    from generated_data import measure
+
+    where = {"device": pick_device(ctx.device), "directory": str(ctx.work)}
+    if ctx.smoke:
+        return measure(768, 512, batches=3, repeats=1, **where)
+    return measure(20000, 50000, batches=100, repeats=3, **where)
+
+
 PART_FUNCTIONS = {
     "env": part_env,
     "step_fp32": lambda ctx: _step_part(ctx, "off", "off", "off"),
@@ -238,4 +250,5 @@ PART_FUNCTIONS = {
     "pgd": lambda ctx: _eval_part(ctx, "pgd20", 32 if ctx.smoke else 1000),
     "autoattack": lambda ctx: _eval_part(ctx, "aa", 8 if ctx.smoke else 1000),
     "vs_naive": part_vs_naive,
+    "generated_data": part_generated_data,
 }

@@ -20,6 +20,10 @@ SMALL = {
                     ["speedup", "ours_epochs_per_hour", "naive_epochs_per_hour"]),
     "memory.py": (["--target", "small_cnn", "--guide", "tiny_cnn", "--shape", "1,8,8",
                    "--batch", "8"], ["peak_rss_growth_mib", "parameters_m"]),
+    "generated_data.py": (["--batches", "3", "--repeats", "1", "--size", "768",
+                           "--extra-size", "512"],
+                          ["with_generated_batches_per_s", "real_only_batches_per_s", "ratio",
+                           "read_ms_per_batch"]),
 }  # fmt: skip
 
 
@@ -39,7 +43,7 @@ def test_benchmark_prints_one_json_line_of_figures(script):
 
 
 GPU_PARTS = ["env", "cuda_tests", "step_fp32", "step_fast", "epoch", "pgd", "vs_naive",
-             "step_bf16_eager", "autoattack"]  # fmt: skip
+             "step_bf16_eager", "autoattack", "generated_data"]  # fmt: skip
 
 
 def gpu_check(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:

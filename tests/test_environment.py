@@ -35,7 +35,6 @@ from tiny_runs import plain_run
 
 # these packages export a function of the module's name
 download_mod = importlib.import_module("d2r.data.download")
-evaluate_mod = importlib.import_module("d2r.evaluate")
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 # one epoch of one batch, a 1-step attack, a 20-image check: the cheapest run that finishes
 TINY = [
@@ -176,7 +175,7 @@ def test_results_go_beside_the_run_when_out_fills_up(run, tmp_path, monkeypatch,
     assert "No space left on device" in last and f"written to {run} instead" in last
     assert "cannot save the evaluation's progress" in captured.err  # warned, went on
     saved = evalstore.Store.read(run).results
-    assert [r["key"]["attack"] for r in saved] == [evaluate_mod.CLEAN] and saved[0]["n"] == 10
+    assert [r["key"]["attack"] for r in saved] == [evalstore.CLEAN] and saved[0]["n"] == 10
 
 
 def test_results_go_to_a_temp_dir_when_the_run_itself_fills_up(run, tmp_path, monkeypatch, capsys):

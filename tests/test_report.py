@@ -164,7 +164,7 @@ def test_an_attack_has_one_label_in_tables_and_plots(name, text):
     """eval.md, d2r report and curves.png all name attacks through d2r.attacks.label."""
     from d2r import attacks
     from d2r.curves import attack_label
-    from d2r.evaluate import attacks_mod
+    from d2r.evaluate.core import attacks_mod
 
     assert attacks.label(name) == text
     assert column_label(name) == text

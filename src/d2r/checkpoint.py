@@ -334,11 +334,17 @@ def run_checkpoints(run_dir: str | Path) -> list[str]:
     of the metadata): last, best when written, ema when last.safetensors has an EMA."""
     run_dir = Path(run_dir)
     found = ["last"] + (["best"] if (run_dir / "best.safetensors").is_file() else [])
+    return found + (["ema"] if "ema" in read_sidecar(run_dir, "last") else [])
+
+
+def read_sidecar(run_dir: str | Path, which: str) -> dict[str, Any]:
+    """Checkpoint `which`'s metadata from its JSON copy (last.json for "ema"); {} when missing
+    or unreadable. For labels and listings only: loading reads the safetensors header."""
     try:
-        meta = json.loads((run_dir / "last.json").read_text())
+        meta = json.loads(checkpoint_path(run_dir, which).with_suffix(".json").read_text())
     except (OSError, ValueError):
-        meta = {}
-    return found + (["ema"] if isinstance(meta, dict) and "ema" in meta else [])
+        return {}
+    return meta if isinstance(meta, dict) else {}
 
 
 def remove_stale_temps(run_dir: Path) -> None:

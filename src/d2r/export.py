@@ -127,9 +127,9 @@ def _training(
     """How the model was trained: the method, guide, length and seed at a glance, which
     checkpoint and which of its weights (the target's, or its EMA), then the whole resolved
     config."""
-    from d2r.checkpoint import target_weights
+    from d2r.checkpoint import read_sidecar, target_weights
 
-    meta = _sidecar(run_dir, checkpoint)
+    meta = read_sidecar(run_dir, checkpoint)
     return {
         "method": config["method"],
         "guide": config["guide"],
@@ -154,17 +154,6 @@ def _without(config: dict[str, Any], keys: list[str]) -> dict[str, Any]:
         if isinstance(node, dict):
             node.pop(last, None)
     return config
-
-
-def _sidecar(run_dir: Path, checkpoint: str) -> dict[str, Any]:
-    """The checkpoint's metadata from its JSON copy ({} when unreadable)."""
-    from d2r.checkpoint import checkpoint_path
-
-    try:
-        meta = json.loads(checkpoint_path(run_dir, checkpoint).with_suffix(".json").read_text())
-    except (OSError, ValueError):
-        return {}
-    return meta if isinstance(meta, dict) else {}
 
 
 def _evaluation(run_dir: Path, checkpoint: str) -> list[dict[str, Any]] | None:

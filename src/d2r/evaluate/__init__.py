@@ -1,0 +1,64 @@
+"""Robust accuracy users can trust: per-sample flags for each attack and their worst case
+(RobustBench style: a sample is robust only if every attack in the suite failed on it), with
+the settings beside every number and the sanity checks of `d2r.sanity`.
+
+- `core`: `evaluate` takes a model and images (no files); the flags, suites and eval.md table.
+- `runs`: `evaluate_run` is `d2r eval RUN`: a run's checkpoints, each result kept in the run's
+  eval.json store (d2r.evalstore), resumable batch by batch; `evaluate_weights` for a file.
+"""
+
+from d2r.attacks import EvaluationWarning
+from d2r.evaluate.core import (
+    Attack,
+    as_float,
+    attack_norm,
+    attack_settings,
+    batch_flags,
+    batch_seed,
+    build_suite,
+    correct_flags,
+    evaluate,
+    markdown_table,
+    seeded,
+    suite_flags,
+    suite_norm,
+    worst_case,
+)
+from d2r.evaluate.runs import (
+    EvaluationStopped,
+    ResultsNotWritten,
+    attack_plan,
+    evaluate_models,
+    evaluate_run,
+    evaluate_weights,
+    file_sha256,
+    suite_keys,
+    weights_eval_dir,
+)
+
+__all__ = [
+    "Attack",
+    "EvaluationStopped",
+    "EvaluationWarning",
+    "ResultsNotWritten",
+    "as_float",
+    "attack_norm",
+    "attack_plan",
+    "attack_settings",
+    "batch_flags",
+    "batch_seed",
+    "build_suite",
+    "correct_flags",
+    "evaluate",
+    "evaluate_models",
+    "evaluate_run",
+    "evaluate_weights",
+    "file_sha256",
+    "markdown_table",
+    "seeded",
+    "suite_flags",
+    "suite_keys",
+    "suite_norm",
+    "weights_eval_dir",
+    "worst_case",
+]

@@ -1,0 +1,340 @@
+"""Robust accuracy users can trust, on a model and images (no files): per-sample flags for each
+attack and their worst case (RobustBench style: a sample is robust only if every attack in the
+suite failed on it), with the settings beside every number and the sanity checks of
+`d2r.sanity`; `markdown_table` is eval.md's table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from d2r import attacks as attacks_mod
+from d2r.attacks import AutoAttack, norm_label
+from d2r.config import format_eps
+from d2r.evalstore import (
+    CLEAN,
+    Ledger,
+)
+from d2r.methods import eval_mode
+from d2r.tables import PAPER_COLUMNS, markdown
+
+Attack = Callable[[nn.Module, Tensor, Tensor], Tensor]
+
+
+DEFAULT_NORM = "Linf"  # the norm of an attack that does not name its own
+
+
+def attack_norm(attack: Attack) -> str:
+    """The threat model's norm as results record it ("Linf", "L2"): what the attack states; a
+    plain callable states nothing and counts as L-inf."""
+    return norm_label(getattr(attack, "norm", "linf"))
+
+
+def batch_seed(seed: int, index: int) -> int:
+    """The seed of batch `index` of an attack: a resumed evaluation draws the random starts a
+    straight one draws, whichever batch it starts from."""
+    digest = hashlib.sha256(f"d2r-eval|{seed}|{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def batch_flags(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    attack: Attack | None = None,
+    *,
+    batch_size: int = 256,
+    device: torch.device | str | None = None,
+    seed: int | None = None,
+    first: int = 0,
+) -> Iterator[Tensor]:
+    """(B,) bool on the CPU per batch from batch `first` on: is each sample classified correctly
+    (after `attack`, if given)? With `seed`, batch i is seeded from (seed, i) (`batch_seed`);
+    without, it draws from the caller's RNG."""
+    device = torch.device(device) if device is not None else _device_of(model)
+    for index in range(first, -(-len(x) // batch_size)):
+        start = index * batch_size
+        xb = as_float(x[start : start + batch_size].to(device))
+        yb = y[start : start + batch_size].to(device)
+        if attack is not None:
+            with seeded(batch_seed(seed, index), device) if seed is not None else nullcontext():
+                xb = attack(model, xb, yb)
+        with torch.no_grad():
+            yield (model(xb).argmax(1) == yb).cpu()
+
+
+def correct_flags(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    attack: Attack | None = None,
+    *,
+    batch_size: int = 256,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """(N,) bool on the CPU: is sample i classified correctly (after `attack`, if given)?
+    Random starts come from the caller's RNG."""
+    flags = list(batch_flags(model, x, y, attack, batch_size=batch_size, device=device))
+    return torch.cat(flags) if flags else torch.zeros(0, dtype=torch.bool)
+
+
+def as_float(x: Tensor) -> Tensor:
+    # data sets are held as uint8; models take fp32 in [0, 1] (no bf16 in evaluation)
+    return x.float() / 255 if x.dtype == torch.uint8 else x.float()
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters(), torch.zeros(0)).device
+
+
+def build_suite(
+    attacks: Sequence[str] | Mapping[str, Attack],
+    eps: float,
+    seed: int = 0,
+    norm: str | None = None,
+) -> dict[str, Attack]:
+    """Names ('pgd20', 'cw20', 'aa', ...) -> attacks at `eps` in `norm` (default "linf"); a
+    mapping is taken as given (its attacks carry their own norm)."""
+    if isinstance(attacks, str):
+        attacks = [a.strip() for a in attacks.split(",") if a.strip()]
+    if isinstance(attacks, Mapping):
+        suite = dict(attacks)
+    else:
+        made = {"seed": seed, "norm": norm or "linf"}
+        suite = {name: attacks_mod.from_name(name, eps, **made) for name in attacks}
+    suite_norm(suite, norm)  # one threat model per suite
+    if any(isinstance(a, AutoAttack) for a in suite.values()):
+        attacks_mod.require_autoattack()  # fail now, not after an hour of PGD
+    return suite
+
+
+def suite_norm(suite: Mapping[str, Attack], norm: str | None = None) -> str:
+    """The one norm of a suite ("linf" or "l2"): what its attacks' `norm` fields say (a plain
+    callable says nothing), which `norm`, when given, must match; "linf" when nothing says.
+    A worst case over attacks of different threat models would mean nothing: ValueError."""
+    attacks_mod.check_budget(0.0, norm=norm or "linf")
+    declared = {a.norm for a in suite.values() if hasattr(a, "norm")}
+    if norm is not None:
+        declared.add(norm)
+    if len(declared) > 1:
+        raise ValueError(
+            f"the suite mixes norms ({', '.join(sorted(declared))}); evaluate each norm "
+            "separately (d2r eval --norm linf|l2)"
+        )
+    return declared.pop() if declared else "linf"
+
+
+def suite_flags(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    suite: Mapping[str, Attack],
+    *,
+    seed: int = 0,
+    batch_size: int = 256,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+    ledger: Ledger | None = None,
+) -> tuple[dict[str, Tensor], dict[str, float]]:
+    """Per-sample correct flags for "clean" and each attack, and the seconds each took. Batch i
+    of every attack is seeded from (seed, i), so a rerun, an attack alone, or an evaluation
+    resumed from `ledger` (d2r.evalstore: stored results and partial state; the default keeps
+    nothing) gives the same flags; a different batch_size draws other random starts."""
+    device = torch.device(device) if device is not None else _device_of(model)
+    ledger = ledger or Ledger()
+    options = {"seed": seed, "batch_size": batch_size, "device": device}
+    total = -(-len(x) // batch_size) * (1 + len(suite))
+    flags, seconds = {}, {}
+    with tqdm(total=total, desc="eval", unit="batch", disable=not progress) as bar:
+        for name, attack in {CLEAN: None, **suite}.items():
+            bar.set_postfix_str(name)
+            flags[name], seconds[name] = _attack_flags(
+                model, x, y, name, attack, ledger, bar, options
+            )
+    return flags, seconds
+
+
+def _attack_flags(model, x, y, name, attack, ledger: Ledger, bar: tqdm, options) -> tuple:
+    """One attack's flags, batch by batch from where `ledger` left it, each batch saved."""
+    batches = -(-len(x) // options["batch_size"])
+    cached = ledger.cached(name)
+    if cached is not None:
+        bar.update(batches)
+        return cached
+    done, before = ledger.resume(name)  # whole batches only
+    first = -(-len(done) // options["batch_size"])
+    bar.update(first)
+    parts, start, seconds = [done], time.perf_counter(), before
+    for index, flags in enumerate(batch_flags(model, x, y, attack, first=first, **options)):
+        parts.append(flags)
+        bar.update(1)
+        seconds = before + time.perf_counter() - start
+        ledger.save(name, torch.cat(parts), seconds, first + index + 1)
+    flags = torch.cat(parts)
+    ledger.finish(name, flags, seconds)
+    return flags, seconds
+
+
+@contextmanager
+def seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Seed torch for one attack without disturbing the caller's RNG streams."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def worst_case(flags: Mapping[str, Tensor]) -> Tensor:
+    """(N,) bool: correct on the clean input and after every attack."""
+    return torch.stack(list(flags.values())).all(0)
+
+
+def evaluate(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    attacks: Sequence[str] | Mapping[str, Attack] = ("pgd20", "cw20"),
+    eps: float = 8 / 255,
+    seed: int = 0,
+    batch_size: int = 256,
+    device: torch.device | str | None = None,
+    *,
+    checks: bool = True,
+    progress: bool = False,
+    ledger: Ledger | None = None,
+    norm: str | None = None,
+) -> dict[str, Any]:
+    """Clean, per-attack and worst-case accuracy (fractions in [0, 1]) of `model` on (x, y), in
+    eval mode and fp32, for any nn.Module taking [0, 1] inputs (x float in [0, 1] or uint8), in
+    `norm` "linf" (default) or "l2" (eps an L2 radius; a mapping of attacks brings its own).
+
+    Returns {"clean", <each attack>, "worst_case", "worst_case_over", "settings", "seconds",
+    "warnings"}; every warning is also raised as an `EvaluationWarning`. `checks=True` adds the
+    cheap sanity checks on up to 64 samples (large eps, more steps, smaller step, zero
+    gradient). `ledger`: where flags are kept and resumed from (see `suite_flags`)."""
+    _check_inputs(x, y)
+    suite = build_suite(attacks, eps, seed, norm)
+    norm = suite_norm(suite, norm)
+    device = torch.device(device) if device is not None else _device_of(model)
+    options = {"seed": seed, "batch_size": batch_size, "device": device, "norm": norm}
+    messages: list[str] = []
+    run = {"checks": checks, "progress": progress, "ledger": ledger}
+    flags, seconds = _checked_flags(model, x, y, suite, eps, options, messages, **run)
+    result: dict[str, Any] = {name: f.float().mean().item() for name, f in flags.items()}
+    result["worst_case"] = worst_case(flags).float().mean().item()
+    result["worst_case_over"] = list(flags)
+    settings = _settings(model, suite, (eps, norm), len(y), seed, batch_size, device, checks)
+    return {**result, "settings": settings, "seconds": seconds, "warnings": messages}
+
+
+def _checked_flags(model, x, y, suite, eps, options, messages, *, checks, progress, ledger):
+    """suite_flags with the sanity checks around it, every warning recorded in `messages`."""
+    from d2r import sanity  # it builds on this module's helpers
+
+    device = options["device"]
+    with sanity.recorded(messages):
+        sanity.check_mode(model)
+        with eval_mode(model), torch.autocast(device.type, enabled=False):
+            n = min(options["batch_size"], sanity.CHECK_N)
+            sanity.check_outputs(model, as_float(x[:n].to(device)))
+            sizes = {k: v for k, v in options.items() if k != "norm"}
+            flags, seconds = suite_flags(
+                model, x, y, suite, **sizes, progress=progress, ledger=ledger
+            )
+            sanity.check_suite(flags, suite)
+            if checks:
+                seed, norm = options["seed"], options["norm"]
+                sanity.cheap_checks(model, x, y, flags[CLEAN], eps, seed, device, norm)
+    return flags, seconds
+
+
+def _check_inputs(x: Tensor, y: Tensor) -> None:
+    if len(x) != len(y) or y.dim() != 1:
+        raise ValueError(f"x has {len(x)} samples but y has shape {tuple(y.shape)}; need (N,)")
+    if x.dtype != torch.uint8 and len(x) and (x.min() < 0 or x.max() > 1):
+        raise ValueError(
+            f"inputs must be floats in [0, 1] or uint8 (got [{x.min():.3g}, {x.max():.3g}]); "
+            "a model that wants mean/std normalization must carry it as its first layer"
+        )
+
+
+def _settings(model, suite, budget, n, seed, batch_size, device, checks) -> dict[str, Any]:
+    eps, norm = budget
+    return {
+        "eps": eps,
+        "eps_text": format_eps(eps),
+        "norm": norm_label(norm),  # the suite's, as AutoAttack and RobustBench write it
+        "n": n,
+        "seed": seed,
+        "batch_size": batch_size,
+        "dtype": "float32",
+        "device": str(device),
+        "checks": checks,
+        "model": type(model).__name__,
+        "attacks": {name: attack_settings(a, model) for name, a in suite.items()},
+    }
+
+
+def attack_settings(attack: Attack, model: nn.Module | None = None) -> dict[str, Any]:
+    """What an attack ran with: its dataclass fields, and for AutoAttack the package's list."""
+    info: dict[str, Any] = {"type": type(attack).__name__}
+    if dataclasses.is_dataclass(attack):
+        info.update(dataclasses.asdict(attack))
+    if isinstance(attack, AutoAttack) and model is not None:
+        package = attacks_mod.require_autoattack()
+        info["runs"] = list(attack.build(model).attacks_to_run)
+        info["package"] = f"pyautoattack {package.__version__}"
+    return info
+
+
+# eval.md ------------------------------------------------------------------------------------
+
+
+def markdown_table(results: Mapping[str, Mapping[str, Any]]) -> str:
+    """One row per checkpoint (or model) at one eps and norm: the paper's columns (— where not
+    run), any other attack, the worst case and which results it covers, n / eps / seed beside
+    the numbers; every attack's settings and every warning below."""
+    run = [k for r in results.values() for k in r["settings"]["attacks"]]
+    extra = [k for k in run if k not in PAPER_COLUMNS]
+    names = [*PAPER_COLUMNS, *dict.fromkeys(extra), "worst_case"]
+    labels = [PAPER_COLUMNS.get(k) or attacks_mod.label(k) for k in names[:-1]]
+    norms = "/".join(dict.fromkeys(str(r["settings"]["norm"]) for r in results.values()))
+    head = ["checkpoint", "n", f"eps ({norms})", "seed", *labels, "Worst case", "worst case over"]
+    rows = []
+    for row, r in results.items():
+        s = r["settings"]
+        cells = [f"{100 * r[k]:.2f}" if k in r else "—" for k in names]
+        over = ", ".join(PAPER_COLUMNS.get(k) or attacks_mod.label(k) for k in r["worst_case_over"])
+        rows.append([row, str(s["n"]), s["eps_text"], str(s["seed"]), *cells, over])
+    lines = markdown(head, rows)
+    lines += [
+        "",
+        "Accuracies in %; worst case = robust against every result it covers (per sample).",
+    ]
+    described = [
+        f"- {attacks_mod.label(k)}: {_describe(a)}"
+        for r in results.values()
+        for k, a in r["settings"]["attacks"].items()
+    ]
+    lines += ["", *dict.fromkeys(described)]
+    warned = [f"- **warning** ({row}): {w}" for row, r in results.items() for w in r["warnings"]]
+    return "\n".join(lines + (["", *warned] if warned else [])) + "\n"
+
+
+def _describe(settings: Mapping[str, Any]) -> str:
+    skip = {"type"}
+    body = ", ".join(f"{k}={_fmt(v)}" for k, v in settings.items() if k not in skip)
+    return f"{settings.get('type', '')}({body})"
+
+
+def _fmt(value: Any) -> str:
+    return format_eps(value) if isinstance(value, float) else str(value)

@@ -1,0 +1,312 @@
+"""What `d2r eval` calls: a run's checkpoints (`evaluate_run`) or a weights file
+(`evaluate_weights`) on the test split, each result kept in the eval.json store
+(d2r.evalstore) as its attack finishes, resumable batch by batch, never dropped when the store
+cannot be written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import signal
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+
+from d2r.config import format_eps, parse_number
+from d2r.evalstore import (
+    CLEAN,
+    TARGET,
+    Store,
+    StoreLedger,
+    commit,
+    images_id,
+    result_key,
+)
+from d2r.evaluate.core import Attack, attack_norm, attack_settings, build_suite, evaluate
+from d2r.files import check_writable, describe, new_temp_dir
+from d2r.guard import Preempted, SignalGuard
+
+
+def attack_plan(
+    attacks: Sequence[str] | str, eps: float | Sequence[float], norm: str | None = None
+) -> dict[float, list[str]]:
+    """Which attacks run at which eps: a plain name ('pgd20') at every eps of `eps`, a name
+    with its own eps ('aa@0.031') only at that one: `pgd20,cw20,aa@0.031` with eps 8/255 is
+    the reference protocol. Without attacks, clean accuracy only. Bad names fail here."""
+    if isinstance(attacks, str):
+        attacks = [a.strip() for a in attacks.split(",") if a.strip()]
+    radii = [float(eps)] if isinstance(eps, (int, float)) else [float(e) for e in eps]
+    if not radii:
+        raise ValueError("no eps given; give one or more, e.g. --eps 8/255,0.031")
+    plan: dict[float, list[str]] = {}
+    for item in attacks:
+        name, at, text = item.partition("@")
+        for e in [_own_eps(item, text)] if at else radii:
+            plan.setdefault(e, [])
+            plan[e] += [] if name in plan[e] else [name]
+    plan = plan or {e: [] for e in radii}
+    for e, names in plan.items():
+        build_suite(names, e, norm=norm)  # unknown names, a bad eps or norm, no AutoAttack: now
+    return plan
+
+
+def _own_eps(item: str, text: str) -> float:
+    try:
+        return parse_number(text)
+    except ValueError:
+        raise ValueError(f"attack {item!r}: write NAME@EPS, e.g. aa@0.031 or pgd20@8/255") from None
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    attacks: Sequence[str] = ("pgd20", "cw20"),
+    eps: float | Sequence[float] = 8 / 255,
+    *,
+    checkpoint: str | None = None,
+    out: str | Path | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """`d2r eval RUN`: the run's target at each checkpoint ("last", "best", "ema" (the EMA
+    weights of last.safetensors), "both" for last and best; default: every one the run holds),
+    on its data set's test split, with `attacks` at each eps (see `attack_plan`). Results go
+    into the store in `out` (default: the run directory; see `evaluate_models`); returns
+    eval.json's content. `options`: n, seed, batch_size, device, norm, checks, progress, force."""
+    from d2r.checkpoint import load_run, run_checkpoints
+
+    attack_plan(attacks, eps, options.get("norm"))  # bad names or eps fail before loading
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{str(run_dir)!r} is not a run directory (no config.yaml)")
+    out = check_writable(out or run_dir, "eval output directory (--out)")  # not after hours
+    keys = {None: run_checkpoints(run_dir), "both": ["last", "best"]}.get(checkpoint)
+    models = {}
+    for key in keys or [checkpoint]:
+        cfg, method = load_run(run_dir, key)
+        models[key] = (method.target, *_describe_checkpoint(run_dir, key))
+    data_spec = (cfg.data.name, cfg.data.root, cfg.data.verify, cfg.data.like)
+    return evaluate_models(models, data_spec, attacks, eps, out, fallback=run_dir, **options)
+
+
+def _describe_checkpoint(run_dir: Path, key: str) -> tuple[str, dict[str, Any]]:
+    """A checkpoint's row label and what identifies it: its file's sha256 and which weights of
+    it were evaluated (the target's, or its EMA)."""
+    from d2r.checkpoint import checkpoint_path, read_sidecar, stored_sha256, target_weights
+
+    path = checkpoint_path(run_dir, key)
+    sidecar = read_sidecar(run_dir, key)
+    epoch, weights = sidecar.get("epoch"), target_weights(sidecar, key)
+    parts = [] if epoch is None else [f"epoch {epoch}"]
+    if weights == "ema" and key != "ema":
+        parts.append("EMA")  # best of a run with an EMA: the weights its check picked
+    label = f"{key} ({', '.join(parts)})" if parts else key
+    # the content sha256 load_run just verified, read from the header (no rehashing)
+    extra = {"checkpoint": key, "epoch": epoch, "sha256": stored_sha256(path), "weights": weights}
+    return label, extra
+
+
+def evaluate_weights(
+    model_name: str,
+    weights: str | Path,
+    attacks: Sequence[str] = ("pgd20", "cw20"),
+    eps: float | Sequence[float] = 8 / 255,
+    *,
+    data: str = "cifar10",
+    root: str | Path = "data",
+    num_classes: int | None = None,
+    out: str | Path | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """`d2r eval --model ARCH --weights FILE`: a registered architecture with a foreign state
+    dict (loaded strictly after key mapping) on `data`'s test split; results go into the store
+    in `out` (default: WEIGHTS_STEM-eval/ beside the file), keyed by the file's sha256."""
+    from d2r import data as data_mod
+    from d2r.models import MODELS
+    from d2r.weights import load_foreign
+
+    attack_plan(attacks, eps, options.get("norm"))
+    out = check_writable(out or weights_eval_dir(weights), "eval output directory (--out)")
+    info = data_mod.info(data)
+    model = MODELS.create(
+        model_name, num_classes=num_classes or info.num_classes, in_channels=info.channels
+    )
+    load_foreign(model, weights)
+    weights = Path(weights)
+    extra = {"checkpoint": weights.name, "model": model_name, "sha256": file_sha256(weights)}
+    # a freshly built model is in train mode; evaluate() would warn about it
+    models = {weights.name: (model.eval(), weights.name, extra)}
+    options = {"fallback": weights_eval_dir(weights), **options}
+    return evaluate_models(models, (data, root, True, None), attacks, eps, out, **options)
+
+
+class EvaluationStopped(Preempted):
+    """SIGINT/SIGTERM during `d2r eval`: the batch finished and every finished batch is saved;
+    the same command continues it. The CLI exits with 128 + the signal (130 / 143)."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        Exception.__init__(self, message)
+        self.signum = signum
+
+
+def evaluate_models(
+    models: Mapping[str, tuple[nn.Module, str, dict[str, Any]]],
+    data_spec: tuple[str, str | Path, bool, str | None],
+    attacks: Sequence[str],
+    eps: float | Sequence[float],
+    out: Path,
+    *,
+    n: int | None = None,
+    seed: int = 0,
+    batch_size: int = 256,
+    device: str = "auto",
+    norm: str | None = None,
+    checks: bool = True,
+    progress: bool = False,
+    force: bool = False,
+    fallback: Path | None = None,
+) -> dict[str, Any]:
+    """Each model ({key: (model, row label, identity incl. "sha256")}) on the first `n` test
+    images of `data_spec` (name, root, verify, like), `attacks` at each eps (`attack_plan`);
+    each result goes into the store in `out` as its attack finishes (stored keys reused unless
+    `force`; a stopped run resumes; SIGINT/SIGTERM: EvaluationStopped after the batch). A
+    result `out` refuses goes to `fallback` or a temp dir (ResultsNotWritten)."""
+    from d2r.trainer import pick_device
+
+    plan = attack_plan(attacks, eps, norm)
+    x, y = _test_images(*data_spec, n)
+    device = pick_device(device)
+    meta = {"batch_size": batch_size, "device": str(device), "dtype": "float32", "checks": checks}
+    guard = SignalGuard(action="finishing the batch and saving the evaluation's progress")
+    images = images_id(data_spec[0], x, y)
+    jobs = _jobs(models, plan, out, images, (seed, norm), meta, guard, force)  # partials checked
+    commit(out, checkpoints=(checkpoints := [{**e, "label": lb} for _, lb, e in models.values()]))
+    options = {"seed": seed, "batch_size": batch_size, "device": device, "norm": norm}
+    with guard:
+        try:
+            for job in jobs:
+                _run_job(job, x, y, data_spec[0], options, checks=checks, progress=progress)
+        except OSError as err:  # a result the store refused is kept elsewhere, never dropped
+            raise save_elsewhere(Store(checkpoints), jobs, out, err, fallback) from None
+    return commit(out).content()
+
+
+class ResultsNotWritten(OSError):
+    """Results could not be written to `out` (a disk filled, a mount went away); `place` is
+    where they were written instead (None: nowhere), `store` those results. The CLI prints
+    their table before the error line."""
+
+    def __init__(self, out: Path, err: OSError, place: Path | None, store: Store) -> None:
+        self.out, self.place, self.store = out, place, store
+        saved = f"written to {place} instead" if place else "not written anywhere else"
+        super().__init__(
+            f"could not write results to {str(out)!r} ({describe(err)}); the results computed "
+            f"are {saved} and printed above; rerun once {str(out)!r} is writable to go on"
+        )
+
+
+def save_elsewhere(
+    unsaved: Store, jobs: list[tuple], out: Path, err: OSError, fallback: Path | None
+) -> OSError:
+    """The results the jobs' ledgers could not write (none: `err` itself, nothing is lost) into
+    the store in `fallback` (the run directory; beside the weights) or a new temp directory:
+    results that took hours are never dropped. Returns the error to raise."""
+    unsaved.results = [entry for *_, ledger in jobs for entry in ledger.unsaved]
+    if not unsaved.results:
+        return err
+    for place in [fallback, None]:
+        if place is not None and Path(place).resolve() == Path(out).resolve():
+            continue
+        try:
+            place = Path(place) if place is not None else new_temp_dir("d2r-eval-")
+            commit(place, unsaved.checkpoints, unsaved.results)
+        except (OSError, ValueError):  # unwritable, or a foreign eval.json there
+            continue
+        return ResultsNotWritten(out, err, place, unsaved)
+    return ResultsNotWritten(out, err, None, unsaved)
+
+
+def _run_job(job: tuple, x: Tensor, y: Tensor, data: str, options: dict, **flags: bool) -> None:
+    """One model at one eps: nothing when the store holds every key, else `evaluate` through
+    the job's ledger, then the evaluation's warnings onto its results."""
+    model, label, eps, suite, ledger = job
+    where = f"{label} at eps {format_eps(eps)} on {data} ({len(y)} test images"
+    if all(ledger.cached(name) is not None for name in [CLEAN, *suite]):
+        print(f"{where}): already in {ledger.out / 'eval.json'} (--force reruns)", file=sys.stderr)
+        return
+    print(f"evaluating {where}, {options['device']})", file=sys.stderr)
+    model = model.to(options["device"])
+    result = evaluate(model, x, y, suite, eps, **options, **flags, ledger=ledger)
+    ledger.add_warnings(result["warnings"])
+
+
+def _jobs(models, plan, out, images, seeding, meta, guard, force) -> list[tuple]:
+    """(model, label, eps, suite, ledger) for each model and eps of the plan; building each
+    ledger checks its partial state, so a refusal comes before any work."""
+    redone: set[str] = set()  # with `force`: the keys computed again in this call
+    seed, norm = seeding
+    jobs = []
+    for model, label, extra in models.values():
+        for e, names in plan.items():
+            suite = build_suite(names, e, seed, norm)
+            weights = extra.get("weights", TARGET)
+            keys = suite_keys(extra["sha256"], suite, model, images, seed, weights)
+            stop = _stopper(guard, label, e, out)
+            ledger = StoreLedger(out, keys, meta, force=force, redone=redone, stop=stop)
+            jobs.append((model, label, e, suite, ledger))
+    return jobs
+
+
+def suite_keys(
+    sha256: str,
+    suite: Mapping[str, Attack],
+    model: nn.Module,
+    images: Mapping[str, Any],
+    seed: int,
+    weights: str = TARGET,
+) -> dict[str, dict[str, Any]]:
+    """The store key of clean accuracy and of each attack of `suite` (d2r.evalstore), for the
+    `weights` ("target" or "ema") of the file with content `sha256`."""
+    keys = {CLEAN: result_key(sha256, CLEAN, {}, None, None, images, seed, weights)}
+    for name, attack in suite.items():
+        settings = attack_settings(attack, model)
+        norm = attack_norm(attack)
+        keys[name] = result_key(sha256, name, settings, attack.eps, norm, images, seed, weights)
+    return keys
+
+
+def _stopper(
+    guard: SignalGuard, label: str, eps: float, out: Path
+) -> Callable[[str, int | None], None]:
+    """After each saved batch (batches=None: after a stored result): stop if a signal came."""
+
+    def stop(name: str, batches: int | None) -> None:
+        if guard.signum is None:
+            return
+        where = f"{name} finished" if batches is None else f"batch {batches} of {name}"
+        raise EvaluationStopped(
+            guard.signum,
+            f"stopped by {signal.Signals(guard.signum).name} after {where} at eps "
+            f"{format_eps(eps)} on {label}; every finished batch is saved in {out} (results "
+            "in eval.json, progress in eval-partial-*.json); run the same d2r eval command "
+            "again to continue from there",
+        )
+
+    return stop
+
+
+def weights_eval_dir(weights: str | Path) -> Path:
+    """Where eval.json goes for a weights file by default: WEIGHTS_STEM-eval/ beside it."""
+    return Path(weights).parent / f"{Path(weights).stem}-eval"
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _test_images(name: str, root: str | Path, verify: bool, like: str | None, n: int | None):
+    from d2r import data
+
+    x, y = data.load(name, root, "test", verify=verify, like=like)
+    return (x[:n], y[:n]) if n else (x, y)

@@ -1,0 +1,41 @@
+"""Training methods: which attack, which function of `losses`, and which model modes.
+
+A Method is an nn.Module owning its model(s); `forward(x, y)` generates the adversarial batch
+(`generate`), optionally perturbs the target's weights (AWP, any method with `awp_gamma > 0`) and
+returns the dict of a loss function (`loss`: scalar "loss" + detached terms). It knows nothing
+about optimizers, devices or checkpoints. Two-model methods hold `self.target` and `self.guide`;
+only the target is evaluated. Every method is a row of the same loop: `method.name` picks it.
+
+Attack modes differ between the references, so each `generate` says which it follows; and
+each method makes its reference's train-mode passes in their order, since every one of them
+moves the BatchNorm running statistics (docs/methods.md, "Train-mode passes").
+
+`base` holds the Method class and what every method shares (AWP included), `single` PGD-AT,
+TRADES and MART, `guided` the two-model methods LBGAT and D2R. Importing this package registers
+all five in METHODS.
+"""
+
+from d2r.methods.base import (
+    METHODS,
+    Method,
+    awp_perturbation,
+    bn_only_pass,
+    eval_mode,
+    frozen_buffers,
+)
+from d2r.methods.guided import D2R, LBGAT
+from d2r.methods.single import MART, PGDAT, TRADES
+
+__all__ = [
+    "D2R",
+    "LBGAT",
+    "MART",
+    "METHODS",
+    "PGDAT",
+    "TRADES",
+    "Method",
+    "awp_perturbation",
+    "bn_only_pass",
+    "eval_mode",
+    "frozen_buffers",
+]
