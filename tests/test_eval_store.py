@@ -98,9 +98,12 @@ def test_two_calls_at_two_eps_both_survive_and_a_repeat_is_a_cache_hit(
     before = (out / "eval.json").read_bytes()
     counter = CountCalls(monkeypatch)
     capsys.readouterr()
-    assert main(_eval(weights, out, "--attacks", "pgd3", "--eps", "0.1")) == 0
+    quiet = _eval(weights, out, "--attacks", "pgd3", "--eps", "0.1")
+    assert main(quiet) == 0
     assert counter.calls == 0 and (out / "eval.json").read_bytes() == before
-    assert "already in" in capsys.readouterr().err
+    assert capsys.readouterr().err == ""  # -q: no status lines
+    assert main([arg for arg in quiet if arg != "-q"]) == 0
+    assert "already in" in capsys.readouterr().err and counter.calls == 0
     assert main(_eval(weights, out, "--attacks", "pgd3", "--eps", "0.1", "--force")) == 0
     assert counter.calls == 6  # 48 images in batches of 8, computed again
     assert all(torch.equal(stored[k], v) for k, v in _flags(out).items())

@@ -116,6 +116,18 @@ def test_a_sweep_runs_to_the_table_and_a_rerun_does_nothing(tmp_path):
     assert stamps == {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")}
 
 
+@pytest.mark.parametrize("progress", [True, False], ids=["progress", "quiet"])
+def test_quiet_sweeps_print_no_cell_lines(tmp_path, capsys, monkeypatch, progress):
+    """`d2r sweep -q` (progress=False) drops the line as each cell starts and ends, nothing else."""
+    from d2r.sweep import local
+
+    monkeypatch.setattr(local, "run_cell", lambda *args: "done")
+    cell = sweep.cells(write_spec(tmp_path / "spec.yaml", set=TINY, grid={"seed": [0]}))[0]
+    local.Local([None], progress)._one(tmp_path, cell, None)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == (["d2r sweep: seed-0: running", "d2r sweep: seed-0: done"] if progress else [])
+
+
 def test_a_failing_cell_is_retried_once_and_reported(tmp_path, capsys):
     # passes the check (data files are looked for by the run), fails when the run starts
     sets = {**TINY, "data.name": "mnist", "data.root": str(tmp_path / "nowhere")}

@@ -232,10 +232,11 @@ def _run_job(job: tuple, x: Tensor, y: Tensor, data: str, options: dict, **flags
     the job's ledger, then the evaluation's warnings onto its results."""
     model, label, eps, suite, ledger = job
     where = f"{label} at eps {format_eps(eps)} on {data} ({len(y)} test images"
+    say = print if flags["progress"] else lambda *a, **k: None  # -q: no status lines either
     if all(ledger.cached(name) is not None for name in [CLEAN, *suite]):
-        print(f"{where}): already in {ledger.out / 'eval.json'} (--force reruns)", file=sys.stderr)
+        say(f"{where}): already in {ledger.out / 'eval.json'} (--force reruns)", file=sys.stderr)
         return
-    print(f"evaluating {where}, {options['device']})", file=sys.stderr)
+    say(f"evaluating {where}, {options['device']})", file=sys.stderr)
     model = model.to(options["device"])
     result = evaluate(model, x, y, suite, eps, **options, **flags, ledger=ledger)
     ledger.add_warnings(result["warnings"])

@@ -55,10 +55,12 @@ def run(
     executor: str = "local",
     dry_run: bool = False,
     devices: list[str | None] | None = None,
+    progress: bool = True,
 ) -> list[Cell]:
     """Run the study `spec_path` into `out` (see the module doc); returns its cells with their
     final states. The whole spec is checked first; `dry_run` stops there (the CLI prints the
-    cells). Raises Stopped on Ctrl-C/SIGTERM (rerun to continue)."""
+    cells). `progress`: a line as each cell starts and ends (failures are always said). Raises
+    Stopped on Ctrl-C/SIGTERM (rerun to continue)."""
     if executor not in ("local", "slurm"):
         raise ValueError(f"--executor {executor!r}: choose local or slurm")
     out, spec = Path(out), load_spec(spec_path)
@@ -70,7 +72,7 @@ def run(
 
     slurm.options(spec.get("slurm") or {})  # checked whatever the executor: the spec is one
     if not dry_run:
-        _execute(spec, spec_path, out, executor, todo, devices)
+        _execute(spec, spec_path, out, executor, todo, devices, progress)
     return todo
 
 
@@ -81,6 +83,7 @@ def _execute(
     executor: str,
     todo: list[Cell],
     devices: list[str | None] | None,
+    progress: bool,
 ) -> None:
     write_configs(out, todo)
 
@@ -91,11 +94,11 @@ def _execute(
     pending = [c for c in todo if c.state != "done"]
     try:
         if executor == "local":
-            Local(devices or visible_gpus()).run(out, pending, save)
+            Local(devices or visible_gpus(), progress).run(out, pending, save)
         else:
             from d2r.sweep import slurm
 
-            slurm.run(out, pending, spec.get("slurm") or {}, save)
+            slurm.run(out, pending, spec.get("slurm") or {}, save, progress=progress)
     except Stopped as err:
         save()
         again = f"d2r sweep {spec_path} --out {out} --executor {executor}"
@@ -182,7 +185,9 @@ def _command(args: Any) -> int:
     if not args.out:  # checked here, not by argparse: the common flags parse without it
         raise ValueError("give the study's directory: d2r sweep SPEC.yaml --out DIR")
     out = Path(args.out)
-    todo = run(args.spec, out, executor=args.executor, dry_run=args.dry_run)
+    todo = run(
+        args.spec, out, executor=args.executor, dry_run=args.dry_run, progress=not args.quiet
+    )
     if args.dry_run:
         print(dry_run_text(todo, out))
         return 0

@@ -22,8 +22,8 @@ class Local:
     here: the first SIGINT/SIGTERM makes the running cells checkpoint and exit (a second one
     stops them at once), as `d2r train` does alone."""
 
-    def __init__(self, devices: list[str | None]) -> None:
-        self.devices = devices
+    def __init__(self, devices: list[str | None], progress: bool = True) -> None:
+        self.devices, self.progress = devices, progress  # progress: a line as a cell starts, ends
         self.procs: set[subprocess.Popen] = set()
         self.signum: int | None = None
 
@@ -89,7 +89,8 @@ class Local:
                     break
 
     def _one(self, out: Path, cell: Cell, device: str | None) -> None:
-        print(f"d2r sweep: {cell.name}: running" + (f" on GPU {device}" if device else ""))
+        say = print if self.progress else lambda *_: None
+        say(f"d2r sweep: {cell.name}: running" + (f" on GPU {device}" if device else ""))
         try:
             cell.state = run_cell(
                 out, cell, lambda a, log: self.spawn(a, log, device), self.stopped
@@ -97,7 +98,7 @@ class Local:
         except Stopped:
             cell.state = "interrupted"
             raise
-        print(f"d2r sweep: {cell.name}: {cell.state}" + (f" ({cell.error})" if cell.error else ""))
+        say(f"d2r sweep: {cell.name}: {cell.state}" + (f" ({cell.error})" if cell.error else ""))
 
 
 def visible_gpus() -> list[str | None]:

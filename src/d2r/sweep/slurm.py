@@ -167,12 +167,13 @@ def alive(cell: Cell, states: dict[str, str]) -> bool:
     return job is not None and job in states and states[job] not in ENDED
 
 
-def submit(ex: Any, out: Path, cells: list[Cell]) -> None:
+def submit(ex: Any, out: Path, cells: list[Cell], progress: bool = True) -> None:
     with ex.batch():
         jobs = [ex.submit(CellJob(str(out), c.name, c.eval)) for c in cells]
     for cell, job in zip(cells, jobs, strict=True):
         cell.extra["job_id"], cell.state = str(job.job_id), "submitted"
-        print(f"d2r sweep: {cell.name}: job {job.job_id}")
+        if progress:
+            print(f"d2r sweep: {cell.name}: job {job.job_id}")
 
 
 def run(
@@ -181,9 +182,11 @@ def run(
     spec: dict[str, Any],
     save: Callable[[], None],
     poll_s: float | None = None,
+    progress: bool = True,
 ) -> None:
     """Submit the cells (not those whose job from an earlier call is still queued or running),
-    wait for them, resubmit once a job that ended short of its cell's end (it resumes)."""
+    wait for them, resubmit once a job that ended short of its cell's end (it resumes).
+    `progress`: a line per job submitted."""
     from d2r.sweep import SWEEP_JSON, read_status
 
     ex = executor(out, options(spec))
@@ -191,7 +194,7 @@ def run(
     for cell in todo:
         cell.extra["job_id"] = previous.get(cell.name, {}).get("job_id")
     states = job_states([c.extra["job_id"] for c in todo if c.extra.get("job_id")])
-    submit(ex, out, [c for c in todo if not alive(c, states)])
+    submit(ex, out, [c for c in todo if not alive(c, states)], progress)
     save()
     resubmitted: set[str] = set()
     try:
