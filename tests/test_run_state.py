@@ -73,3 +73,16 @@ def test_the_checkpoint_names_its_models_and_weights_come_by_name(tmp_path):
     target = read_state_dict(run.dir / "last.safetensors")
     assert set(target) == set(run.method.target.state_dict())
     assert checkpoint.is_run_checkpoint(run.dir / "last.safetensors")
+
+
+def test_a_checkpoint_written_to_two_places_is_one_file_twice(tmp_path):
+    """best.safetensors is last.safetensors' bytes (serialized and hashed once), sidecar too."""
+    tensors, meta = {"w": torch.arange(6.0).reshape(2, 3)}, {"epoch": 3}
+    last, best = tmp_path / "last.safetensors", tmp_path / "best.safetensors"
+    checkpoint.save(last, tensors, meta, also=[best])
+    assert last.read_bytes() == best.read_bytes()
+    assert last.with_suffix(".json").read_text() == best.with_suffix(".json").read_text()
+    loaded, read_meta = checkpoint.load(best)  # verified against its content hash
+    assert torch.equal(loaded["w"], tensors["w"]) and read_meta["epoch"] == 3
+    with pytest.raises(ValueError, match="could not write checkpoint.*missing.*intact"):
+        checkpoint.save(last, tensors, meta, also=[tmp_path / "missing" / "best.safetensors"])

@@ -13,6 +13,7 @@ import json
 import os
 import random
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -71,20 +72,30 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write(path, text.encode())
 
 
-def save(path: str | Path, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
-    """Write `tensors` and JSON-able `meta` to `path` (.safetensors) and `meta` to `path`.json."""
+def save(
+    path: str | Path,
+    tensors: dict[str, Tensor],
+    meta: dict[str, Any],
+    also: Sequence[str | Path] = (),
+) -> None:
+    """Write `tensors` and JSON-able `meta` to `path` (.safetensors) and `meta` to `path`.json;
+    then the same bytes to each path of `also` (best.safetensors when the epoch improved),
+    serialized and hashed once."""
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta}
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     meta["sha256"] = content_sha256(cpu, meta)  # a flipped bit anywhere is refused on load
-    text = json.dumps(meta, sort_keys=True)
-    try:
-        atomic_write(path, st_save(cpu, metadata={_META_KEY: text}))
-    except OSError as err:  # full disk, read-only mount: the previous file is still whole
-        raise ValueError(
-            f"could not write checkpoint {str(path)!r} ({err.strerror or err}); the previous "
-            "checkpoint there is intact; free disk space or fix permissions, then resume"
-        ) from None
-    atomic_write_text(Path(path).with_suffix(".json"), json.dumps(meta, indent=2, sort_keys=True))
+    data = st_save(cpu, metadata={_META_KEY: json.dumps(meta, sort_keys=True)})
+    for target in [path, *also]:
+        try:
+            atomic_write(target, data)
+        except OSError as err:  # full disk, read-only mount: the previous file is still whole
+            raise ValueError(
+                f"could not write checkpoint {str(target)!r} ({err.strerror or err}); the "
+                "previous checkpoint there is intact; free disk space or fix permissions, then "
+                "resume"
+            ) from None
+        sidecar = json.dumps(meta, indent=2, sort_keys=True)
+        atomic_write_text(Path(target).with_suffix(".json"), sidecar)
 
 
 def load(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -208,10 +219,12 @@ def save_run(
     record: dict[str, Any] | None,
     *,
     ema: EMA | None = None,
+    also: Sequence[Path] = (),
 ) -> None:
     """Write everything an exact resume needs to `path` (atomic). `record`: the epoch's log
     line at an epoch end, None mid-epoch. The EMA of the target (if any) is stored under its
-    own prefix "ema", outside the models (it is not trained), and described in meta["ema"]."""
+    own prefix "ema", outside the models (it is not trained), and described in meta["ema"].
+    `also`: more paths that get the same file (best.safetensors)."""
     models = method.models()
     tensors = {}
     for name, model in models.items():
@@ -232,7 +245,7 @@ def save_run(
     if ema is not None:
         tensors.update(prefixed(EMA_PREFIX, ema.state_dict()))
         meta["ema"] = {"of": "target", "decay": ema.decay, "updates": ema.updates}
-    save(path, tensors, meta)
+    save(path, tensors, meta, also)
 
 
 def restore_run(

@@ -351,8 +351,9 @@ class Trainer:
             self.state.best = record["robust_acc"]
         self.state.metrics_bytes = self.log.size()
         run = (self.method, self.optimizer, self.loader, self.state, to_dict(self.cfg))
-        for name in ["last", "best"] if improved else ["last"]:
-            checkpoint.save_run(self.run_dir / f"{name}.safetensors", *run, record, ema=self.ema)
+        best = [self.run_dir / "best.safetensors"] if improved else []  # the same bytes
+        last = self.run_dir / "last.safetensors"
+        checkpoint.save_run(last, *run, record, ema=self.ema, also=best)
         self._last_save, self._saved_step = time.monotonic(), self.state.step
 
     def _restore(self) -> TrainState:
