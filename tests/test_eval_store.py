@@ -302,3 +302,16 @@ def test_a_key_names_ema_weights_and_leaves_the_target_keys_of_earlier_versions(
     assert result_key("a" * 64, CLEAN, {}, None, None, images, 0, "target") == target
     ema = result_key("a" * 64, CLEAN, {}, None, None, images, 0, "ema")
     assert ema == {**target, "weights": "ema"} and key_id(ema) != key_id(target)
+
+
+def test_foreign_weights_on_synthetic_data_take_the_shape_of_like(weights, tmp_path, capsys):
+    args = ["eval", "--model", "mlp", "--weights", str(weights), "--data", "synthetic"]
+    args += ["--n", "16", "--attacks", "pgd3", "--eps", "0.1", "--no-checks", "-q"]
+    out = tmp_path / "synthetic"
+    assert main([*args, "--like", "digits", "--out", str(out)]) == 0  # 1x8x8 like the MLP's
+    (entry,) = [e for e in Store.read(out).results if e["key"]["attack"] == CLEAN]
+    assert entry["key"]["images"]["data"] == "synthetic" and entry["n"] == 16
+    assert main([*args, "--out", str(tmp_path / "cifar")]) == 2  # cifar10-shaped: no fit
+    assert "do not fit the model" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path), "--like", "digits", "-q"]) == 2  # checked first
+    assert "--like is for --weights" in capsys.readouterr().err

@@ -84,5 +84,5 @@ def test_a_checkpoint_written_to_two_places_is_one_file_twice(tmp_path):
     assert last.with_suffix(".json").read_text() == best.with_suffix(".json").read_text()
     loaded, read_meta = checkpoint.load(best)  # verified against its content hash
     assert torch.equal(loaded["w"], tensors["w"]) and read_meta["epoch"] == 3
-    with pytest.raises(ValueError, match="could not write checkpoint.*missing.*intact"):
+    with pytest.raises(ValueError, match=r"could not write checkpoint.*missing.*intact"):
         checkpoint.save(last, tensors, meta, also=[tmp_path / "missing" / "best.safetensors"])

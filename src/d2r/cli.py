@@ -133,8 +133,11 @@ def _evaluate(args: argparse.Namespace) -> None:
             raise ValueError("give either a run directory or --model/--weights, not both")
         evaluate_weights(
             args.model, args.weights, attacks, args.eps, data=args.data, root=args.root,
+            like=args.like,
             num_classes=args.num_classes, out=args.out, **options,
         )  # fmt: skip
+    elif args.like:
+        raise ValueError("--like is for --weights; a run directory's data.like is in its config")
     elif args.run_dir:
         evaluate_run(
             args.run_dir, attacks, args.eps, checkpoint=args.checkpoint, out=args.out, **options
@@ -328,6 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--weights", help="foreign weights: .safetensors or .pt (weights only)")
     ev.add_argument("--data", default="cifar10", help="data set for --weights (default cifar10)")
     ev.add_argument("--root", default="data", help="data directory for --weights")
+    ev.add_argument(
+        "--like", help="with --data synthetic: the real set it imitates (as data.like; cifar10)"
+    )
     ev.add_argument(
         "--num-classes", type=int, default=None, help="classes of --model (default: the data set's)"
     )

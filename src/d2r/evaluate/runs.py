@@ -115,20 +115,22 @@ def evaluate_weights(
     *,
     data: str = "cifar10",
     root: str | Path = "data",
+    like: str | None = None,
     num_classes: int | None = None,
     out: str | Path | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """`d2r eval --model ARCH --weights FILE`: a registered architecture with a foreign state
-    dict (loaded strictly after key mapping) on `data`'s test split; results go into the store
-    in `out` (default: WEIGHTS_STEM-eval/ beside the file), keyed by the file's sha256."""
+    dict (loaded strictly after key mapping) on `data`'s test split (`like`: the real set
+    data="synthetic" imitates, as data.like); results go into the store in `out` (default:
+    WEIGHTS_STEM-eval/ beside the file), keyed by the file's sha256."""
     from d2r import data as data_mod
     from d2r.models import MODELS
     from d2r.weights import load_foreign
 
     attack_plan(attacks, eps, options.get("norm"))
     out = check_writable(out or weights_eval_dir(weights), "eval output directory (--out)")
-    info = data_mod.info(data)
+    info = data_mod.info(data, like)
     model = MODELS.create(
         model_name, num_classes=num_classes or info.num_classes, in_channels=info.channels
     )
@@ -138,7 +140,7 @@ def evaluate_weights(
     # a freshly built model is in train mode; evaluate() would warn about it
     models = {weights.name: (model.eval(), weights.name, extra)}
     options = {"fallback": weights_eval_dir(weights), **options}
-    return evaluate_models(models, (data, root, True, None), attacks, eps, out, **options)
+    return evaluate_models(models, (data, root, True, like), attacks, eps, out, **options)
 
 
 class EvaluationStopped(Preempted):
