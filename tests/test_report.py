@@ -365,3 +365,14 @@ def test_a_trained_runs_config_yaml_and_checkpoint_hold_the_resolved_config(runs
     assert meta["config"] == saved
     cfg, missing = read_config(evaluated)  # loads back, nothing missing
     assert to_dict(cfg) == saved and missing == []
+
+
+def test_the_data_column_says_which_real_set_synthetic_data_imitates():
+    from d2r.config import resolve
+    from d2r.report.read import _data_label
+
+    assert _data_label(resolve(None, ["data.name=synthetic", "data.like=digits"])) == (
+        "synthetic (like digits)"
+    )
+    assert _data_label(resolve(None, ["data.name=synthetic"])) == "synthetic (like cifar10)"
+    assert _data_label(resolve(None, [])) == "digits"

@@ -22,7 +22,7 @@ EVAL_JSON = "eval.json"
 EPOCH_CHECK = "per-epoch check"  # the source label of the metrics.jsonl fallback
 NO_RESULT = "no result at this eps"
 # Keys a table shows in its own columns (Data, Model, Method), so never in a row's label.
-_SHOWN = frozenset({"data.name", "target.name", "method.name", "guide", "guide.name"})
+_SHOWN = frozenset({"data.name", "data.like", "target.name", "method.name", "guide", "guide.name"})
 
 
 @dataclass
@@ -76,7 +76,7 @@ def read_run(run_dir: str | Path, checkpoint: str = "last", eps: float | None = 
     config = flat_config(cfg, missing)
     base = {
         "run_dir": str(run_dir),
-        "data": cfg.data.name,
+        "data": _data_label(cfg),
         "model": cfg.target["name"],
         "method": _method_label(cfg),
         "seed": config["seed"],
@@ -92,6 +92,13 @@ def read_run(run_dir: str | Path, checkpoint: str = "last", eps: float | None = 
     if elsewhere:
         found = {"eps": wanted, "source": NO_RESULT, "detail": f"at eps {format_eps(wanted)}"}
     return RunResult(**base, **found)
+
+
+def _data_label(cfg: Config) -> str:
+    """The Data column: the set's name; synthetic data says which real set it imitates."""
+    if cfg.data.name == "synthetic":
+        return f"synthetic (like {cfg.data.like or 'cifar10'})"
+    return cfg.data.name
 
 
 def _same(a: float | None, b: float) -> bool:
