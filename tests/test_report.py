@@ -376,3 +376,23 @@ def test_the_data_column_says_which_real_set_synthetic_data_imitates():
     )
     assert _data_label(resolve(None, ["data.name=synthetic"])) == "synthetic (like cifar10)"
     assert _data_label(resolve(None, [])) == "digits"
+
+
+def test_keys_added_since_an_older_run_are_its_known_earlier_values(tmp_path):
+    """An older config.yaml without the options added later (method.norm, data.val_size,
+    train.ema_decay, ...) was trained with their EARLIER_DEFAULTS: known, so it pools with a
+    new run of those values."""
+    from d2r.config import EARLIER_DEFAULTS
+
+    new = _fake_run(tmp_path, "new", "data.val_size=null", seed=0, clean=0.8)
+    old = _fake_run(tmp_path, "old", "data.val_size=null", seed=1, clean=0.7)
+    raw = yaml.safe_load((old / "config.yaml").read_text())
+    for key in EARLIER_DEFAULTS:
+        section, name = key.split(".")
+        del raw[section][name]
+    (old / "config.yaml").write_text(yaml.safe_dump(raw))
+    result = read_run(old)
+    assert result.not_recorded == []
+    assert result.config["data.val_size"] is None and result.config["method.norm"] == "linf"
+    (row,) = json.loads(report([new, old], curves=False)["json"])["groups"]
+    assert row["seeds"] == [0, 1]

@@ -372,9 +372,19 @@ def replace(cfg: Config, **changes: Any) -> Config:
 
 
 # Resuming ---------------------------------------------------------------------------------------
-# Options whose default changed: a run's config.yaml that does not record one was written by a
-# d2r that used the value here, so resuming that run keeps it.
-EARLIER_DEFAULTS: dict[str, Any] = {"data.val_size": None}  # before the validation split
+# What a run whose config.yaml does not record these keys was trained with: an older d2r,
+# before the option existed (or before its default changed). Resuming that run keeps these
+# values, and `d2r report` compares them as known values, not as "not recorded".
+EARLIER_DEFAULTS: dict[str, Any] = {
+    "data.val_size": None,  # before the validation split (the default is 300 since)
+    "data.extra": None,  # before generated data
+    "data.extra_fraction": 0.0,
+    "method.norm": "linf",  # before L2
+    "method.label_smoothing": 0.0,
+    "train.ema_decay": 0.0,  # before the EMA
+    "train.schedule": "step",  # before the cosine schedule
+    "train.warmup_epochs": 0,
+}
 
 
 def earlier_defaults(raw: dict[str, Any]) -> list[str]:

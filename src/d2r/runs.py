@@ -211,15 +211,18 @@ def read_config(run_dir: str | Path) -> tuple[Config, list[str]]:
     """A run's config.yaml, resolved, and the keys it does not record (an older d2r wrote it):
     their values in the Config are this version's defaults, not what the run was known to use,
     so callers must say so (`d2r report` compares them as "not recorded")."""
-    from d2r.config import flatten
+    from d2r.config import earlier_defaults, flatten
 
     path = Path(run_dir) / "config.yaml"
-    raw, cfg = load_yaml(path), resolve(path)  # errors name the file
+    raw = load_yaml(path)
+    earlier = earlier_defaults(raw)  # keys an older d2r did not write but is known to have used
+    cfg = resolve(path, earlier)  # errors name the file
     try:
         cfg = resolved_config(cfg)
     except ValueError as err:
         raise ValueError(f"{str(path)!r}: {err}") from None
     given = flatten({k: {"name": v} if isinstance(v, str) else v for k, v in raw.items()})
+    given |= dict.fromkeys(item.partition("=")[0] for item in earlier)
     recorded = set(given) | {k.rsplit(".", 1)[0] for k in given}  # guide.* records "guide"
     missing = [k for k in flatten(to_dict(cfg)) if k not in recorded]
     return cfg, missing
