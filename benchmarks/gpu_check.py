@@ -277,7 +277,8 @@ def _kill_group(pid: int) -> None:
 
 def pytest_command() -> list[str]:
     tests = str(ROOT / "tests" / "test_cuda.py")
-    pytest = [sys.executable, "-m", "pytest", "-m", "cuda", tests, "-v", "-rfEs"]
+    # -n 0: in this process, not xdist's workers (the project's addopts), so -v reads as parsed
+    pytest = [sys.executable, "-m", "pytest", "-m", "cuda", tests, "-v", "-rfEs", "-n", "0"]
     return [*pytest, "-p", "no:cacheprovider"]
 
 
