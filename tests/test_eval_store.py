@@ -315,3 +315,15 @@ def test_foreign_weights_on_synthetic_data_take_the_shape_of_like(weights, tmp_p
     assert "do not fit the model" in capsys.readouterr().err
     assert main(["eval", str(tmp_path), "--like", "digits", "-q"]) == 2  # checked first
     assert "--like is for --weights" in capsys.readouterr().err
+
+
+def test_every_result_records_whether_tf32_was_on(weights, tmp_path, monkeypatch):
+    from d2r.evaluate.runs import uses_tf32
+
+    out = tmp_path / "out"
+    assert main(_eval(weights, out, "--attacks", "pgd3", "--eps", "0.1")) == 0
+    assert {e["tf32"] for e in Store.read(out).results} == {False}  # CPU: plain float32
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)  # CUDA's default
+    assert uses_tf32(torch.device("cuda")) and not uses_tf32(torch.device("cpu"))
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    assert not uses_tf32(torch.device("cuda"))  # matmuls stay "highest" (torch's default)

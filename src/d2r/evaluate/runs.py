@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from d2r.config import format_eps, parse_number
@@ -180,6 +181,7 @@ def evaluate_models(
     x, y = _test_images(*data_spec, n)
     device = pick_device(device)
     meta = {"batch_size": batch_size, "device": str(device), "dtype": "float32", "checks": checks}
+    meta["tf32"] = uses_tf32(device)  # recorded, not keyed (as batch size and device are)
     guard = SignalGuard(action="finishing the batch and saving the evaluation's progress")
     images = images_id(data_spec[0], x, y)
     jobs = _jobs(models, plan, out, images, (seed, norm), meta, guard, force)  # partials checked
@@ -297,6 +299,16 @@ def _stopper(
         )
 
     return stop
+
+
+def uses_tf32(device: torch.device) -> bool:
+    """Whether float32 convolutions or matmuls on `device` run in TF32 (10-bit mantissa): on
+    CUDA, cuDNN's convolutions do by default (torch.backends.cudnn.allow_tf32); matmuls when
+    torch.set_float32_matmul_precision is not "highest"."""
+    if device.type != "cuda":
+        return False
+    matmul = torch.get_float32_matmul_precision() != "highest"
+    return bool(torch.backends.cudnn.allow_tf32) or matmul
 
 
 def weights_eval_dir(weights: str | Path) -> Path:
