@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from d2r.data import DeviceLoader, info, open_extra
+from data_pipeline import best_of
 
 
 def write_generated(path: Path, n: int, seed: int = 1) -> Path:
@@ -32,20 +33,6 @@ def write_generated(path: Path, n: int, seed: int = 1) -> Path:
     labels = np.arange(n, dtype=np.int64) % 10  # every class present, as open_extra checks
     np.savez(path, image=images, label=labels)
     return path
-
-
-def batches_per_second(loader: DeviceLoader, batches: int, device: torch.device) -> float:
-    """Batches per second over `batches` batches after one (the first read is not ahead)."""
-    iterator = iter(loader)
-    next(iterator)
-    start = time.perf_counter()
-    for done, (x, _) in enumerate(iterator, start=1):
-        x.sum()  # touch the batch: an asynchronous copy must have landed
-        if done == batches:
-            break
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return batches / (time.perf_counter() - start)
 
 
 def read_ms(extra, per_batch: int, batches: int, pin: bool) -> float:
@@ -78,9 +65,8 @@ def measure(
         common = {"crop_padding": 4, "flip": True, "device": device}
         real = DeviceLoader(x, y, batch_size, **common)
         mixed = DeviceLoader(x, y, batch_size, extra=extra, extra_fraction=fraction, **common)
-        runs = range(repeats)  # the best of a few: a shared machine only slows a run
-        ours = max(batches_per_second(mixed, batches, device) for _ in runs)
-        base = max(batches_per_second(real, batches, device) for _ in runs)
+        ours = best_of(repeats, mixed, batches, device)  # after 3 batches (the reads start)
+        base = best_of(repeats, real, batches, device)
         read = read_ms(extra, mixed.extra_per_batch, batches, device.type == "cuda")
     setup = {"device": str(device), "batch_size": batch_size, "fraction": fraction}
     setup |= {"generated_per_batch": mixed.extra_per_batch, "real_images": size}
@@ -102,7 +88,7 @@ def main() -> None:
     parser.add_argument("--dir", help="where to write the .npz (default: a temp directory)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    needed = (args.batches + 1) * args.batch_size  # one run stays inside one epoch
+    needed = (args.batches + 3) * args.batch_size  # one run (3 warm-up batches) in one epoch
     if needed > args.size:
         parser.error(f"{args.batches} batches of {args.batch_size} need --size >= {needed}")
     figures = measure(

@@ -85,6 +85,7 @@ def save(
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     meta["sha256"] = content_sha256(cpu, meta)  # a flipped bit anywhere is refused on load
     data = st_save(cpu, metadata={_META_KEY: json.dumps(meta, sort_keys=True)})
+    sidecar = json.dumps(meta, indent=2, sort_keys=True)
     for target in [path, *also]:
         try:
             atomic_write(target, data)
@@ -94,7 +95,6 @@ def save(
                 "previous checkpoint there is intact; free disk space or fix permissions, then "
                 "resume"
             ) from None
-        sidecar = json.dumps(meta, indent=2, sort_keys=True)
         atomic_write_text(Path(target).with_suffix(".json"), sidecar)
 
 

@@ -11,6 +11,7 @@ from d2r.attacks import label as attack_label
 from d2r.attacks import norm_label
 from d2r.checkpoint import checkpoint_path, stored_sha256
 from d2r.config import Config, format_eps
+from d2r.data.sources import DEFAULT_LIKE, SYNTHETIC
 from d2r.evalstore import Store, summary
 from d2r.experiments import (
     flat_config,
@@ -96,8 +97,8 @@ def read_run(run_dir: str | Path, checkpoint: str = "last", eps: float | None = 
 
 def _data_label(cfg: Config) -> str:
     """The Data column: the set's name; synthetic data says which real set it imitates."""
-    if cfg.data.name == "synthetic":
-        return f"synthetic (like {cfg.data.like or 'cifar10'})"
+    if cfg.data.name == SYNTHETIC:
+        return f"{SYNTHETIC} (like {cfg.data.like or DEFAULT_LIKE})"
     return cfg.data.name
 
 
