@@ -13,10 +13,11 @@ import torch
 
 from d2r import speed
 from d2r.config import TrainConfig
+from d2r.distributed import pick_device
 from d2r.guard import StepChecks
 from d2r.methods import METHODS, Method
 from d2r.models import MODELS
-from d2r.trainer import pick_device, train_step
+from d2r.trainer import train_step
 
 
 def add_model_args(parser: argparse.ArgumentParser, batch: int, shape: str) -> None:

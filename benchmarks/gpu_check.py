@@ -326,7 +326,7 @@ def read_pytest(output: str, rc: int, timed_out: bool) -> dict:
 
 
 def write_results(out: Path, results: dict) -> None:
-    from d2r.checkpoint import atomic_write_text  # temp file + rename: never a torn file
+    from d2r.files import atomic_write_text  # temp file + rename: never a torn file
 
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "results.json", json.dumps(results, indent=2, default=str))

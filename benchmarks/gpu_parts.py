@@ -39,8 +39,8 @@ def part_env(ctx: Context) -> dict:
     import torch
 
     from common import machine
+    from d2r.distributed import pick_device
     from d2r.runs import environment
-    from d2r.trainer import pick_device
 
     device = pick_device(ctx.device)
     info = {k: v for k, v in environment(device).items() if k not in ("argv", "started")}
@@ -178,8 +178,8 @@ def _eval_part(ctx: Context, attack: str, n: int) -> dict:
     import d2r
     from d2r import data
     from d2r.attacks import AutoAttack, from_name
-    from d2r.checkpoint import load_run
     from d2r.models import MODELS
+    from d2r.runs import load_run
 
     run_dir = ctx.work / "epoch"
     if (run_dir / "last.safetensors").is_file():
@@ -232,7 +232,7 @@ def part_vs_naive(ctx: Context) -> dict:
 def part_generated_data(ctx: Context) -> dict:
     """The loader with 70 % generated images per batch (memory-mapped .npz, read ahead into
     pinned memory, copied asynchronously) against the real set alone, on the GPU."""
-    from d2r.trainer import pick_device
+    from d2r.distributed import pick_device
     from generated_data import measure
 
     where = {"device": pick_device(ctx.device), "directory": str(ctx.work)}

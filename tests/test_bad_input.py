@@ -11,7 +11,7 @@ import shutil
 import pytest
 import torch
 
-from d2r import checkpoint, guard, speed, weights
+from d2r import checkpoint, files, guard, speed, weights
 from d2r.cli import main
 from d2r.config import resolve
 from d2r.guard import NonFiniteLossError
@@ -109,7 +109,7 @@ def test_a_full_disk_names_the_file_and_keeps_the_previous_checkpoint(tmp_path, 
     def full(fd):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(checkpoint.os, "fsync", full)
+    monkeypatch.setattr(files.os, "fsync", full)  # atomic_write's fsync
     with pytest.raises(ValueError, match=r"could not write checkpoint .*last\.safetensors.*intact"):
         checkpoint.save(path, {"w": torch.zeros(3)}, {"epoch": 2})
     assert path.read_bytes() == before and sorted(os.listdir(tmp_path)) == [

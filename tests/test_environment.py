@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 import d2r.data
-from d2r import checkpoint, cli, evalstore, files
+from d2r import cli, evalstore, export, files
 from d2r import report as report_mod
 from d2r.checkpoint import load
 from d2r.cli import build_parser, main
@@ -35,6 +35,7 @@ from tiny_runs import plain_run
 
 # these packages export a function of the module's name
 download_mod = importlib.import_module("d2r.data.download")
+evaluate_runs = importlib.import_module("d2r.evaluate.runs")
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 # one epoch of one batch, a 1-step attack, a 20-image check: the cheapest run that finishes
 TINY = [
@@ -75,7 +76,8 @@ def refuse_work(monkeypatch) -> None:
     def work(*args, **kwargs):
         pytest.fail("work started before the output was checked")
 
-    monkeypatch.setattr(checkpoint, "load_run", work)
+    for module in (evaluate_runs, export):  # where `load_run` is looked up
+        monkeypatch.setattr(module, "load_run", work)
     monkeypatch.setattr(d2r.data, "load_splits", work)
     monkeypatch.setattr(report_mod, "read_run", work)
 
@@ -131,7 +133,7 @@ def test_report_refuses_run_directories_it_cannot_draw_in(run, monkeypatch, caps
             raise ValueError(f"cannot write to {what} {str(directory)!r}: Permission denied")
         return Path(directory)
 
-    monkeypatch.setattr(files, "check_writable", read_only)
+    monkeypatch.setattr(report_mod, "check_writable", read_only)  # where report looks it up
     monkeypatch.setattr(report_mod, "read_run", lambda *a: pytest.fail("read a run"))
     assert main(["report", str(run)]) == 2
     one_line_error(capsys, "--no-curves")

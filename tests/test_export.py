@@ -12,10 +12,10 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 import d2r
-from d2r.checkpoint import load_run
 from d2r.cli import main
 from d2r.evalstore import Store, summary
 from d2r.export import META_KEY, export_model, load_model, read_card
+from d2r.runs import load_run
 from tiny_runs import evaluated_run
 
 

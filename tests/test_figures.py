@@ -10,11 +10,11 @@ import torch.nn.functional as F
 import yaml
 
 from d2r import data
-from d2r.checkpoint import load_run
 from d2r.cli import main
 from d2r.evaluate import as_float
 from d2r.figures import fig2, fig3
 from d2r.logs import read_metrics
+from d2r.runs import load_run
 from tiny_runs import evaluated_run, plain_run
 
 

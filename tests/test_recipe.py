@@ -17,7 +17,7 @@ import yaml
 from torch import nn
 
 from d2r import data, losses, runs, trainer
-from d2r.checkpoint import load, load_run
+from d2r.checkpoint import load
 from d2r.cli import main
 from d2r.config import resolve
 from d2r.data import DeviceLoader, load_splits, open_extra, validation_split
@@ -29,7 +29,7 @@ from d2r.logs import read_metrics
 from d2r.methods import METHODS
 from d2r.models import create
 from d2r.report import read_run
-from d2r.runs import check_config
+from d2r.runs import check_config, load_run
 from d2r.trainer import cosine_factor
 
 DIGITS = data.info("digits")

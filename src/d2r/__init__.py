@@ -2,9 +2,8 @@
 Collaborative Adversarial Generation (CAG), the baselines it is compared with, and the
 evaluation the field trusts."""
 
-__version__ = "0.1.0"
-
 from d2r.api import export_model, load_model, make_report, train
 from d2r.evaluate import evaluate
+from d2r.version import __version__
 
 __all__ = ["__version__", "evaluate", "export_model", "load_model", "make_report", "train"]

@@ -1,6 +1,6 @@
 """The Python API for notebooks and scripts: `d2r.train`, `d2r.make_report`, `d2r.export_model`,
-`d2r.load_model` (and `d2r.evaluate`, from d2r.evaluate). Heavy modules are imported on call,
-so `import d2r` stays cheap. (`make_report`, not `report`: `d2r.report` is the module.)
+`d2r.load_model` (and `d2r.evaluate`, from d2r.evaluate). (`make_report`, not `report`:
+`d2r.report` is the module.)
 
 Overrides are one form only: a mapping of the CLI's dotted `--set` keys to values, e.g.
 `d2r.train(overrides={"train.epochs": 2, "method.eps": "8/255"})`; a string value is read
@@ -9,14 +9,17 @@ exactly as `--set` reads it, any other value is taken as given.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from d2r.config import Config
-    from d2r.runs import Run
+from torch import nn
+
+from d2r import export
+from d2r.config import Config, apply_overrides, as_set, from_dict, load_yaml, to_dict
+from d2r.report import report
+from d2r.runs import Run, check_config
+from d2r.trainer import Trainer
 
 
 def make_config(
@@ -26,9 +29,6 @@ def make_config(
     """Defaults <- a YAML path, a nested dict or a Config <- dotted `overrides`, validated as
     the CLI validates (unknown keys and bad values, model and method options included, raise
     ValueError naming the key)."""
-    from d2r.config import Config, apply_overrides, from_dict, load_yaml, to_dict
-    from d2r.runs import check_config
-
     if config_or_path is None:
         raw: dict[str, Any] = {}
     elif isinstance(config_or_path, Config):
@@ -42,14 +42,9 @@ def make_config(
             f"config_or_path: expected a YAML path, a dict or a d2r Config, got "
             f"{type(config_or_path).__name__}"
         )
-    cfg = from_dict(apply_overrides(raw, [_as_set(k, v) for k, v in (overrides or {}).items()]))
+    cfg = from_dict(apply_overrides(raw, [as_set(k, v) for k, v in (overrides or {}).items()]))
     check_config(cfg)
     return cfg
-
-
-def _as_set(key: str, value: Any) -> str:
-    # JSON is YAML, so non-strings survive the `--set` parser exactly (0.1, true, [0.5, 0.75])
-    return f"{key}={value if isinstance(value, str) else json.dumps(value)}"
 
 
 def train(
@@ -62,8 +57,6 @@ def train(
     """Train as `d2r train` does and return the Run (`.dir`, `.config`, `.method`, `.history`,
     `.final`). `out`: the run directory (default runs/<time>-<data>-<method>); `quiet`: no
     progress bar or log lines."""
-    from d2r.trainer import Trainer
-
     cfg = make_config(config_or_path, overrides)
     return Trainer(cfg, out, progress=not quiet).fit()
 
@@ -72,26 +65,20 @@ def make_report(
     runs: str | Path | list[str | Path], out: str | Path | None = None, **kwargs: Any
 ) -> dict[str, str]:
     """The paper's table for `runs` (run directories): {"md", "tex", "json"}; see d2r.report."""
-    from d2r.report import report as _report
-
     paths = [runs] if isinstance(runs, (str, Path)) else list(runs)
-    return _report(paths, out, **kwargs)
+    return report(paths, out, **kwargs)
 
 
 def export_model(
     run_dir: str | Path, out: str | Path | None = None, checkpoint: str = "last"
 ) -> dict[str, Any]:
     """Write a run's target with its model card; returns the card. See d2r.export."""
-    from d2r.export import export_model as _export
-
-    return _export(run_dir, out, checkpoint)
+    return export.export_model(run_dir, out, checkpoint)
 
 
-def load_model(path: str | Path, *, checkpoint: str = "last"):
+def load_model(path: str | Path, *, checkpoint: str = "last") -> nn.Module:
     """An eval-mode nn.Module from an exported file or a run directory. See d2r.export."""
-    from d2r.export import load_model as _load
-
-    return _load(path, checkpoint=checkpoint)
+    return export.load_model(path, checkpoint=checkpoint)
 
 
 __all__ = ["export_model", "load_model", "make_config", "make_report", "train"]

@@ -1,6 +1,7 @@
 """The run's whole state, in one place: what `last.safetensors` / `best.safetensors` hold (both
 models, the optimizer by parameter name, every RNG, the loader position, the loop's counters,
-the config), one `save_run` and one `restore_run`, and `load_run` for evaluation and export.
+the config), one `save_run` and one `restore_run` (`runs.load_run` rebuilds a run from them
+for evaluation and export).
 
 File format: tensors in safetensors, metadata as JSON inside the same file (one atomic rename
 writes both, with a sha256 over the content) and beside it as `<name>.json` for people.
@@ -10,9 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,10 +24,10 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
-from d2r.files import follow_umask
+from d2r.files import atomic_write, atomic_write_text
+from d2r.models import load_weights
 
 if TYPE_CHECKING:
-    from d2r.config import Config
     from d2r.data import DeviceLoader
     from d2r.ema import EMA
     from d2r.methods import Method
@@ -36,40 +35,6 @@ if TYPE_CHECKING:
 FORMAT = "d2r-checkpoint"
 FORMAT_VERSION = 2  # 2: content sha256 and the full training state (1 never left 0.1.0 dev)
 _META_KEY = "d2r"
-
-
-def atomic_write(path: str | Path, data: bytes) -> None:
-    """Write to a temp file in the same directory, fsync, then rename over `path`: a crash
-    leaves either the old file or the new one, never a half-written one. The file gets the mode
-    the umask gives (as metrics.jsonl does), not mkstemp's 0600."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            follow_umask(f.fileno())
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # not supported on every platform; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write(path, text.encode())
 
 
 def save(
@@ -186,7 +151,7 @@ def unprefixed(prefix: str, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
 # The run's state ------------------------------------------------------------------------------
 STATE = "state"  # tensor-key prefix of the training state, beside one prefix per model
 EMA_PREFIX = "ema"  # tensor-key prefix of the target's EMA weights (train.ema_decay > 0)
-# What `load_run` loads: a file's models, or (ema) last.safetensors' target EMA weights
+# What `runs.load_run` loads: a file's models, or (ema) last.safetensors' target EMA weights
 CHECKPOINTS = ("last", "best", "ema")
 
 
@@ -281,8 +246,6 @@ def load_models(
     models: dict[str, nn.Module], tensors: dict[str, Tensor], meta: dict[str, Any], path: Path
 ) -> None:
     """Each model's weights from a run checkpoint, strictly (a missing model is an error)."""
-    from d2r.weights import load_weights
-
     for name, model in models.items():
         if name not in meta.get("models", []):
             raise ValueError(f"{str(path)!r} holds no {name} model (it has {meta.get('models')})")
@@ -294,29 +257,6 @@ def model_weights(tensors: dict[str, Tensor], name: str) -> dict[str, Tensor]:
     return unprefixed(name, tensors)
 
 
-def load_run(run_dir: str | Path, which: str = "last") -> tuple[Config, Method]:
-    """Rebuild a run's method from its config.yaml and load its `which` checkpoint (strictly),
-    in eval mode: what `d2r eval` and `d2r export` start from. `which`: "last", "best", or
-    "ema", last.safetensors with the target's EMA weights in `method.target`. In a run with an
-    EMA, "best" also loads best.safetensors' EMA weights: the model its check measured."""
-    from d2r import data
-    from d2r.config import resolve
-    from d2r.runs import build_method
-
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise FileNotFoundError(f"{str(run_dir)!r} is not a run directory (no config.yaml)")
-    cfg = resolve(run_dir / "config.yaml")
-    # the checkpoint holds every model: no `weights` file is read
-    method = build_method(cfg, data.info(cfg.data.name, cfg.data.like), initial_weights=False)
-    path = checkpoint_path(run_dir, which)
-    tensors, meta = load(path)
-    load_models(method.models(), tensors, meta, path)
-    if target_weights(meta, which) == "ema":
-        load_ema_target(method.target, tensors, meta, path)
-    return cfg, method.eval()
-
-
 def checkpoint_path(run_dir: str | Path, which: str) -> Path:
     """The file of checkpoint `which` (CHECKPOINTS); "ema" lives in last.safetensors."""
     if which not in CHECKPOINTS:
@@ -325,21 +265,8 @@ def checkpoint_path(run_dir: str | Path, which: str) -> Path:
 
 
 def target_weights(meta: dict[str, Any], which: str) -> str:
-    """Which weights `load_run(..., which)` puts in the target: "ema" or "target"."""
+    """Which weights `runs.load_run(..., which)` puts in the target: "ema" or "target"."""
     return "ema" if which == "ema" or (which == "best" and "ema" in meta) else "target"
-
-
-def load_ema_target(
-    target: nn.Module, tensors: dict[str, Tensor], meta: dict[str, Any], path: Path
-) -> None:
-    from d2r.weights import load_weights
-
-    if "ema" not in meta:
-        raise ValueError(
-            f"{str(path)!r} holds no EMA weights (the run trained with train.ema_decay=0); "
-            "use --checkpoint last or best"
-        )
-    load_weights(target, unprefixed(EMA_PREFIX, tensors), f"{path}:ema")
 
 
 def run_checkpoints(run_dir: str | Path) -> list[str]:

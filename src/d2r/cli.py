@@ -14,14 +14,28 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from d2r.config import parse_number, resolve
+from d2r import distributed, evalstore, export, report, sweep
+from d2r.attacks import EVAL_NAMES
+from d2r.config import (
+    check_resume_config,
+    earlier_defaults,
+    load_yaml,
+    parse_number,
+    resolve,
+    to_dict,
+)
+from d2r.data import DATASETS, download
+from d2r.evaluate import ResultsNotWritten, evaluate_run, evaluate_weights, weights_eval_dir
+from d2r.files import describe
 from d2r.guard import Preempted
+from d2r.methods import METHODS
+from d2r.models import MODELS
+from d2r.runs import resolved_config
+from d2r.tables import markdown
+from d2r.trainer import Trainer
 
 
 def _train(args: argparse.Namespace) -> int:
-    from d2r import distributed
-    from d2r.trainer import Trainer
-
     cfg = _train_config(args)
     try:
         trainer = Trainer(
@@ -57,8 +71,6 @@ def _train_config(args: argparse.Namespace):
     named with --set may change (a -c file that differs elsewhere is refused)."""
     if not args.resume:
         return resolve(args.config, args.set)
-    from d2r.config import check_resume_config, earlier_defaults, load_yaml, to_dict
-    from d2r.runs import resolved_config
 
     if args.out:
         raise ValueError("--resume continues in the run's own directory; drop --out")
@@ -77,8 +89,6 @@ def _train_config(args: argparse.Namespace):
 
 
 def _summary_table(history: list[dict], attack: str) -> str:
-    from d2r.tables import markdown
-
     evaluated = [r for r in history if "robust_acc" in r]
     if not evaluated:
         return "no evaluation recorded"
@@ -98,23 +108,18 @@ def _summary_table(history: list[dict], attack: str) -> str:
 
 def _eval(args: argparse.Namespace) -> int:
     """Evaluate a run's checkpoints (last, best) or foreign weights into eval.json / eval.md."""
-    from d2r.evalstore import Store, markdown
-    from d2r.evaluate import ResultsNotWritten, weights_eval_dir
-
     try:
         _evaluate(args)
     except ResultsNotWritten as err:  # hours of attacks: their numbers first, then the error
-        print(markdown(err.store))
+        print(evalstore.markdown(err.store))
         raise
     out = Path(args.out or args.run_dir or weights_eval_dir(args.weights))
-    print(markdown(Store.read(out)))
+    print(evalstore.markdown(evalstore.Store.read(out)))
     print(f"wrote {out / 'eval.json'} and {out / 'eval.md'} (every result kept there)")
     return 0
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    from d2r.evaluate import evaluate_run, evaluate_weights
-
     attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
     options = {
         "n": args.n,
@@ -147,11 +152,6 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from d2r.attacks import EVAL_NAMES
-    from d2r.data import DATASETS
-    from d2r.methods import METHODS
-    from d2r.models import MODELS
-
     for title, registry in (
         ("models", MODELS),
         ("methods", METHODS),
@@ -163,8 +163,6 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _data(args: argparse.Namespace) -> int:
-    from d2r.data import download
-
     for path in download(args.name, args.root):
         print(path)
     return 0
@@ -233,8 +231,6 @@ def _sigterm_raises() -> Iterator[None]:
 
 def _failure(err: BaseException) -> tuple[str, int] | None:
     """The one line and exit status for an expected failure; None for a bug (its traceback)."""
-    from d2r.files import describe
-
     if isinstance(err, Terminated):
         return (
             "d2r: stopped by SIGTERM; no file is left half-written (each is renamed into place)",
@@ -365,8 +361,6 @@ def build_parser() -> argparse.ArgumentParser:
     dl.add_argument("name")
     dl.add_argument("--root", default="data")
     dl.set_defaults(func=_data)
-
-    from d2r import export, report, sweep  # each defines its subcommand beside its code
 
     report.add_command(sub)
     export.add_command(sub)

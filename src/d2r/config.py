@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
 import re
 from dataclasses import asdict, dataclass, field, fields
@@ -425,3 +426,9 @@ def check_resume_config(
             f"the config differs from the run's {str(source)!r} in {', '.join(refused)}; resume "
             "with the run's own config, or change a key explicitly with --set KEY=VALUE"
         )
+
+
+def as_set(key: str, value: Any) -> str:
+    """A `--set KEY=VALUE` string for `value`: a string as the CLI would read it, anything else
+    as JSON (JSON is YAML, so 0.1, true and [0.5, 0.75] survive the parser exactly)."""
+    return f"{key}={value if isinstance(value, str) else json.dumps(value)}"

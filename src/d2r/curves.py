@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from d2r.attacks import label as attack_label
-from d2r.checkpoint import atomic_write
 from d2r.config import format_eps, load_yaml
+from d2r.files import atomic_write
 from d2r.logs import BOOKKEEPING, read_metrics
 
 # Curves (the paper's Fig. 2) ------------------------------------------------------------------

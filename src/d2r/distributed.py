@@ -225,3 +225,12 @@ def convert_gloo_sync_batchnorm(module: nn.Module, group=None) -> nn.Module:
     for name, child in module.named_children():
         setattr(module, name, convert_gloo_sync_batchnorm(child, group))
     return module
+
+
+def pick_device(name: str) -> torch.device:
+    """The device `train.device` / `--device` names; "auto": CUDA where there is one."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"train.device={name!r} but CUDA is not available; use train.device=cpu")
+    return torch.device(name)

@@ -30,9 +30,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from d2r import __version__
-from d2r.checkpoint import atomic_write_text
 from d2r.config import format_eps
+from d2r.files import atomic_write_text
+from d2r.tables import markdown_table
+from d2r.version import __version__
 
 FORMAT = "d2r-eval"
 FORMAT_VERSION = 2  # 1 was one snapshot per call, never released
@@ -198,7 +199,7 @@ def rows(store: Store) -> list[dict[str, Any]]:
     """Every result in table rows: one per checkpoint (name and sha256), test images, seed and
     d2r version at each (eps, norm), holding "clean", each attack and "worst_case" (fractions)
     with "worst_case_over" (the results it is the per-sample worst case of) and "settings",
-    the shape `d2r.evaluate.markdown_table` takes. Results at other eps are never mixed in; an
+    the shape `d2r.tables.markdown_table` takes. Results at other eps are never mixed in; an
     attack stored twice under one name (other settings, e.g. a newer pyautoattack) gets a row
     of its own."""
     groups: dict[tuple, dict[tuple, list[dict[str, dict]]]] = {}
@@ -270,8 +271,6 @@ def _row(entries: Mapping[str, dict], eps: float | None, norm: str | None) -> di
 
 def markdown(store: Store) -> str:
     """eval.md: one table per (eps, norm), every stored result in it."""
-    from d2r.evaluate import markdown_table  # the table writer lives with evaluate()
-
     tables: dict[tuple, dict[str, dict]] = {}
     for row in rows(store):
         table = tables.setdefault((row["eps"], row["norm"]), {})

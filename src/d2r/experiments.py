@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from d2r.config import Config, format_eps, to_dict
+from d2r.config import Config, flatten, format_eps, to_dict
 
 NOT_RECORDED = "not recorded"
 
@@ -36,8 +36,6 @@ NON_RESULT_KEYS = frozenset(
 def flat_config(cfg: Config, not_recorded: list[str]) -> dict[str, Any]:
     """A resolved config (d2r.runs.read_config) as dotted keys ("method.alpha": 30.0), with
     NOT_RECORDED for each key its run's config.yaml lacks."""
-    from d2r.config import flatten
-
     return {**flatten(to_dict(cfg)), **dict.fromkeys(not_recorded, NOT_RECORDED)}
 
 

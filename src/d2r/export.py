@@ -13,14 +13,21 @@ import json
 from pathlib import Path
 from typing import Any
 
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-CARD_FORMAT = "d2r-model"
-CARD_VERSION = 1
-META_KEY = "d2r_model"  # not checkpoint.py's "d2r": a model file is not a training checkpoint
+from d2r import data
+from d2r.attacks import norm_label
+from d2r.checkpoint import checkpoint_path, read_sidecar, stored_sha256, target_weights
+from d2r.config import to_dict
+from d2r.evalstore import Store, rows
+from d2r.files import atomic_write, atomic_write_text, check_writable
+from d2r.models import MODELS, load_weights
+from d2r.runs import load_run, read_config, resolved_config, split_model_spec
+from d2r.version import __version__
+from d2r.weights import CARD_FORMAT, CARD_VERSION, META_KEY, read_card
+
 NORMALIZATION = "none: float images (B, C, H, W) in [0, 1]; no mean/std to apply"
 
 
@@ -28,11 +35,8 @@ def export_model(
     run_dir: str | Path, out: str | Path | None = None, checkpoint: str = "last"
 ) -> dict[str, Any]:
     """Write the target of `run_dir`'s `checkpoint` ('last', 'best', or 'ema': the EMA weights
-    of last.safetensors; see checkpoint.load_run) to `out` (default
+    of last.safetensors; see runs.load_run) to `out` (default
     RUN_DIR/model-<checkpoint>.safetensors) and its card to `out` with .json; return the card."""
-    from d2r.checkpoint import atomic_write, atomic_write_text, load_run
-    from d2r.runs import read_config
-
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else run_dir / f"model-{checkpoint}.safetensors"
     _check_out(out, run_dir, checkpoint)
@@ -49,8 +53,6 @@ def export_model(
 def _check_out(out: Path, run_dir: Path, checkpoint: str) -> None:
     """Before the checkpoint is read: a model-file name, not one of the run's checkpoints, not
     another model's export (re-exporting the same checkpoint refreshes it), a writable place."""
-    from d2r.files import check_writable
-
     if out.suffix != ".safetensors":
         raise ValueError(f"--out {str(out)!r}: the model file must end in .safetensors")
     checkpoints = {(run_dir / f"{k}.safetensors").resolve() for k in ("last", "best")}
@@ -85,13 +87,6 @@ def model_card(
 ) -> dict[str, Any]:
     """Everything needed to rebuild and trust the model, as plain JSON; `training.config` is the
     resolved config without the `not_recorded` keys (listed instead of guessed)."""
-    import d2r
-    from d2r import data
-    from d2r.attacks import norm_label
-    from d2r.checkpoint import checkpoint_path
-    from d2r.config import to_dict
-    from d2r.runs import resolved_config, split_model_spec
-
     cfg = resolved_config(cfg)
     info = data.info(cfg.data.name, cfg.data.like)
     # every option of the architecture, as built: the card rebuilds it alone (load_model)
@@ -104,7 +99,7 @@ def model_card(
     return {
         "format": CARD_FORMAT,
         "format_version": CARD_VERSION,
-        "d2r_version": d2r.__version__,
+        "d2r_version": __version__,
         "architecture": {"name": cfg.target["name"], "options": options},
         "data": {
             "name": info.name,
@@ -127,8 +122,6 @@ def _training(
     """How the model was trained: the method, guide, length and seed at a glance, which
     checkpoint and which of its weights (the target's, or its EMA), then the whole resolved
     config."""
-    from d2r.checkpoint import read_sidecar, target_weights
-
     meta = read_sidecar(run_dir, checkpoint)
     return {
         "method": config["method"],
@@ -159,9 +152,6 @@ def _without(config: dict[str, Any], keys: list[str]) -> dict[str, Any]:
 def _evaluation(run_dir: Path, checkpoint: str) -> list[dict[str, Any]] | None:
     """Every stored evaluation of this checkpoint file (eval.json rows of its sha256: one per
     eps and norm, with the worst case and what it covers), or None if it was never evaluated."""
-    from d2r.checkpoint import checkpoint_path, stored_sha256
-    from d2r.evalstore import Store, rows
-
     sha256 = stored_sha256(checkpoint_path(run_dir, checkpoint))
     found = [
         {k: v for k, v in row.items() if k not in ("label", "warnings")}
@@ -174,65 +164,13 @@ def _evaluation(run_dir: Path, checkpoint: str) -> list[dict[str, Any]] | None:
 # Loading ------------------------------------------------------------------------------------
 
 
-def read_card(path: str | Path) -> dict[str, Any]:
-    """The model card embedded in an exported file; ValueError naming the file otherwise."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"model file {str(path)!r} not found")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    except (SafetensorError, OSError) as err:
-        raise ValueError(f"{str(path)!r} is not a readable safetensors file ({err})") from None
-    if META_KEY not in meta:
-        raise ValueError(
-            f"{str(path)!r} has no d2r model card; export models with "
-            "`d2r export RUN_DIR --out FILE`, or load foreign weights with "
-            "d2r.weights.load_foreign(model, path)"
-        )
-    try:
-        card = json.loads(meta[META_KEY])
-    except ValueError:
-        raise ValueError(f"{str(path)!r}: the model card is not valid JSON; re-export") from None
-    _check_card(card, path)
-    return card
-
-
-def _check_card(card: Any, path: Path) -> None:
-    problems = []
-    if not isinstance(card, dict) or card.get("format") != CARD_FORMAT:
-        problems.append(f"format is not {CARD_FORMAT!r}")
-    elif not isinstance(card.get("format_version"), int) or card["format_version"] > CARD_VERSION:
-        problems.append(
-            f"format_version {card.get('format_version')!r} is newer than this "
-            f"d2r reads ({CARD_VERSION}); upgrade d2r"
-        )
-    else:
-        arch = card.get("architecture")
-        if (
-            not isinstance(arch, dict)
-            or not isinstance(arch.get("name"), str)
-            or not isinstance(arch.get("options", {}), dict)
-        ):
-            problems.append("architecture must be {name, options}")
-    if problems:
-        raise ValueError(
-            f"{str(path)!r}: bad model card ({'; '.join(problems)}); re-export it with `d2r export`"
-        )
-
-
 def load_model(path: str | Path, *, checkpoint: str = "last") -> nn.Module:
     """An eval-mode nn.Module from an exported file (or from a run directory's `checkpoint`),
     taking float images in [0, 1] and returning logits: ready for any attack library. Its card
     is attached as `model.d2r_card`. Refuses files without a valid card and weights that do
     not fit the card's architecture exactly."""
-    from d2r.models import MODELS
-    from d2r.weights import load_weights
-
     path = Path(path)
     if path.is_dir():  # a run directory: its target, as the trainer saved it
-        from d2r.checkpoint import load_run
-
         _, method = load_run(path, checkpoint)
         return method.target.eval()
     card = read_card(path)

@@ -21,12 +21,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from d2r import data
 from d2r.attacks import label as attack_label
-from d2r.checkpoint import atomic_write
 from d2r.config import Config, format_eps
 from d2r.experiments import distinguishing, flat_config, label
-from d2r.files import check_writable
+from d2r.files import atomic_write, check_writable
 from d2r.logs import read_metrics
+from d2r.measure import as_float
+from d2r.report.read import find_runs
+from d2r.runs import load_run, read_config
 
 FIGURES = ("fig2", "fig3")
 
@@ -61,8 +64,6 @@ def _drawn(ax) -> dict[str, list[list[float]]]:
 
 def _read(run: Path) -> dict[str, Any]:
     """A run's resolved config and its epoch records that carry the per-epoch check."""
-    from d2r.runs import read_config
-
     cfg, missing = read_config(run)
     records = [r for r in read_metrics(run, "epoch") if "robust_acc" in r]
     if not records:
@@ -118,8 +119,6 @@ def fig2(runs: Sequence[str | Path], out: str | Path = ".") -> dict[str, Any]:
     """Draw the three panels of the paper's Fig. 2 from `runs` (run directories, or folders of
     runs) into `out`/fig2.png. Returns {"path", "check", "panels": {"a", "b", "c"}}, each panel
     {line label: [[epoch, accuracy %], ...]} as drawn."""
-    from d2r.report import find_runs
-
     check_writable(out, "figure directory (--out)")  # before any run is read
     read = [_read(run) for run in find_runs(list(runs))]
     for i, (run, text) in enumerate(zip(read, _labels(read), strict=True)):
@@ -208,8 +207,6 @@ def fig3(
     (the paper's Fig. 3 compares a guide, a target trained with the symmetric term and one
     without: give both runs). Returns {"path", "index", "label", "probs": {run dir: {"guide",
     "target"}}}, the probabilities read back from the drawn bars."""
-    from d2r.report import find_runs
-
     check_writable(out, "figure directory (--out)")  # before any model is loaded
     found = find_runs(list(runs))
     loaded = [_load(run, checkpoint) for run in found]
@@ -235,16 +232,11 @@ def fig3(
 
 
 def _load(run: Path, checkpoint: str):
-    from d2r.checkpoint import load_run
-
     return load_run(run, checkpoint)  # (config, method in eval mode)
 
 
 def _test_image(loaded: list, index: int) -> tuple[torch.Tensor, int]:
     """Test image `index` (1, C, H, W) in [0, 1] of the runs' one data set, and its label."""
-    from d2r import data
-    from d2r.evaluate import as_float
-
     names = {cfg.data.name for cfg, _ in loaded}
     if len(names) > 1:
         raise ValueError(f"--figure fig3 needs runs of one data set; got {', '.join(names)}")

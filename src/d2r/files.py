@@ -1,12 +1,14 @@
 """Where d2r writes: an output place is checked before any work (`check_writable`), files made
 through a temp file get the mode the user's umask gives (`follow_umask`; mkstemp makes them
 0600, which hides results from colleagues on a shared cluster), and an OSError is told in one
-line with its fix (`describe`)."""
+line with its fix (`describe`). A file is replaced atomically (`atomic_write`: temp file,
+fsync, rename) and identified by its bytes (`file_sha256`)."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -86,3 +88,42 @@ def new_temp_dir(prefix: str) -> Path:
     directory = Path(tempfile.mkdtemp(prefix=prefix))
     directory.chmod(0o777 & ~umask())
     return directory
+
+
+def atomic_write(path: str | Path, data: bytes) -> None:
+    """Write to a temp file in the same directory, fsync, then rename over `path`: a crash
+    leaves either the old file or the new one, never a half-written one. The file gets the mode
+    the umask gives (as metrics.jsonl does), not mkstemp's 0600."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            follow_umask(f.fileno())
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # not supported on every platform; the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write(path, text.encode())
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file's bytes, hex."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()

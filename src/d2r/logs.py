@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from d2r.checkpoint import atomic_write_text
+from d2r.files import atomic_write_text
 
 TENSORBOARD_HINT = 'pip install "d2r-robust[tensorboard]"'
 # Keys of a record that are bookkeeping (the per-epoch check's images, split, weights, eps and

@@ -7,6 +7,8 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from d2r.config import coerce
+
 
 class OptionError(ValueError):
     """A constructor refusing the value of one of its options. Raised directly it reads
@@ -125,8 +127,6 @@ def _options(
 ) -> dict[str, Any]:
     """The options of `spec` checked against the constructor (`skip`: positional arguments the
     caller passes) and converted to the type of each default."""
-    from d2r.config import coerce  # config imports nothing from here; avoid a cycle at import
-
     options = {k: v for k, v in spec.items() if k != "name"}
     name = spec["name"]
     params = inspect.signature(registry.get(name)).parameters

@@ -1,6 +1,6 @@
 """What a run is: its method built from the config, its directory and environment record.
-The training loop is in `trainer`; the run's saved state (and loading a run back) in
-`checkpoint`."""
+The training loop is in `trainer`; the run's saved state in `checkpoint`; `load_run` rebuilds a
+run from them for evaluation and export."""
 
 from __future__ import annotations
 
@@ -14,15 +14,26 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-import d2r
 from d2r import checkpoint, data
-from d2r.config import Config, TrainConfig, load_yaml, replace, resolve, to_dict
-from d2r.files import check_writable
+from d2r.config import (
+    Config,
+    TrainConfig,
+    coerce,
+    earlier_defaults,
+    flatten,
+    load_yaml,
+    replace,
+    resolve,
+    to_dict,
+)
+from d2r.files import atomic_write_text, check_writable, file_sha256
 from d2r.methods import METHODS, Method
-from d2r.models import MODELS
+from d2r.models import MODELS, load_weights
 from d2r.registry import build, resolve_spec
+from d2r.version import __version__
+from d2r.weights import load_foreign, read_card
 
 # Model options that build_method fills from the data set, not from the config: a config that
 # does not name them follows its data set (data.name is recorded), so they are not filled in.
@@ -41,8 +52,6 @@ MODEL_KEYS: dict[str, dict[str, Any]] = {
 def split_model_spec(section: str, spec: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """(the architecture's spec, MODEL_KEYS of `section` with their defaults), the latter
     checked: `weights` a file path or null, `trainable` true or false."""
-    from d2r.config import coerce
-
     keys = MODEL_KEYS[section]
     extra = {k: spec.get(k, default) for k, default in keys.items()}
     if extra["weights"] is not None and not isinstance(extra["weights"], str):
@@ -98,8 +107,6 @@ def load_initial_weights(model: nn.Module, arch: str, path: str, section: str) -
     on the task), or a foreign state dict (.safetensors or .pt, keys mapped as `d2r eval
     --weights` maps them). On the meta device (check_config) only keys and shapes are checked.
     Errors name the config key."""
-    from d2r.weights import load_foreign
-
     where = f"config key '{section}.weights'"
     try:
         card_arch = _card_architecture(path)
@@ -117,8 +124,6 @@ def load_initial_weights(model: nn.Module, arch: str, path: str, section: str) -
 
 def _card_architecture(path: str) -> str | None:
     """The architecture named by a d2r export's model card; None for any other file."""
-    from d2r.export import read_card
-
     if not Path(path).is_file():
         raise FileNotFoundError(f"weights file {path!r} not found")
     if Path(path).suffix != ".safetensors":
@@ -132,8 +137,6 @@ def _card_architecture(path: str) -> str | None:
 def weight_files(cfg: Config) -> dict[str, dict[str, str]]:
     """{section: {"path", "sha256"}} of each `weights` file the run starts from (env.json):
     the config records the path, this the bytes it held."""
-    from d2r.evaluate import file_sha256
-
     sections = {"target": cfg.target, "guide": cfg.guide}
     files = {k: s["weights"] for k, s in sections.items() if s and s.get("weights")}
     return {k: {"path": p, "sha256": file_sha256(Path(p))} for k, p in files.items()}
@@ -184,7 +187,7 @@ def write_env(
     if resumed_step is not None:
         old = json.loads((run_dir / "env.json").read_text())
         env = {**old, "resumes": [*old.get("resumes", []), {**env, "step": resumed_step}]}
-    checkpoint.atomic_write_text(run_dir / "env.json", json.dumps(env, indent=2))
+    atomic_write_text(run_dir / "env.json", json.dumps(env, indent=2))
 
 
 def resolved_config(cfg: Config) -> Config:
@@ -211,8 +214,6 @@ def read_config(run_dir: str | Path) -> tuple[Config, list[str]]:
     """A run's config.yaml, resolved, and the keys it does not record (an older d2r wrote it):
     their values in the Config are this version's defaults, not what the run was known to use,
     so callers must say so (`d2r report` compares them as "not recorded")."""
-    from d2r.config import earlier_defaults, flatten
-
     path = Path(run_dir) / "config.yaml"
     raw = load_yaml(path)
     earlier = earlier_defaults(raw)  # keys an older d2r did not write but is known to have used
@@ -230,7 +231,7 @@ def read_config(run_dir: str | Path) -> tuple[Config, list[str]]:
 
 def environment(device: torch.device) -> dict[str, Any]:
     return {
-        "d2r": d2r.__version__,
+        "d2r": __version__,
         "python": sys.version.split()[0],
         "torch": torch.__version__,
         "platform": platform.platform(),
@@ -295,3 +296,34 @@ class Run:
     @property
     def final(self) -> dict[str, Any]:
         return self.history[-1] if self.history else {}
+
+
+# Rebuilding a run ---------------------------------------------------------------------------
+def load_run(run_dir: str | Path, which: str = "last") -> tuple[Config, Method]:
+    """Rebuild a run's method from its config.yaml and load its `which` checkpoint (strictly),
+    in eval mode: what `d2r eval` and `d2r export` start from. `which`: "last", "best", or
+    "ema", last.safetensors with the target's EMA weights in `method.target`. In a run with an
+    EMA, "best" also loads best.safetensors' EMA weights: the model its check measured."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{str(run_dir)!r} is not a run directory (no config.yaml)")
+    cfg = resolve(run_dir / "config.yaml")
+    # the checkpoint holds every model: no `weights` file is read
+    method = build_method(cfg, data.info(cfg.data.name, cfg.data.like), initial_weights=False)
+    path = checkpoint.checkpoint_path(run_dir, which)
+    tensors, meta = checkpoint.load(path)
+    checkpoint.load_models(method.models(), tensors, meta, path)
+    if checkpoint.target_weights(meta, which) == "ema":
+        load_ema_target(method.target, tensors, meta, path)
+    return cfg, method.eval()
+
+
+def load_ema_target(
+    target: nn.Module, tensors: dict[str, Tensor], meta: dict[str, Any], path: Path
+) -> None:
+    if "ema" not in meta:
+        raise ValueError(
+            f"{str(path)!r} holds no EMA weights (the run trained with train.ema_decay=0); "
+            "use --checkpoint last or best"
+        )
+    load_weights(target, checkpoint.unprefixed(checkpoint.EMA_PREFIX, tensors), f"{path}:ema")

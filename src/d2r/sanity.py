@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from d2r.attacks import PGD, AutoAttack, EvaluationWarning, cw_objective, norm_label
-from d2r.evaluate import Attack, as_float, correct_flags, seeded
+from d2r.measure import Attack, as_float, correct_flags, seeded
 
 MASKING_GAP = 0.05  # AA this far below the best gradient attack -> masking warning
 MASKING_MIN_SAMPLES = 3

@@ -21,10 +21,13 @@ from d2r import checkpoint, data, distributed, speed
 from d2r.attacks import from_name, norm_label
 from d2r.checkpoint import TrainState
 from d2r.config import Config, dump_yaml, to_dict
+from d2r.curves import write_curves
+from d2r.distributed import pick_device
 from d2r.ema import EMA
-from d2r.evaluate import correct_flags
+from d2r.files import atomic_write_text
 from d2r.guard import DeviceFlags, StepChecks
-from d2r.logs import MetricsLog
+from d2r.logs import MetricsLog, read_metrics
+from d2r.measure import correct_flags
 from d2r.methods import Method, eval_mode
 from d2r.progress import Progress
 from d2r.runs import (
@@ -58,14 +61,6 @@ def cosine_factor(step: int, total: int, warmup: float) -> float:
         return (step + 1) / warmup
     progress = (step - warmup) / max(total - warmup, 1)
     return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"train.device={name!r} but CUDA is not available; use train.device=cpu")
-    return torch.device(name)
 
 
 def seed_everything(seed: int) -> None:
@@ -210,9 +205,6 @@ class Trainer:
 
     def _finish(self) -> None:
         """curves.png (the paper's Fig. 2 for this run) and the TensorBoard files closed."""
-        from d2r.curves import write_curves  # matplotlib is imported only here
-        from d2r.logs import read_metrics
-
         # from the log, not the history: a resumed run's curves start at epoch 1 too
         if self.dist.is_main and read_metrics(self.run_dir, "epoch"):
             write_curves(self.run_dir)
@@ -224,7 +216,7 @@ class Trainer:
 
     def _write_header(self) -> None:
         if self.dist.is_main:
-            checkpoint.atomic_write_text(self.run_dir / "config.yaml", dump_yaml(self.cfg))
+            atomic_write_text(self.run_dir / "config.yaml", dump_yaml(self.cfg))
             extra = {"fast_path": self.fast.describe(), "world_size": self.dist.world_size}
             if not self.resumed and weight_files(self.cfg):  # the bytes the models start from
                 extra["weights"] = weight_files(self.cfg)

@@ -1,52 +1,27 @@
-"""Weights files: a model's state dict loaded strictly (every key and shape must match), and
-foreign weights (another codebase's safetensors or `.pt`) mapped onto our models. A `.pt` file is
-read only with torch.load(weights_only=True), PyTorch's restricted unpickler: a file that
-carries code is refused, not run."""
+"""Weights files: a model's state dict loaded strictly (`load_weights`, from d2r.models: every
+key and shape must match), the model card of an exported file (`read_card`), and foreign
+weights (another codebase's safetensors or `.pt`) mapped onto our models. A `.pt` file is read
+only with torch.load(weights_only=True), PyTorch's restricted unpickler: a file that carries
+code is refused, not run."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as st_load
 from torch import Tensor, nn
 
 from d2r import checkpoint
+from d2r.models.base import load_weights, short_list
 
-
-def load_weights(model: nn.Module, state: dict[str, Tensor], source: str) -> None:
-    """Strict load: refuse missing or unexpected keys and shape mismatches, listing them.
-    (Never strict=False: that silently evaluates a partly random network.)"""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = [
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    problems = []
-    if missing:
-        problems.append(f"missing keys {_short(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys {_short(unexpected)}")
-    if shapes:
-        problems.append(f"shape mismatches {_short(shapes)}")
-    if problems:
-        raise ValueError(
-            f"weights in {source!r} do not fit the model ({'; '.join(problems)}); "
-            "check the architecture name and its options"
-        )
-    if any(t.is_meta for t in expected.values()):
-        return  # a model built on the meta device to check a config: keys and shapes only
-    with torch.no_grad():
-        model.load_state_dict(state, strict=True)
-
-
-def _short(items: list[str], limit: int = 8) -> str:
-    more = f" ... and {len(items) - limit} more" if len(items) > limit else ""
-    return ", ".join(items[:limit]) + more
+# Model cards: the JSON an exported model file (d2r export) carries in its metadata
+CARD_FORMAT = "d2r-model"
+CARD_VERSION = 1
+META_KEY = "d2r_model"  # not checkpoint.py's "d2r": a model file is not a training checkpoint
 
 
 # Foreign checkpoints -------------------------------------------------------------------------
@@ -104,7 +79,7 @@ def _is_tensor_dict(obj: dict) -> bool:
 
 
 def _keys_of(obj: object) -> str:
-    return _short(sorted(map(str, obj))) if isinstance(obj, dict) else type(obj).__name__
+    return short_list(sorted(map(str, obj))) if isinstance(obj, dict) else type(obj).__name__
 
 
 def normalize_keys(
@@ -128,3 +103,51 @@ def load_foreign(model: nn.Module, path: str | Path) -> None:
     """Read `path`, map its keys and load it into `model` strictly (refusing any mismatch)."""
     state = normalize_keys(read_state_dict(path), set(model.state_dict()))
     load_weights(model, state, str(path))
+
+
+# Model cards ---------------------------------------------------------------------------------
+def read_card(path: str | Path) -> dict[str, Any]:
+    """The model card embedded in an exported file; ValueError naming the file otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model file {str(path)!r} not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{str(path)!r} is not a readable safetensors file ({err})") from None
+    if META_KEY not in meta:
+        raise ValueError(
+            f"{str(path)!r} has no d2r model card; export models with "
+            "`d2r export RUN_DIR --out FILE`, or load foreign weights with "
+            "d2r.weights.load_foreign(model, path)"
+        )
+    try:
+        card = json.loads(meta[META_KEY])
+    except ValueError:
+        raise ValueError(f"{str(path)!r}: the model card is not valid JSON; re-export") from None
+    _check_card(card, path)
+    return card
+
+
+def _check_card(card: Any, path: Path) -> None:
+    problems = []
+    if not isinstance(card, dict) or card.get("format") != CARD_FORMAT:
+        problems.append(f"format is not {CARD_FORMAT!r}")
+    elif not isinstance(card.get("format_version"), int) or card["format_version"] > CARD_VERSION:
+        problems.append(
+            f"format_version {card.get('format_version')!r} is newer than this "
+            f"d2r reads ({CARD_VERSION}); upgrade d2r"
+        )
+    else:
+        arch = card.get("architecture")
+        if (
+            not isinstance(arch, dict)
+            or not isinstance(arch.get("name"), str)
+            or not isinstance(arch.get("options", {}), dict)
+        ):
+            problems.append("architecture must be {name, options}")
+    if problems:
+        raise ValueError(
+            f"{str(path)!r}: bad model card ({'; '.join(problems)}); re-export it with `d2r export`"
+        )

@@ -2,24 +2,17 @@
 (RobustBench style: a sample is robust only if every attack in the suite failed on it), with
 the settings beside every number and the sanity checks of `d2r.sanity`.
 
-- `core`: `evaluate` takes a model and images (no files); the flags, suites and eval.md table.
+- `core`: `evaluate` takes a model and images (no files); the flags and suites.
 - `runs`: `evaluate_run` is `d2r eval RUN`: a run's checkpoints, each result kept in the run's
   eval.json store (d2r.evalstore), resumable batch by batch; `evaluate_weights` for a file.
 """
 
 from d2r.attacks import EvaluationWarning
 from d2r.evaluate.core import (
-    Attack,
-    as_float,
     attack_norm,
     attack_settings,
-    batch_flags,
-    batch_seed,
     build_suite,
-    correct_flags,
     evaluate,
-    markdown_table,
-    seeded,
     suite_flags,
     suite_norm,
     worst_case,
@@ -31,10 +24,12 @@ from d2r.evaluate.runs import (
     evaluate_models,
     evaluate_run,
     evaluate_weights,
-    file_sha256,
     suite_keys,
     weights_eval_dir,
 )
+from d2r.files import file_sha256
+from d2r.measure import Attack, as_float, batch_flags, batch_seed, correct_flags, seeded
+from d2r.tables import markdown_table
 
 __all__ = [
     "Attack",

@@ -1,16 +1,14 @@
 """Robust accuracy users can trust, on a model and images (no files): per-sample flags for each
 attack and their worst case (RobustBench style: a sample is robust only if every attack in the
 suite failed on it), with the settings beside every number and the sanity checks of
-`d2r.sanity`; `markdown_table` is eval.md's table.
+`d2r.sanity`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -18,17 +16,15 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from d2r import attacks as attacks_mod
+from d2r import sanity
 from d2r.attacks import AutoAttack, norm_label
 from d2r.config import format_eps
 from d2r.evalstore import (
     CLEAN,
     Ledger,
 )
+from d2r.measure import Attack, as_float, batch_flags, device_of
 from d2r.methods import eval_mode
-from d2r.tables import PAPER_COLUMNS, markdown
-
-Attack = Callable[[nn.Module, Tensor, Tensor], Tensor]
-
 
 DEFAULT_NORM = "Linf"  # the norm of an attack that does not name its own
 
@@ -37,63 +33,6 @@ def attack_norm(attack: Attack) -> str:
     """The threat model's norm as results record it ("Linf", "L2"): what the attack states; a
     plain callable states nothing and counts as L-inf."""
     return norm_label(getattr(attack, "norm", "linf"))
-
-
-def batch_seed(seed: int, index: int) -> int:
-    """The seed of batch `index` of an attack: a resumed evaluation draws the random starts a
-    straight one draws, whichever batch it starts from."""
-    digest = hashlib.sha256(f"d2r-eval|{seed}|{index}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
-def batch_flags(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    attack: Attack | None = None,
-    *,
-    batch_size: int = 256,
-    device: torch.device | str | None = None,
-    seed: int | None = None,
-    first: int = 0,
-) -> Iterator[Tensor]:
-    """(B,) bool on the CPU per batch from batch `first` on: is each sample classified correctly
-    (after `attack`, if given)? With `seed`, batch i is seeded from (seed, i) (`batch_seed`);
-    without, it draws from the caller's RNG."""
-    device = torch.device(device) if device is not None else _device_of(model)
-    for index in range(first, -(-len(x) // batch_size)):
-        start = index * batch_size
-        xb = as_float(x[start : start + batch_size].to(device))
-        yb = y[start : start + batch_size].to(device)
-        if attack is not None:
-            with seeded(batch_seed(seed, index), device) if seed is not None else nullcontext():
-                xb = attack(model, xb, yb)
-        with torch.no_grad():
-            yield (model(xb).argmax(1) == yb).cpu()
-
-
-def correct_flags(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    attack: Attack | None = None,
-    *,
-    batch_size: int = 256,
-    device: torch.device | str | None = None,
-) -> Tensor:
-    """(N,) bool on the CPU: is sample i classified correctly (after `attack`, if given)?
-    Random starts come from the caller's RNG."""
-    flags = list(batch_flags(model, x, y, attack, batch_size=batch_size, device=device))
-    return torch.cat(flags) if flags else torch.zeros(0, dtype=torch.bool)
-
-
-def as_float(x: Tensor) -> Tensor:
-    # data sets are held as uint8; models take fp32 in [0, 1] (no bf16 in evaluation)
-    return x.float() / 255 if x.dtype == torch.uint8 else x.float()
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    return next(model.parameters(), torch.zeros(0)).device
 
 
 def build_suite(
@@ -149,7 +88,7 @@ def suite_flags(
     of every attack is seeded from (seed, i), so a rerun, an attack alone, or an evaluation
     resumed from `ledger` (d2r.evalstore: stored results and partial state; the default keeps
     nothing) gives the same flags; a different batch_size draws other random starts."""
-    device = torch.device(device) if device is not None else _device_of(model)
+    device = torch.device(device) if device is not None else device_of(model)
     ledger = ledger or Ledger()
     options = {"seed": seed, "batch_size": batch_size, "device": device}
     total = -(-len(x) // batch_size) * (1 + len(suite))
@@ -184,15 +123,6 @@ def _attack_flags(model, x, y, name, attack, ledger: Ledger, bar: tqdm, options)
     return flags, seconds
 
 
-@contextmanager
-def seeded(seed: int, device: torch.device) -> Iterator[None]:
-    """Seed torch for one attack without disturbing the caller's RNG streams."""
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
-
-
 def worst_case(flags: Mapping[str, Tensor]) -> Tensor:
     """(N,) bool: correct on the clean input and after every attack."""
     return torch.stack(list(flags.values())).all(0)
@@ -224,7 +154,7 @@ def evaluate(
     _check_inputs(x, y)
     suite = build_suite(attacks, eps, seed, norm)
     norm = suite_norm(suite, norm)
-    device = torch.device(device) if device is not None else _device_of(model)
+    device = torch.device(device) if device is not None else device_of(model)
     options = {"seed": seed, "batch_size": batch_size, "device": device, "norm": norm}
     messages: list[str] = []
     run = {"checks": checks, "progress": progress, "ledger": ledger}
@@ -238,8 +168,6 @@ def evaluate(
 
 def _checked_flags(model, x, y, suite, eps, options, messages, *, checks, progress, ledger):
     """suite_flags with the sanity checks around it, every warning recorded in `messages`."""
-    from d2r import sanity  # it builds on this module's helpers
-
     device = options["device"]
     with sanity.recorded(messages):
         sanity.check_mode(model)
@@ -294,47 +222,3 @@ def attack_settings(attack: Attack, model: nn.Module | None = None) -> dict[str,
         info["runs"] = list(attack.build(model).attacks_to_run)
         info["package"] = f"pyautoattack {package.__version__}"
     return info
-
-
-# eval.md ------------------------------------------------------------------------------------
-
-
-def markdown_table(results: Mapping[str, Mapping[str, Any]]) -> str:
-    """One row per checkpoint (or model) at one eps and norm: the paper's columns (— where not
-    run), any other attack, the worst case and which results it covers, n / eps / seed beside
-    the numbers; every attack's settings and every warning below."""
-    run = [k for r in results.values() for k in r["settings"]["attacks"]]
-    extra = [k for k in run if k not in PAPER_COLUMNS]
-    names = [*PAPER_COLUMNS, *dict.fromkeys(extra), "worst_case"]
-    labels = [PAPER_COLUMNS.get(k) or attacks_mod.label(k) for k in names[:-1]]
-    norms = "/".join(dict.fromkeys(str(r["settings"]["norm"]) for r in results.values()))
-    head = ["checkpoint", "n", f"eps ({norms})", "seed", *labels, "Worst case", "worst case over"]
-    rows = []
-    for row, r in results.items():
-        s = r["settings"]
-        cells = [f"{100 * r[k]:.2f}" if k in r else "—" for k in names]
-        over = ", ".join(PAPER_COLUMNS.get(k) or attacks_mod.label(k) for k in r["worst_case_over"])
-        rows.append([row, str(s["n"]), s["eps_text"], str(s["seed"]), *cells, over])
-    lines = markdown(head, rows)
-    lines += [
-        "",
-        "Accuracies in %; worst case = robust against every result it covers (per sample).",
-    ]
-    described = [
-        f"- {attacks_mod.label(k)}: {_describe(a)}"
-        for r in results.values()
-        for k, a in r["settings"]["attacks"].items()
-    ]
-    lines += ["", *dict.fromkeys(described)]
-    warned = [f"- **warning** ({row}): {w}" for row, r in results.items() for w in r["warnings"]]
-    return "\n".join(lines + (["", *warned] if warned else [])) + "\n"
-
-
-def _describe(settings: Mapping[str, Any]) -> str:
-    skip = {"type"}
-    body = ", ".join(f"{k}={_fmt(v)}" for k, v in settings.items() if k not in skip)
-    return f"{settings.get('type', '')}({body})"
-
-
-def _fmt(value: Any) -> str:
-    return format_eps(value) if isinstance(value, float) else str(value)

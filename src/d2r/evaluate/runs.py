@@ -6,7 +6,6 @@ cannot be written.
 
 from __future__ import annotations
 
-import hashlib
 import signal
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -16,7 +15,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from d2r import data as data_mod
+from d2r.checkpoint import (
+    checkpoint_path,
+    read_sidecar,
+    run_checkpoints,
+    stored_sha256,
+    target_weights,
+)
 from d2r.config import format_eps, parse_number
+from d2r.distributed import pick_device
 from d2r.evalstore import (
     CLEAN,
     TARGET,
@@ -27,8 +35,11 @@ from d2r.evalstore import (
     result_key,
 )
 from d2r.evaluate.core import Attack, attack_norm, attack_settings, build_suite, evaluate
-from d2r.files import check_writable, describe, new_temp_dir
+from d2r.files import check_writable, describe, file_sha256, new_temp_dir
 from d2r.guard import Preempted, SignalGuard
+from d2r.models import MODELS
+from d2r.runs import load_run
+from d2r.weights import load_foreign
 
 
 def attack_plan(
@@ -75,8 +86,6 @@ def evaluate_run(
     on its data set's test split, with `attacks` at each eps (see `attack_plan`). Results go
     into the store in `out` (default: the run directory; see `evaluate_models`); returns
     eval.json's content. `options`: n, seed, batch_size, device, norm, checks, progress, force."""
-    from d2r.checkpoint import load_run, run_checkpoints
-
     attack_plan(attacks, eps, options.get("norm"))  # bad names or eps fail before loading
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
@@ -94,8 +103,6 @@ def evaluate_run(
 def _describe_checkpoint(run_dir: Path, key: str) -> tuple[str, dict[str, Any]]:
     """A checkpoint's row label and what identifies it: its file's sha256 and which weights of
     it were evaluated (the target's, or its EMA)."""
-    from d2r.checkpoint import checkpoint_path, read_sidecar, stored_sha256, target_weights
-
     path = checkpoint_path(run_dir, key)
     sidecar = read_sidecar(run_dir, key)
     epoch, weights = sidecar.get("epoch"), target_weights(sidecar, key)
@@ -125,10 +132,6 @@ def evaluate_weights(
     dict (loaded strictly after key mapping) on `data`'s test split (`like`: the real set
     data="synthetic" imitates, as data.like); results go into the store in `out` (default:
     WEIGHTS_STEM-eval/ beside the file), keyed by the file's sha256."""
-    from d2r import data as data_mod
-    from d2r.models import MODELS
-    from d2r.weights import load_foreign
-
     attack_plan(attacks, eps, options.get("norm"))
     out = check_writable(out or weights_eval_dir(weights), "eval output directory (--out)")
     info = data_mod.info(data, like)
@@ -175,8 +178,6 @@ def evaluate_models(
     each result goes into the store in `out` as its attack finishes (stored keys reused unless
     `force`; a stopped run resumes; SIGINT/SIGTERM: EvaluationStopped after the batch). A
     result `out` refuses goes to `fallback` or a temp dir (ResultsNotWritten)."""
-    from d2r.trainer import pick_device
-
     plan = attack_plan(attacks, eps, norm)
     x, y = _test_images(*data_spec, n)
     device = pick_device(device)
@@ -316,12 +317,6 @@ def weights_eval_dir(weights: str | Path) -> Path:
     return Path(weights).parent / f"{Path(weights).stem}-eval"
 
 
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def _test_images(name: str, root: str | Path, verify: bool, like: str | None, n: int | None):
-    from d2r import data
-
-    x, y = data.load(name, root, "test", verify=verify, like=like)
+    x, y = data_mod.load(name, root, "test", verify=verify, like=like)
     return (x[:n], y[:n]) if n else (x, y)

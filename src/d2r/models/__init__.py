@@ -11,12 +11,18 @@ Module names follow the reference code (TRADES/LBGAT `WideResNet`, the CIFAR `Re
 `PreActResNet` of the D2R/LAS-AT repositories), so their checkpoints load with
 `load_state_dict(d2r.weights.normalize_keys(state))` (or `d2r eval --weights`).
 
-`base` holds the registry and `create`; `wrn`, `resnet` and `small` the families. Importing this
-package registers every model in MODELS.
+`base` holds the registry, `create` and the strict `load_weights`; `wrn`, `resnet` and `small`
+the families. Importing this package registers every model in MODELS.
 """
 
-from d2r.models.base import MODELS, count_parameters, create
-from d2r.models.resnet import PreActResNet18, ResNet18, preact_resnet18, resnet18, resnet18_std
+from d2r.models.base import MODELS, count_parameters, create, load_weights
+from d2r.models.resnet import (
+    PreActResNet18,
+    ResNet18,
+    preact_resnet18,
+    resnet18,
+    resnet18_std,
+)
 from d2r.models.small import MLP, SmallCNN, TinyCNN, mlp, small_cnn, tiny_cnn
 from d2r.models.wrn import ACTIVATIONS, WideResNet, wide_resnet, wrn34_10
 
@@ -31,6 +37,7 @@ __all__ = [
     "WideResNet",
     "count_parameters",
     "create",
+    "load_weights",
     "mlp",
     "preact_resnet18",
     "resnet18",

@@ -22,11 +22,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from d2r.checkpoint import atomic_write_text
+from d2r import figures
 from d2r.config import parse_number
 from d2r.curves import write_curves
 from d2r.experiments import NON_RESULT_KEYS
-from d2r.logs import read_metrics
+from d2r.files import atomic_write_text, check_writable
+from d2r.logs import metrics_csv, read_metrics
 from d2r.report.formats import as_json, latex, markdown, notes
 from d2r.report.group import columns_of, group, group_key, summarize
 from d2r.report.read import (
@@ -80,8 +81,6 @@ def report(
     when `out` is given; curves.png (and metrics.csv with `csv`) in each run directory.
     `group_by`: config keys (e.g. ["method.name"]) to group by instead of the whole config.
     `eps`: the eps whose results fill the columns (default: each run's training eps)."""
-    from d2r.logs import metrics_csv
-
     runs = find_runs(list(paths))
     _check_writable(runs, out, curves, csv)
     results = [read_run(run, checkpoint, eps) for run in runs]
@@ -106,8 +105,6 @@ def report(
 def _check_writable(runs: list[Path], out: str | Path | None, curves: bool, csv: bool) -> None:
     """Every place the report writes, before it reads any run: `out`, and each run directory
     it draws curves.png or metrics.csv in (a colleague's runs may be read-only)."""
-    from d2r.files import check_writable
-
     if out is not None:
         check_writable(out, "report directory (--out)")
     what = "for curves.png; --no-curves only reads runs" if curves else "for metrics.csv"
@@ -156,7 +153,6 @@ def add_command(sub: Any) -> None:
         "that differ elsewhere; default: runs share a row only when their configs are equal "
         "except for the seed",
     )
-    from d2r import figures  # matplotlib is imported only when a figure is drawn
 
     figures.add_arguments(p)
     p.set_defaults(func=_command)
@@ -184,9 +180,7 @@ def parse_group_by(text: str | None) -> list[str] | None:
 
 def _command(args: Any) -> int:
     if args.figure or args.index is not None:  # the paper's figures (d2r.figures)
-        from d2r.figures import command
-
-        return command(args)
+        return figures.command(args)
     texts = report(
         args.runs,
         args.out,

@@ -17,6 +17,7 @@ from d2r.experiments import (
     flat_config,
 )
 from d2r.logs import read_metrics
+from d2r.runs import read_config
 
 WORST = "worst_case"
 EVAL_JSON = "eval.json"
@@ -70,8 +71,6 @@ def read_run(run_dir: str | Path, checkpoint: str = "last", eps: float | None = 
     """The run's identity from config.yaml (resolved; keys it lacks are NOT_RECORDED) and its
     numbers at `eps` (default: its training eps, method.eps) from eval.json (the `checkpoint`
     entry, of the file there now), else the last per-epoch check if it was at that eps."""
-    from d2r.runs import read_config
-
     run_dir = Path(run_dir)
     cfg, missing = read_config(run_dir)
     config = flat_config(cfg, missing)

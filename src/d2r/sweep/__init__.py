@@ -29,10 +29,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from d2r.checkpoint import atomic_write_text
 from d2r.config import dump_yaml
+from d2r.files import atomic_write_text
+from d2r.report import report
+from d2r.sweep import slurm
 from d2r.sweep.cell import (
     STOPPED,
+    SWEEP_JSON,
     Cell,
     Stopped,
     cell_state,
@@ -40,12 +43,11 @@ from d2r.sweep.cell import (
     config_path,
     last_error,
     python_command,
+    read_status,
     run_cell,
 )
 from d2r.sweep.local import Local, visible_gpus
 from d2r.sweep.spec import _text, cells, check_cell, load_spec
-
-SWEEP_JSON = "sweep.json"
 
 
 def run(
@@ -68,8 +70,6 @@ def run(
     for cell in todo:
         check_unchanged(out / cell.name, cell)
         cell.state = cell_state(out / cell.name, cell)
-    from d2r.sweep import slurm
-
     slurm.options(spec.get("slurm") or {})  # checked whatever the executor: the spec is one
     if not dry_run:
         _execute(spec, spec_path, out, executor, todo, devices, progress)
@@ -96,8 +96,6 @@ def _execute(
         if executor == "local":
             Local(devices or visible_gpus(), progress).run(out, pending, save)
         else:
-            from d2r.sweep import slurm
-
             slurm.run(out, pending, spec.get("slurm") or {}, save, progress=progress)
     except Stopped as err:
         save()
@@ -136,18 +134,8 @@ def write_status(out: Path, spec_path: str | Path, executor: str, todo: list[Cel
     atomic_write_text(out / SWEEP_JSON, json.dumps(body, indent=2, default=str))
 
 
-def read_status(path: Path) -> dict[str, dict[str, Any]]:
-    """An earlier sweep.json's cells by name ({} when there is none)."""
-    try:
-        return {c["name"]: c for c in json.loads(path.read_text())["cells"]}
-    except (OSError, ValueError, KeyError, TypeError):
-        return {}
-
-
 def table(out: Path, todo: list[Cell]) -> str:
     """The study's table (d2r.report): mean ± std over seeds, written to DIR/report.*."""
-    from d2r.report import report
-
     runs = [out / c.name for c in todo if (out / c.name / "config.yaml").is_file()]
     if not runs:
         return "no run to report\n"
@@ -201,6 +189,7 @@ def _command(args: Any) -> int:
 
 __all__ = [
     "STOPPED",
+    "SWEEP_JSON",
     "Cell",
     "Stopped",
     "add_command",
@@ -212,6 +201,7 @@ __all__ = [
     "last_error",
     "load_spec",
     "python_command",
+    "read_status",
     "run",
     "run_cell",
 ]

@@ -8,19 +8,20 @@ import signal
 import sys
 import time
 from collections.abc import Callable
+from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from d2r.config import (
-    Config,
-    resolve,
-    to_dict,
-)
+from d2r.config import Config, changed_keys, resolve, to_dict
+from d2r.evalstore import Store, markdown
+from d2r.evaluate import evaluate_run
 from d2r.guard import Preempted
+from d2r.runs import resolved_config
 
 # exit codes of a run stopped by a signal (d2r.guard.Preempted: 128 + SIGINT/SIGUSR1/SIGTERM)
 STOPPED = {128 + s: signal.Signals(s).name for s in (2, 10, 15)}
+SWEEP_JSON = "sweep.json"  # DIR/sweep.json: the cells and their states
 
 
 @dataclass
@@ -69,9 +70,6 @@ def cell_state(run_dir: Path, cell: Cell) -> str:
 def check_unchanged(run_dir: Path, cell: Cell) -> None:
     """A cell directory from an earlier run of the spec must hold this cell's config: a spec
     edited since then would otherwise resume one run into another."""
-    from d2r.config import changed_keys
-    from d2r.runs import resolved_config
-
     saved = run_dir / "config.yaml"
     if not saved.is_file():
         return
@@ -98,6 +96,14 @@ def set_aside(run_dir: Path) -> Path | None:
     return target
 
 
+def read_status(path: Path) -> dict[str, dict[str, Any]]:
+    """An earlier sweep.json's cells by name ({} when there is none)."""
+    try:
+        return {c["name"]: c for c in json.loads(path.read_text())["cells"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
 # Running one cell (both executors) --------------------------------------------------------------
 def commands(out: Path, cell: Cell, state: str) -> list[tuple[str, list[str]]]:
     """What is left to do for `cell` in `state`: train (or resume), then evaluate."""
@@ -112,6 +118,27 @@ def commands(out: Path, cell: Cell, state: str) -> list[tuple[str, list[str]]]:
     if state != "done" and cell.eval is not None:
         todo.append(("eval", eval_args(run_dir, cell.eval)))
     return todo
+
+
+def evaluate_cell(run_dir: Path, ev: dict[str, Any], log: Path) -> int:
+    """The cell's evaluation (`ev`, as `eval_args` gives it to `d2r eval`) in this process,
+    through d2r.evaluate.evaluate_run, its output appended to `log`. Returns the exit status
+    `d2r eval` gives: 0, 2 for bad input (its one line in the log), 128 + signal when stopped."""
+    sizes = {k: ev[k] for k in ("n", "batch_size") if ev.get(k) is not None}
+    with open(log, "a") as f, redirect_stdout(f), redirect_stderr(f):
+        try:
+            evaluate_run(
+                run_dir, ev["attacks"], ev["eps"], checkpoint=ev["checkpoint"],
+                seed=ev["seed"], progress=False, **sizes,
+            )  # fmt: skip
+        except Preempted as err:
+            print(f"d2r: {err}")
+            return err.exit_code
+        except (ValueError, FileNotFoundError) as err:
+            print(" ".join(f"d2r: error: {err}".split()))  # last_error reads this line
+            return 2
+        print(markdown(Store.read(run_dir)))
+    return 0
 
 
 def config_path(out: Path, cell: Cell) -> Path:

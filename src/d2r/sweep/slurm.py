@@ -18,11 +18,22 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from d2r.config import resolve
-from d2r.sweep.cell import Cell, cell_state, config_path, last_error, python_command, run_cell
+from d2r.sweep.cell import (
+    SWEEP_JSON,
+    Cell,
+    cell_state,
+    config_path,
+    evaluate_cell,
+    last_error,
+    python_command,
+    read_status,
+    run_cell,
+)
 
 # spec key -> submitit AutoExecutor parameter; anything else goes to sbatch as `extra`
 OPTIONS = {
@@ -87,9 +98,9 @@ def executor(out: Path, params: dict[str, Any]) -> Any:
 
 
 class CellJob:
-    """What one Slurm job runs: the cell's remaining steps (train or resume, evaluate), each as
-    `python -m d2r ...` in the job. Plain strings only, so submitit's pickle of it holds no
-    config or tensor."""
+    """What one Slurm job runs: the cell's remaining steps: train or resume as `python -m d2r
+    train ...`, then the evaluation in the job's own process. Plain strings and the cell's
+    evaluation settings only, so submitit's pickle of it holds no config or tensor."""
 
     def __init__(self, out: str, name: str, evaluation: dict[str, Any] | None) -> None:
         self.out, self.name, self.evaluation = out, name, evaluation
@@ -101,7 +112,7 @@ class CellJob:
 
     def __call__(self) -> str:
         cell = self.cell()
-        state = run_cell(Path(self.out), cell, _spawn, tries=1)
+        state = run_cell(Path(self.out), cell, partial(_spawn, cell=cell), tries=1)
         if state == "failed":
             raise RuntimeError(f"cell {self.name} failed: {cell.error}")
         return state
@@ -120,17 +131,12 @@ class CellJob:
 _CHILD: dict[str, threading.Thread] = {}  # the running command's waiter, in a job process
 
 
-def _spawn(args: list[str], log: Path) -> int:
-    """`d2r eval` in this process (one interpreter start less per cell; a signal during it
-    loses nothing), `d2r train` as a child: see _spawn_child."""
-    if args[0] != "eval":
+def _spawn(args: list[str], log: Path, cell: Cell) -> int:
+    """The cell's evaluation in this process (one interpreter start less per cell; a signal
+    during it loses nothing), `d2r train` as a child: see _spawn_child."""
+    if args[0] != "eval" or cell.eval is None:
         return _spawn_child(args, log)
-    from contextlib import redirect_stderr, redirect_stdout
-
-    from d2r.cli import main
-
-    with open(log, "a") as f, redirect_stdout(f), redirect_stderr(f):
-        return main(args)
+    return evaluate_cell(Path(args[1]), cell.eval, log)
 
 
 def _spawn_child(args: list[str], log: Path) -> int:
@@ -187,8 +193,6 @@ def run(
     """Submit the cells (not those whose job from an earlier call is still queued or running),
     wait for them, resubmit once a job that ended short of its cell's end (it resumes).
     `progress`: a line per job submitted."""
-    from d2r.sweep import SWEEP_JSON, read_status
-
     ex = executor(out, options(spec))
     previous = read_status(out / SWEEP_JSON)
     for cell in todo:

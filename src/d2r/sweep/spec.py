@@ -9,14 +9,18 @@ import re
 from pathlib import Path
 from typing import Any
 
+from d2r.attacks import from_name
 from d2r.config import (
     Config,
     apply_overrides,
+    as_set,
     from_dict,
     load_yaml,
     parse_number,
     resolve,
 )
+from d2r.evaluate import build_suite
+from d2r.runs import check_config, eval_eps, eval_norm
 from d2r.sweep.cell import Cell
 
 SPEC_KEYS = ("base", "set", "grid", "eval", "slurm", "parts")
@@ -121,7 +125,6 @@ def _eval_settings(raw: Any, where: str) -> dict[str, Any] | None:
     eps = raw.get("eps", 8 / 255)
     settings = {"checkpoint": "last", "seed": 0, **raw, "attacks": [a.strip() for a in attacks]}
     settings["eps"] = parse_number(eps) if isinstance(eps, str) else float(eps)
-    from d2r.evaluate import build_suite
 
     try:  # bad names or eps fail now, before any training
         build_suite(settings["attacks"], settings["eps"], int(settings["seed"]))
@@ -133,8 +136,6 @@ def _eval_settings(raw: Any, where: str) -> dict[str, Any] | None:
 def cell_config(part: dict[str, Any], choice: dict[str, Any], spec_path: Path) -> Config:
     """base <- whole components from the grid (e.g. method: {...}) <- set <- other grid keys,
     validated as `d2r train` validates."""
-    from d2r.api import _as_set
-
     base = choice.get("base", part.get("base"))
     raw: dict[str, Any] = {}
     if base:
@@ -143,7 +144,7 @@ def cell_config(part: dict[str, Any], choice: dict[str, Any], spec_path: Path) -
         raw = load_yaml(path)
     raw.update({k: v for k, v in choice.items() if k in COMPONENTS})
     dotted = {k: v for k, v in choice.items() if k not in COMPONENTS and k != "base"}
-    sets = [_as_set(k, v) for k, v in {**(part.get("set") or {}), **dotted}.items()]
+    sets = [as_set(k, v) for k, v in {**(part.get("set") or {}), **dotted}.items()]
     return from_dict(apply_overrides(raw, sets))
 
 
@@ -159,8 +160,5 @@ def check_cell(cfg: Config) -> None:
     """What `d2r train` refuses before training, without training: the method and its models
     built on the meta device (no memory, no init cost even for WRN-34-10), and the per-epoch
     attack. Raises the trainer's own one-line ValueErrors."""
-    from d2r.attacks import from_name
-    from d2r.runs import check_config, eval_eps, eval_norm
-
     check_config(cfg)
     from_name(cfg.eval.attack, eval_eps(cfg), norm=eval_norm(cfg))
