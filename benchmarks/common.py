@@ -14,7 +14,7 @@ import torch
 from d2r import speed
 from d2r.config import TrainConfig
 from d2r.distributed import pick_device
-from d2r.guard import StepChecks
+from d2r.guard import StepGuard
 from d2r.methods import METHODS, Method
 from d2r.models import MODELS
 from d2r.trainer import train_step
@@ -59,7 +59,7 @@ def training_step(method: Method, fast: speed.FastPath, x: torch.Tensor, y: torc
     """One full D2R-CAG step as the Trainer takes it (d2r.trainer.train_step: attack, loss,
     the step's flags, backward, SGD), then the flags read (one process)."""
     optimizer = fast.sgd(method.parameters(), lr=0.01, momentum=0.9)
-    checks = StepChecks(x.device, nonfinite="stop")
+    checks = StepGuard(x.device, nonfinite="stop")
 
     def step() -> None:
         method.train()

@@ -131,11 +131,11 @@ class _GivenLoss:
 def _update(fast, optimizer, loss):
     """The trainer's update (d2r.trainer.train_step): backward and SGD step, skipped when the
     loss is not finite (fused SGD is told through found_inf and skips on the device)."""
-    from d2r.guard import StepChecks
+    from d2r.guard import StepGuard
     from d2r.trainer import train_step
 
     method, x = _GivenLoss(loss), torch.zeros(1, device=loss.device)
-    train_step(method, method, optimizer, fast, StepChecks(loss.device, "skip"), x, None)
+    train_step(method, method, optimizer, fast, StepGuard(loss.device, "skip"), x, None)
 
 
 def _state(model, optimizer):

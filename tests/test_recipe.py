@@ -76,14 +76,14 @@ def test_load_splits_holds_out_validation_and_never_reads_the_test_split(monkeyp
         lambda n, r, split, **kw: reads.append(split) or real_load(n, r, split, **kw),
     )
     d = resolve(overrides=["data.val_size=200", "data.train_subset=1000"]).data
-    splits = load_splits(d, check_subset=150)
-    assert reads == ["train"] and splits.check_split == "val"
+    splits = load_splits(d, val_subset=150)
+    assert reads == ["train"] and splits.val_split == "val"
     x_all, y_all = real_load("digits", "data", "train")
     train, val = validation_split(y_all, 200)
-    assert torch.equal(splits.x_check, x_all[val][:150]) and len(splits.x) == 1000
+    assert torch.equal(splits.x_val, x_all[val][:150]) and len(splits.x) == 1000
     assert torch.equal(splits.x, x_all[train][:1000])  # the training images exclude val
     d.val_size = None  # no validation split: the check reads the test split, as before
-    assert load_splits(d).check_split == "test" and reads[-1] == "test"
+    assert load_splits(d).val_split == "test" and reads[-1] == "test"
     d.val_size, d.train_subset = 200, 1400
     with pytest.raises(ValueError, match=r"data.train_subset=1400: 1297 training images are left"):
         load_splits(d)

@@ -174,22 +174,30 @@ class TrainState:
         return {k: getattr(self, k) for k in names}
 
 
+@dataclass
+class RunObjects:
+    """The live objects whose state a run checkpoint holds beside the counters: the method
+    (every model), the optimizer, the loader (its position and RNG) and the target's EMA."""
+
+    method: Method
+    optimizer: torch.optim.Optimizer
+    loader: DeviceLoader
+    ema: EMA | None = None
+
+
 def save_run(
     path: Path,
-    method: Method,
-    optimizer: torch.optim.Optimizer,
-    loader: DeviceLoader,
+    objects: RunObjects,
     state: TrainState,
     config: dict[str, Any],
     record: dict[str, Any] | None,
-    *,
-    ema: EMA | None = None,
     also: Sequence[Path] = (),
 ) -> None:
     """Write everything an exact resume needs to `path` (atomic). `record`: the epoch's log
     line at an epoch end, None mid-epoch. The EMA of the target (if any) is stored under its
     own prefix "ema", outside the models (it is not trained), and described in meta["ema"].
     `also`: more paths that get the same file (best.safetensors)."""
+    method, optimizer, loader, ema = objects.method, objects.optimizer, objects.loader, objects.ema
     models = method.models()
     tensors = {}
     for name, model in models.items():
@@ -213,16 +221,11 @@ def save_run(
     save(path, tensors, meta, also)
 
 
-def restore_run(
-    path: Path,
-    method: Method,
-    optimizer: torch.optim.Optimizer,
-    loader: DeviceLoader,
-    ema: EMA | None = None,
-) -> TrainState:
+def restore_run(path: Path, objects: RunObjects) -> TrainState:
     """Load `path` into the method, optimizer, loader and EMA, restore every RNG, and return
     the counters. The RNGs come last: building the models drew from the global RNG. An EMA
     that the checkpoint lacks (train.ema_decay set on resume) starts from the loaded weights."""
+    method, optimizer, loader, ema = objects.method, objects.optimizer, objects.loader, objects.ema
     tensors, meta = load(path)  # format, integrity hash
     models = method.models()
     load_models(models, tensors, meta, path)

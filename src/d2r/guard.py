@@ -104,9 +104,9 @@ class SignalGuard:
         self._previous.clear()
 
 
-# The step's checks -------------------------------------------------------------------------------
-class StepChecks:
-    """What every training step checks: a non-finite loss (train.nonfinite: skip the batch or
+# The step's guard -------------------------------------------------------------------------------
+class StepGuard:
+    """What guards every training step: a non-finite loss (train.nonfinite: skip the batch or
     stop) and a signal (stop after this step). Both travel as one device tensor, maxed over
     ranks: every rank must skip the same batch and stop after the same step, or the others hang
     in the next collective (torchrun passes a SIGTERM to each worker, which may see it a step
@@ -115,7 +115,7 @@ class StepChecks:
 
     def __init__(self, device: torch.device, nonfinite: str) -> None:
         self.device, self.nonfinite = device, nonfinite
-        self.guard = SignalGuard()
+        self.signals = SignalGuard()
         self.stop_signum: int | None = None  # a signal every rank knows of
 
     def flags(self, loss: Tensor | None) -> DeviceFlags:
@@ -125,7 +125,7 @@ class StepChecks:
             bad = torch.zeros((), device=self.device)
         else:
             bad = (~torch.isfinite(loss.detach())).float()
-        flags = torch.stack([bad, bad.new_full((), float(self.guard.signum or 0))])
+        flags = torch.stack([bad, bad.new_full((), float(self.signals.signum or 0))])
         return DeviceFlags(distributed.all_max(flags))
 
     def finite(self, flags: DeviceFlags) -> bool:
@@ -135,7 +135,7 @@ class StepChecks:
             self.stop_signum = int(signum)
         return bad == 0
 
-    def check(
+    def accept(
         self,
         flags: DeviceFlags,
         out: dict[str, Tensor],
@@ -143,7 +143,8 @@ class StepChecks:
         step: int,
         last: Callable[[], str],
     ) -> bool:
-        """True if the loss was finite; else warn (skip) or raise naming the step,
+        """Accept the step's update: True if the loss was finite; else warn (skip) or raise naming
+        the step,
         the loss terms and last(), the last good checkpoint (stop). Every step is checked, not
         only log points: one NaN update reaches every weight and momentum buffer at once."""
         if self.finite(flags):
@@ -165,3 +166,6 @@ class StepChecks:
     def stop_if_signalled(self, run_dir: Path, step: int) -> None:
         if self.stop_signum is not None:
             raise Preempted(self.stop_signum, run_dir, step)
+
+
+StepChecks = StepGuard  # its name before "check" came to mean validation only

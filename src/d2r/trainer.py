@@ -1,6 +1,7 @@
 """The one training loop. It knows nothing about adversarial examples: a Method turns a batch
-into a loss dict; the Trainer owns data, optimizer, schedule, the per-epoch check, logs and
-checkpoints. The step itself is `train_step`, read top to bottom like nanoGPT's loop."""
+into a loss dict; the Trainer owns data, optimizer, schedule, the per-epoch validation, the
+step's guard (non-finite loss, signals), logs and checkpoints. The step itself is
+`train_step`, read top to bottom like nanoGPT's loop."""
 
 from __future__ import annotations
 
@@ -17,15 +18,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from d2r import checkpoint, data, distributed, speed
+from d2r import checkpoint, curves, data, distributed, speed
 from d2r.attacks import from_name, norm_label
 from d2r.checkpoint import TrainState
 from d2r.config import Config, dump_yaml, to_dict
-from d2r.curves import write_curves
 from d2r.distributed import pick_device
 from d2r.ema import EMA
 from d2r.files import atomic_write_text
-from d2r.guard import DeviceFlags, StepChecks
+from d2r.guard import DeviceFlags, StepGuard
 from d2r.logs import MetricsLog, read_metrics
 from d2r.measure import correct_flags
 from d2r.methods import Method, eval_mode
@@ -76,15 +76,15 @@ def train_step(
     method: Method,
     optimizer: torch.optim.Optimizer,
     fast: speed.FastPath,
-    checks: StepChecks,
+    guard: StepGuard,
     x: Tensor,
     y: Tensor,
 ) -> tuple[dict[str, Tensor], DeviceFlags]:
     """One batch: the method's forward (attack, then loss), backward, optimizer step. A
-    non-finite loss updates nothing; the caller reads the flags (`checks.check`) afterwards."""
+    non-finite loss updates nothing; the caller reads the flags (`guard.accept`) afterwards."""
     with fast.autocast():  # bf16 for the attack and the loss when enabled
         out = model(fast.batch(x), y)  # the method: adversarial batch, then its loss terms
-    flags = checks.flags(out["loss"])  # [non-finite, signal] on any rank; queued, no sync
+    flags = guard.flags(out["loss"])  # [non-finite, signal] on any rank; queued, no sync
     optimizer.zero_grad(set_to_none=True)
     if fast.skips_on_device:  # fused SGD skips a bad update in its kernel: no host read first
         optimizer.found_inf = flags.tensor[0]
@@ -123,15 +123,15 @@ class Trainer:
         # the EMA of the target's weights (after _prepare_model: it reads the final tensors)
         self.ema = EMA(self.method.target, t.ema_decay) if t.ema_decay > 0 else None
         # missing files or a bad data.extra: refused here, before the run directory exists
-        self.loader, self.x_check, self.y_check, self.check_split = self._load_data()
+        self.loader, self.x_val, self.y_val, self.val_split = self._load_data()
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self.optimizer = self._make_optimizer()
-        self.check_attack = from_name(cfg.eval.attack, eval_eps(cfg), norm=eval_norm(cfg))
+        self.val_attack = from_name(cfg.eval.attack, eval_eps(cfg), norm=eval_norm(cfg))
         # what the user sees: a bar on a terminal, log lines otherwise, nothing when quiet
         shown = progress and self.dist.is_main  # under torchrun only rank 0 reports
         self.display = Progress(t.epochs, "auto" if shown else "off")
-        self.checks, self.resumed = StepChecks(self.device, t.nonfinite), resume
+        self.guard, self.resumed = StepGuard(self.device, t.nonfinite), resume
         self.state = self._restore() if resume else TrainState()
         self.already_finished = self.state.epoch >= t.epochs  # a --resume with nothing to do
         self._last_save, self._saved_step = time.monotonic(), self.state.step if resume else None
@@ -157,10 +157,10 @@ class Trainer:
 
     def _load_data(self) -> tuple[data.DeviceLoader, Tensor, Tensor, str]:
         """The training loader (uint8 on the device, augmented per batch, generated data mixed
-        in when asked) and the images of the per-epoch check, with their split's name."""
+        in when asked) and the images of the per-epoch validation, with their split's name."""
         d, info = self.cfg.data, data.info(self.cfg.data.name, self.cfg.data.like)
         extra = data.open_extra(d.extra, d.extra_fraction, info, d.batch_size)  # checked first
-        x, y, x_check, y_check, split = data.load_splits(d, self.cfg.eval.subset)
+        x, y, x_val, y_val, split = data.load_splits(d, self.cfg.eval.subset)
         loader = data.DeviceLoader(
             x,
             y,
@@ -175,7 +175,7 @@ class Trainer:
             extra=extra,
             extra_fraction=d.extra_fraction,
         )
-        return loader, x_check.to(self.device), y_check.to(self.device), split
+        return loader, x_val.to(self.device), y_val.to(self.device), split
 
     def fit(self) -> Run:
         """Train from epoch `state.epoch` (0, or where a resumed run stopped). SIGINT/SIGTERM
@@ -186,20 +186,19 @@ class Trainer:
             return Run(self.run_dir, self.cfg, self.method, self.state.history)
         self._write_header()
         epochs = self.cfg.train.epochs
-        with self.checks.guard:
+        with self.guard.signals:
             for epoch in range(self.state.epoch, epochs):
-                self._set_lr(epoch)
                 record = self._train_epoch(epoch)
-                if self._should_check(epoch):
-                    record.update(self._check())
+                if self._should_validate(epoch):
+                    record.update(self._validate())
                 self.log.write(record)
                 self.display.end_epoch(record)
                 self.state.history.append(record)
                 self.state.epoch, self.state.sums, self.state.count = epoch + 1, {}, 0
                 self._checkpoint(record)
-                self.checks.finite(self.checks.flags(None))  # a signal during the check
+                self.guard.finite(self.guard.flags(None))  # a signal during the validation
                 if epoch + 1 < epochs:
-                    self.checks.stop_if_signalled(self.run_dir, self.state.step)
+                    self.guard.stop_if_signalled(self.run_dir, self.state.step)
             self._finish()
         return Run(self.run_dir, self.cfg, self.method, self.state.history)
 
@@ -207,9 +206,9 @@ class Trainer:
         """curves.png (the paper's Fig. 2 for this run) and the TensorBoard files closed."""
         # from the log, not the history: a resumed run's curves start at epoch 1 too
         if self.dist.is_main and read_metrics(self.run_dir, "epoch"):
-            write_curves(self.run_dir)
+            curves.write_curves(self.run_dir)
         self.log.close()
-        signum = self.checks.stop_signum or self.checks.guard.signum
+        signum = self.guard.stop_signum or self.guard.signals.signum
         if signum and self.dist.is_main:
             name = signal.Signals(signum).name
             print(f"d2r: {name} came after the last epoch: the run is finished", file=sys.stderr)
@@ -224,8 +223,8 @@ class Trainer:
             write_env(self.run_dir, self.device, extra, resumed_step)
 
     def _set_lr(self, epoch: int) -> None:
-        """The step schedule's lr for `epoch`; the cosine schedule's for the next step (it is
-        set before every step: a Python float, no sync)."""
+        """The one place the lr is set, before every step (a Python float, no sync): the step
+        schedule's for `epoch`, or the cosine schedule's for the next step."""
         t = self.cfg.train
         if t.schedule == "cosine":
             batches = len(self.loader)
@@ -241,13 +240,12 @@ class Trainer:
         start, state = time.perf_counter(), self.state  # sums/count carry over into a resume
         bar = self.display.epoch(self.loader, epoch)
         for x, y in bar:
-            if self.cfg.train.schedule == "cosine":
-                self._set_lr(epoch)
+            self._set_lr(epoch)
             out, flags = train_step(
-                self.model, self.method, self.optimizer, self.fast, self.checks, x, y
+                self.model, self.method, self.optimizer, self.fast, self.guard, x, y
             )
             # the step's one host read: a non-finite loss is skipped (counted) or stops the run
-            finite = self.checks.check(flags, out, epoch, state.step, self._last_checkpoint)
+            finite = self.guard.accept(flags, out, epoch, state.step, self._last_checkpoint)
             if finite and self.ema is not None:  # a skipped batch changed no weight
                 self.ema.update()  # the target's EMA, after the optimizer step, on the device
             self._account(out, finite)
@@ -289,12 +287,12 @@ class Trainer:
         Not after an epoch's last batch: the epoch-end checkpoint follows its evaluation."""
         minutes = self.cfg.train.checkpoint_minutes
         due = minutes > 0 and time.monotonic() - self._last_save >= 60 * minutes
-        if not (due or self.checks.stop_signum):
+        if not (due or self.guard.stop_signum):
             return
         if self.loader.state_dict()["batch"] >= len(self.loader):
             return
         self._checkpoint(None)
-        self.checks.stop_if_signalled(self.run_dir, self.state.step)
+        self.guard.stop_if_signalled(self.run_dir, self.state.step)
 
     def _means(self) -> dict[str, float]:
         """Per-step means of the accumulated terms, averaged over ranks: one host sync."""
@@ -304,25 +302,25 @@ class Trainer:
         stacked = torch.stack([v.float() for v in sums.values()]) / max(count, 1)
         return dict(zip(sums, distributed.all_mean(stacked).tolist(), strict=True))
 
-    def _should_check(self, epoch: int) -> bool:
+    def _should_validate(self, epoch: int) -> bool:
         last = epoch + 1 == self.cfg.train.epochs
         return self.dist.is_main and (last or (epoch + 1) % self.cfg.eval.every == 0)
 
-    def _check(self) -> dict[str, Any]:
-        """The per-epoch check: the target alone (its EMA weights when train.ema_decay > 0),
-        eval mode, fp32, clean and the check's attack (the guide's clean accuracy too), on the
-        validation split (the test split in a run without one)."""
-        target, x, y, bs = self.method.target, self.x_check, self.y_check, self.cfg.eval.batch_size
+    def _validate(self) -> dict[str, Any]:
+        """The per-epoch validation: the target alone (its EMA weights when train.ema_decay >
+        0), eval mode, fp32, clean and the validation attack (the guide's clean accuracy too),
+        on the validation split (the test split in a run without one)."""
+        target, x, y, bs = self.method.target, self.x_val, self.y_val, self.cfg.eval.batch_size
         with eval_mode(target), self.ema.applied() if self.ema else nullcontext():
             clean = correct_flags(target, x, y, batch_size=bs)
-            robust = correct_flags(target, x, y, self.check_attack, batch_size=bs)
+            robust = correct_flags(target, x, y, self.val_attack, batch_size=bs)
         result = {
             "clean_acc": clean.float().mean().item(),
             "robust_acc": robust.float().mean().item(),
-            "check_eps": self.check_attack.eps,
-            "check_norm": norm_label(self.check_attack.norm),
+            "check_eps": self.val_attack.eps,
+            "check_norm": norm_label(self.val_attack.norm),
             "check_n": len(y),
-            "check_split": self.check_split,
+            "check_split": self.val_split,
             "check_model": "ema" if self.ema else "target",
         }
         if self.method.uses_guide:
@@ -333,7 +331,7 @@ class Trainer:
 
     def _checkpoint(self, record: dict[str, Any] | None) -> None:
         """last.safetensors gets the complete state (at an epoch end, `record` is its log line;
-        mid-epoch, None); best.safetensors the same when the checked robust accuracy improved
+        mid-epoch, None); best.safetensors the same when the validated robust accuracy improved
         (on the validation split, of the EMA weights when there is an EMA).
         Each write is an atomic rename: a kill leaves the previous complete file."""
         if not self.dist.is_main:
@@ -342,16 +340,18 @@ class Trainer:
         if improved:
             self.state.best = record["robust_acc"]
         self.state.metrics_bytes = self.log.size()
-        run = (self.method, self.optimizer, self.loader, self.state, to_dict(self.cfg))
         best = [self.run_dir / "best.safetensors"] if improved else []  # the same bytes
-        last = self.run_dir / "last.safetensors"
-        checkpoint.save_run(last, *run, record, ema=self.ema, also=best)
+        last, config = self.run_dir / "last.safetensors", to_dict(self.cfg)
+        checkpoint.save_run(last, self._objects(), self.state, config, record, also=best)
         self._last_save, self._saved_step = time.monotonic(), self.state.step
+
+    def _objects(self) -> checkpoint.RunObjects:
+        return checkpoint.RunObjects(self.method, self.optimizer, self.loader, self.ema)
 
     def _restore(self) -> TrainState:
         """Everything from last.safetensors; metrics.jsonl cut back to the checkpoint."""
         path = self.run_dir / "last.safetensors"
-        state = checkpoint.restore_run(path, self.method, self.optimizer, self.loader, self.ema)
+        state = checkpoint.restore_run(path, self._objects())
         if state.epoch >= self.cfg.train.epochs:  # nothing to do: leave the finished run as is
             return state
         if self.dist.enabled:

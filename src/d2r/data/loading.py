@@ -173,20 +173,20 @@ def validation_split(y: torch.Tensor, n: int, seed: int | None = None) -> tuple[
 
 
 class Splits(NamedTuple):
-    """What a training run reads: the training images and the per-epoch check's images, with
-    the split those come from ("val", held out of the training split, or "test")."""
+    """What a training run reads: the training images and the per-epoch validation's images,
+    with the split those come from ("val", held out of the training split, or "test")."""
 
     x: torch.Tensor
     y: torch.Tensor
-    x_check: torch.Tensor
-    y_check: torch.Tensor
-    check_split: str
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    val_split: str
 
 
-def load_splits(d: Any, check_subset: int | None = None) -> Splits:
-    """The training images and the per-epoch check's, from the `data` config section `d`:
+def load_splits(d: Any, val_subset: int | None = None) -> Splits:
+    """The training images and the per-epoch validation's, from the `data` config section `d`:
     `data.val_size` images held out of the training split (stratified, `validation_split`),
-    then `data.train_subset` of the rest; the check reads the first `check_subset` validation
+    then `data.train_subset` of the rest; validation reads the first `val_subset` validation
     images, or without a validation split the test split's (`data.test_subset` first).
     Every file is looked for before any is read; with a validation split the test split is
     not read at all (only `d2r eval` reads it)."""
@@ -196,10 +196,10 @@ def load_splits(d: Any, check_subset: int | None = None) -> Splits:
     x, y = load(d.name, d.root, "train", **read)
     if d.val_size:
         train, val = validation_split(y, d.val_size, d.subset_seed)
-        x_check, y_check, x, y, split = x[val], y[val], x[train], y[train], "val"
+        x_val, y_val, x, y, split = x[val], y[val], x[train], y[train], "val"
     else:
-        x_check, y_check = load(d.name, d.root, "test", **read)
-        x_check, y_check = subset(x_check, y_check, d.test_subset, d.subset_seed)
+        x_val, y_val = load(d.name, d.root, "test", **read)
+        x_val, y_val = subset(x_val, y_val, d.test_subset, d.subset_seed)
         split = "test"
     if d.train_subset is not None and d.train_subset > len(x):
         raise ValueError(
@@ -207,4 +207,4 @@ def load_splits(d: Any, check_subset: int | None = None) -> Splits:
             f"data.val_size={d.val_size} are held out; use at most {len(x)}"
         )
     x, y = subset(x, y, d.train_subset, d.subset_seed)
-    return Splits(x, y, x_check[:check_subset], y_check[:check_subset], split)
+    return Splits(x, y, x_val[:val_subset], y_val[:val_subset], split)
