@@ -1,4 +1,4 @@
-"""Evaluation attacks (SPEC section 7): PGD with restarts, CW-inf, FGSM and the AutoAttack
+"""Evaluation attacks (docs/method.md): PGD with restarts, CW-inf, FGSM and the AutoAttack
 adapter. The contract tests of test_attacks_core.py (CAG, KL, modes, grads) are not repeated."""
 
 import sys

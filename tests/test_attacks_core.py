@@ -1,4 +1,4 @@
-"""CAG (SPEC section 3) and the attack contract: ball, range, modes, no parameter grads."""
+"""CAG (docs/method.md, "CAG") and the attack contract: ball, range, modes, no parameter grads."""
 
 import pytest
 import torch

@@ -19,7 +19,7 @@ PATHS = sorted(CONFIGS.rglob("*.yaml"))
 RECIPES = [CONFIGS / "cifar10/trades_ema_gen.yaml", CONFIGS / "cifar10/d2r_cag_ema_gen.yaml"]
 PAPER = [p for p in PATHS if p not in RECIPES]
 
-# Table 1 (SPEC section 8, plus the PGD-AT, MART and AWP rows of CIFAR-10) and Table 2
+# Table 1 (docs/method.md, "Paper targets"; plus the PGD-AT, MART, AWP rows of CIFAR-10) and Table 2
 TABLE1 = {
     "cifar10/d2r_cag.yaml": ("wrn34_10", "d2r", {"attack": "cag", "lam": 1.0, "alpha": 30.0}),
     "cifar10/lbgat.yaml": ("wrn34_10", "lbgat", {"beta": 0.0}),

@@ -408,6 +408,6 @@ def test_a_sigterm_outside_training_exits_143_in_one_line(tmp_path):
 
 
 def test_a_one_epoch_run_has_no_warm_up():
-    """Documented in README "Training": warm-up would be the whole run."""
+    """Documented in docs/training.md, "Training": warm-up would be the whole run."""
     assert lr_factor(0, 1, 0.2, [0.75, 0.9]) == 1.0
     assert lr_factor(0, 2, 0.2, [0.75, 0.9]) == 0.2

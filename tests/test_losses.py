@@ -1,4 +1,4 @@
-"""d2r_loss against a direct re-derivation of SPEC section 2 (value and gradients)."""
+"""d2r_loss against a direct re-derivation of docs/method.md, "The D2R loss" (value, gradients)."""
 
 import pytest
 import torch
@@ -15,7 +15,7 @@ def _logits(seed: int, b: int = 6, c: int = 5) -> tuple[torch.Tensor, ...]:
 
 
 def _reference(za, zn, zg, y, lam, alpha, beta):
-    """SPEC section 2 written out with explicit loops over the formula's pieces."""
+    """docs/method.md, "The D2R loss", written out with explicit loops over the formula's pieces."""
     pa, pn, pg = za.softmax(1), zn.softmax(1), zg.softmax(1)
     b, c = za.shape
     k_adv = (pa * (torch.log(pa + 1e-5) - torch.log(pg))).sum() / (b * c)

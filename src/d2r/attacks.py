@@ -2,7 +2,7 @@
 TRADES KL attack and CAG; plus an adapter to the original AutoAttack (the optional
 `pyautoattack` package), which runs both norms.
 
-Contract (DESIGN.md): `attack(model, x, y, **ref) -> x_adv` inside the eps-ball of its `norm`
+Contract (docs/architecture.md): `attack(model, x, y, **ref) -> x_adv` in the eps-ball of its `norm`
 and [0, 1].
 An attack never changes a model's train/eval mode (the caller sets it: the references differ)
 and never writes parameter `.grad` (it differentiates with torch.autograd.grad on the input).
@@ -109,7 +109,7 @@ def attack_loop(
     """The one gradient-ascent loop: each step moves `step_size` along `ascent_direction`
     (the gradient's sign in L-inf, the per-sample normalized gradient in L2), then projects
     onto the eps-ball of `norm` and [0, 1]. With `y_stop`, a sample stops moving once the model
-    misclassifies it (per-sample early stop, the evaluation protocol of SPEC section 7)."""
+    misclassifies it (per-sample early stop, docs/method.md, "Evaluation protocol")."""
     x_adv = x_start.detach()
     for _ in range(steps):
         x_adv.requires_grad_(True)
@@ -262,7 +262,7 @@ def cag(
     steps: int = 10,
     norm: str = "linf",
 ) -> Tensor:
-    """Collaborative Adversarial Generation (D2R paper, SPEC section 3): the KL attack on the
+    """Collaborative Adversarial Generation (D2R paper; docs/method.md, "CAG"): the KL attack on the
     target with the guide's clean softmax as reference, computed once (no grad). The caller puts
     both models in eval mode first, as the reference does."""
     with torch.no_grad():

@@ -1,7 +1,7 @@
 """Training losses as pure functions of logits (the drop-in API for people with their own loop).
 
 Each returns a dict: a scalar `"loss"` to backpropagate and detached terms for logging.
-KL conventions follow SPEC section 1: `kl_elem(log_q, p)` summed over classes is KL(p || q).
+KL (docs/method.md, "The KL convention"): `kl_elem(log_q, p)` summed over classes is KL(p || q).
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def d2r_loss(
     gap_mean: GapMean | None = None,
     label_smoothing: float = 0.0,
 ) -> dict[str, Tensor]:
-    """Dual Regularization loss (D2R paper, eq. for L_total; SPEC section 2).
+    """Dual Regularization loss (D2R paper, eq. for L_total; docs/method.md, "The D2R loss").
 
     logits_adv = z_t(x'), logits_clean = z_t(x), logits_guide = z_g(x), each (B, C):
         lam * CE(z_g(x), y) + MSE(z_t(x'), z_g(x))

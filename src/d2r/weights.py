@@ -87,7 +87,7 @@ def normalize_keys(
 ) -> dict[str, Tensor]:
     """Map a foreign state dict's keys onto ours: strip DataParallel's `module.` and
     torch.compile's `_orig_mod.` prefixes, and drop the reference WRN's unused `sub_block1`
-    stage (SPEC section 6) unless the model has one. Anything else must match exactly."""
+    stage (docs/method.md, "Architectures") unless the model has one. Anything else must match."""
     out = {}
     for key, value in state.items():
         while key.startswith(("module.", "_orig_mod.")):

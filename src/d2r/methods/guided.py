@@ -59,7 +59,7 @@ ATTACK_CHOICES = ("cag", "trades")
 @METHODS.register("d2r")
 class D2R(Method):
     """D2R: Dual Regularization with a guide model, trained on Collaborative Adversarial
-    Generation (CAG) examples (the D2R paper; SPEC sections 2-3).
+    Generation (CAG) examples (the D2R paper; docs/method.md, "The D2R loss", "CAG").
 
     `attack="trades"` is "D2R without CAG": the TRADES/LBGAT KL attack on the target alone.
     `sym_rule` and `kl_reduction` are passed to `d2r_loss` (see there); `norm` to the attack."""
