@@ -102,8 +102,8 @@ def text_files() -> list[Path]:
         files += [p for p in (ROOT / name).rglob("*") if p.is_file()]
     out = []
     for path in files:
-        if "__pycache__" in path.parts:
-            continue
+        if "__pycache__" in path.parts or any(part.endswith(".egg-info") for part in path.parts):
+            continue  # build output (pip install -e copies the README it was built from)
         try:
             path.read_text(encoding="utf-8")
         except (UnicodeDecodeError, OSError):
