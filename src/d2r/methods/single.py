@@ -121,7 +121,7 @@ class TRADES(Method):
         if reference:
             bn_only_pass(self.target, x)  # the released code's second z(x)
         smoothing = self.label_smoothing
-        return trades_loss(logits_clean, logits_adv, y, beta=self.beta, label_smoothing=smoothing)
+        return trades_loss(logits_adv, logits_clean, y, beta=self.beta, label_smoothing=smoothing)
 
 
 MART_STARTS = ("normal", "uniform")
@@ -167,4 +167,4 @@ class MART(Method):
         logits_clean = self.target(x)  # the reference's order: clean, then adversarial
         logits_adv = self.target(x_adv)
         smoothing = self.label_smoothing
-        return mart_loss(logits_clean, logits_adv, y, beta=self.beta, label_smoothing=smoothing)
+        return mart_loss(logits_adv, logits_clean, y, beta=self.beta, label_smoothing=smoothing)
