@@ -147,7 +147,7 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from d2r.attacks import EVAL_NAMES
+    from d2r.attacks import EVAL_ATTACKS
     from d2r.data import DATASETS
     from d2r.methods import METHODS
     from d2r.models import MODELS
@@ -158,7 +158,7 @@ def _list(args: argparse.Namespace) -> int:
         ("data sets", DATASETS),
     ):
         print(f"{title}: {', '.join(registry.names())}")
-    print(f"evaluation attacks (d2r eval --attacks): {EVAL_NAMES}")
+    print(f"evaluation attacks (d2r eval --attacks): {EVAL_ATTACKS.help()}")
     return 0
 
 
@@ -268,6 +268,8 @@ def _is_out_of_memory(err: BaseException) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from d2r.attacks import EVAL_ATTACKS  # the --attacks help names every registered attack
+
     parser = argparse.ArgumentParser(
         prog="d2r",
         description=__doc__,
@@ -304,9 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--attacks",
         default="pgd20,cw20",
-        help="comma-separated: pgdK, cwK, pgdKrR (R restarts), fgsm, aa, aa_plus, "
-        "aa_rand; e.g. pgd20,pgd50,cw20,aa; NAME@EPS runs it at that eps only, e.g. "
-        "pgd20,cw20,aa@0.031 (the reference protocol with --eps 8/255)",
+        help=f"comma-separated: {EVAL_ATTACKS.help()}; e.g. pgd20,pgd50,cw20,aa; NAME@EPS "
+        "runs it at that eps only, e.g. pgd20,cw20,aa@0.031 (the reference protocol with "
+        "--eps 8/255)",
     )
     ev.add_argument(
         "--eps",
