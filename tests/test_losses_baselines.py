@@ -1,10 +1,12 @@
 """trades_loss, mart_loss, lbgat_loss against direct re-derivations of their papers' formulas
 (written per sample, with explicit softmax), value and gradients, on fixed float64 logits."""
 
+import inspect
+
 import pytest
 import torch
 
-from d2r.losses import lbgat_loss, mart_loss, trades_loss
+from d2r.losses import d2r_loss, lbgat_loss, mart_loss, trades_loss
 
 
 def _logits(seed: int, n: int, b: int = 6, c: int = 5) -> tuple[torch.Tensor, ...]:
@@ -119,3 +121,17 @@ def test_gradients_reach_both_clean_and_adversarial_logits():
     for fn in (trades_loss, mart_loss):
         gn, ga = torch.autograd.grad(fn(za, zn, y)["loss"], (zn, za))
         assert gn.abs().sum() > 0 and ga.abs().sum() > 0
+
+
+@pytest.mark.parametrize("fn", [trades_loss, mart_loss, lbgat_loss, d2r_loss])
+def test_every_loss_takes_the_adversarial_logits_first(fn):
+    """One order (losses' docstring): logits_adv, logits_clean[, logits_guide], y; a call by
+    keyword gives the same in any order."""
+    names = list(inspect.signature(fn).parameters)
+    two_model = "logits_guide" in names
+    order = ["logits_adv", "logits_clean", *(["logits_guide"] if two_model else []), "y"]
+    assert names[: len(order)] == order
+    *logits, y = _logits(6, len(order) - 1)
+    positional = fn(*logits, y)["loss"]
+    by_keyword = fn(y=y, **dict(reversed(list(zip(order[:-1], logits, strict=True)))))["loss"]
+    torch.testing.assert_close(positional, by_keyword, rtol=0, atol=0)
