@@ -270,6 +270,8 @@ def _is_out_of_memory(err: BaseException) -> bool:
 def build_parser() -> argparse.ArgumentParser:
     from d2r.attacks import EVAL_ATTACKS  # the --attacks help names every registered attack
 
+    attack_names = EVAL_ATTACKS.help().replace("%", "%%")  # argparse formats help with %
+
     parser = argparse.ArgumentParser(
         prog="d2r",
         description=__doc__,
@@ -306,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--attacks",
         default="pgd20,cw20",
-        help=f"comma-separated: {EVAL_ATTACKS.help()}; e.g. pgd20,pgd50,cw20,aa; NAME@EPS "
+        help=f"comma-separated: {attack_names}; e.g. pgd20,pgd50,cw20,aa; NAME@EPS "
         "runs it at that eps only, e.g. pgd20,cw20,aa@0.031 (the reference protocol with "
         "--eps 8/255)",
     )
