@@ -21,7 +21,7 @@ from common import add_model_args, build, interleaved_median, print_figures, tra
 
 def measure(method, x, y, fast, repeats: int = 20, warmup: int = 3) -> dict[str, float]:
     """The full step and its bare passes, alternated: medians over `repeats` after `warmup`."""
-    target, guide, steps = method.target, method.guide, method.budget["steps"]
+    target, guide, steps = method.target, method.guide, method.budget.steps
     full_step = training_step(method, fast, x, y)  # as Trainer._train_epoch
 
     def bare_passes() -> None:

@@ -40,13 +40,13 @@ def naive_epoch(trainer: Trainer, loader: DataLoader, device: torch.device) -> f
         x, y = x.to(device), y.to(device)
         target.eval(), guide.eval()
         x_adv = x + 0.001 * torch.randn_like(x)
-        for _ in range(budget["steps"]):
+        for _ in range(budget.steps):
             x_adv.requires_grad_(True)
             probs = F.softmax(guide(x), 1)  # recomputed every step, as the reference does
             objective = kl_elem(F.log_softmax(target(x_adv), 1), probs).sum()
             grad = torch.autograd.grad(objective, x_adv)[0]
-            x_adv = x_adv.detach() + budget["step_size"] * grad.sign()
-            x_adv = torch.min(torch.max(x_adv, x - budget["eps"]), x + budget["eps"]).clamp(0, 1)
+            x_adv = x_adv.detach() + budget.step_size * grad.sign()
+            x_adv = torch.min(torch.max(x_adv, x - budget.eps), x + budget.eps).clamp(0, 1)
         target.train(), guide.train()
         out = d2r_loss(target(x_adv), target(x), guide(x), y)
         optimizer.zero_grad()

@@ -1,10 +1,12 @@
 """trades_loss, mart_loss, lbgat_loss against direct re-derivations of their papers' formulas
 (written per sample, with explicit softmax), value and gradients, on fixed float64 logits."""
 
+import inspect
+
 import pytest
 import torch
 
-from d2r.losses import lbgat_loss, mart_loss, trades_loss
+from d2r.losses import d2r_loss, lbgat_loss, mart_loss, trades_loss
 
 
 def _logits(seed: int, n: int, b: int = 6, c: int = 5) -> tuple[torch.Tensor, ...]:
@@ -68,13 +70,15 @@ def _assert_same(out, ref, inputs):
 @pytest.mark.parametrize("beta", [6.0, 1.0, 0.0])
 def test_trades_loss_matches_the_paper(beta):
     zn, za, y = _logits(0, 2)
-    _assert_same(trades_loss(zn, za, y, beta=beta), _trades_reference(zn, za, y, beta), (zn, za))
+    out = trades_loss(logits_clean=zn, logits_adv=za, y=y, beta=beta)  # by keyword: any order
+    _assert_same(out, _trades_reference(zn, za, y, beta), (zn, za))
 
 
 @pytest.mark.parametrize("beta", [6.0, 1.0])
 def test_mart_loss_matches_the_paper(beta):
     zn, za, y = _logits(1, 2)
-    _assert_same(mart_loss(zn, za, y, beta=beta), _mart_reference(zn, za, y, beta), (zn, za))
+    out = mart_loss(logits_clean=zn, logits_adv=za, y=y, beta=beta)  # by keyword: any order
+    _assert_same(out, _mart_reference(zn, za, y, beta), (zn, za))
 
 
 @pytest.mark.parametrize("beta", [0.0, 6.0])
@@ -90,7 +94,7 @@ def test_mart_boosts_the_most_likely_wrong_class_even_when_it_beats_the_label():
     za = torch.tensor([[5.0, 1.0, 0.0], [0.0, 1.0, 5.0]], dtype=torch.float64, requires_grad=True)
     zn = torch.zeros(2, 3, dtype=torch.float64, requires_grad=True)
     y = torch.tensor([0, 1])
-    _assert_same(mart_loss(zn, za, y), _mart_reference(zn, za, y, 6.0), (zn, za))
+    _assert_same(mart_loss(za, zn, y), _mart_reference(zn, za, y, 6.0), (zn, za))
 
 
 @pytest.mark.parametrize(
@@ -98,7 +102,7 @@ def test_mart_boosts_the_most_likely_wrong_class_even_when_it_beats_the_label():
 )
 def test_single_model_terms_are_detached_and_add_up(fn, names):
     zn, za, y = _logits(3, 2)
-    out = fn(zn, za, y, beta=6.0)
+    out = fn(za, zn, y, beta=6.0)
     assert all(not out[name].requires_grad for name in names)
     torch.testing.assert_close(out[names[0]] + 6.0 * out[names[1]], out["loss"].detach())
 
@@ -115,5 +119,19 @@ def test_gradients_reach_both_clean_and_adversarial_logits():
     # TRADES and MART detach nothing: the clean branch is trained through the KL term too.
     zn, za, y = _logits(5, 2)
     for fn in (trades_loss, mart_loss):
-        gn, ga = torch.autograd.grad(fn(zn, za, y)["loss"], (zn, za))
+        gn, ga = torch.autograd.grad(fn(za, zn, y)["loss"], (zn, za))
         assert gn.abs().sum() > 0 and ga.abs().sum() > 0
+
+
+@pytest.mark.parametrize("fn", [trades_loss, mart_loss, lbgat_loss, d2r_loss])
+def test_every_loss_takes_the_adversarial_logits_first(fn):
+    """One order (losses' docstring): logits_adv, logits_clean[, logits_guide], y; a call by
+    keyword gives the same in any order."""
+    names = list(inspect.signature(fn).parameters)
+    two_model = "logits_guide" in names
+    order = ["logits_adv", "logits_clean", *(["logits_guide"] if two_model else []), "y"]
+    assert names[: len(order)] == order
+    *logits, y = _logits(6, len(order) - 1)
+    positional = fn(*logits, y)["loss"]
+    by_keyword = fn(y=y, **dict(reversed(list(zip(order[:-1], logits, strict=True)))))["loss"]
+    torch.testing.assert_close(positional, by_keyword, rtol=0, atol=0)

@@ -409,8 +409,8 @@ def test_label_smoothing_range():
 
 
 LOSSES = {  # (loss, the argument holding the logits of its CE term, the CE term's weight)
-    "trades": (losses.trades_loss, 0, 1.0),
-    "mart": (losses.mart_loss, 1, 1.0),
+    "trades": (losses.trades_loss, 1, 1.0),  # (logits_adv, logits_clean, y): CE on the clean
+    "mart": (losses.mart_loss, 0, 1.0),  # its boosted CE is on the adversarial logits
     "lbgat": (losses.lbgat_loss, 2, 1.0),
     "d2r": (lambda *z, **kw: losses.d2r_loss(*z, lam=0.5, **kw), 2, 0.5),
 }

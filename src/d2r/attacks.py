@@ -13,9 +13,9 @@ from __future__ import annotations
 import logging
 import re
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from d2r.losses import kl_elem
-from d2r.registry import OptionError, check_choice, check_range
+from d2r.registry import OptionError, View, check_choice, check_range
 
 
 class EvaluationWarning(UserWarning):
@@ -51,6 +51,27 @@ def check_budget(eps: float, step_size: float = 0.0, steps: int = 1, norm: str =
     check_range("step_size", step_size)
     check_range("steps", steps, positive=True)
     check_choice("norm", norm, tuple(NORMS))
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A training attack's budget: `steps` steps of `step_size` inside the eps-ball of `norm`.
+    The defaults are the references' CIFAR budget (eps 0.031, step 0.007, 10 steps;
+    docs/method.md, "CAG"). Checked on construction (`check_budget`: the same errors as each
+    option's)."""
+
+    eps: float = 0.031
+    step_size: float = 0.007
+    steps: int = 10
+    norm: str = "linf"
+
+    def __post_init__(self) -> None:
+        check_budget(self.eps, self.step_size, self.steps, self.norm)
+
+    def kwargs(self) -> dict[str, Any]:
+        """{"eps", "step_size", "steps", "norm"}: the keywords of PGD, KLAttack, cag and
+        attack_loop."""
+        return asdict(self)
 
 
 def _per_sample(values: Tensor, like: Tensor) -> Tensor:
@@ -271,30 +292,181 @@ def cag(
     return attack(target, x, ref_probs=guide_probs)
 
 
-_NAMED = re.compile(r"^(pgd|cw)(\d+)(?:r(\d+))?$")
-AA_VERSIONS = {"aa": "standard", "aa_plus": "plus", "aa_rand": "rand"}
-EVAL_NAMES = "pgdK, cwK (K >= 1 steps, e.g. pgd20, cw20; pgd20r5 = 5 restarts), fgsm, " + ", ".join(
-    AA_VERSIONS
+# Evaluation attacks by name ------------------------------------------------------------------
+# One registry: each entry's names, constructor, label, Table 1 columns and help text feed
+# from_name, the names `d2r eval --attacks` takes, eval.md's and `d2r report`'s columns, the
+# labels of tables and plots (`label`), `d2r list` and the CLI help.
+
+
+@dataclass(frozen=True)
+class EvalAttack:
+    """One kind of evaluation attack, as `d2r eval --attacks` names it.
+
+    `pattern`: a regex the whole name must match; its named groups are counts (digits, read
+    as ints; a name with a count below 1 is no attack), e.g. "pgd(?P<steps>[0-9]+)".
+    `build(eps, step_size=, seed=, norm=, **counts) -> attack`: the attack of a name, with the
+    counts that matched (`step_size` None: the attack's own default).
+    `label`: how tables, logs and plots name it: a format of the name's groups ("PGD-{steps}")
+    or a function of them (each group's text, None where an optional one did not match).
+    `columns`: names that are fixed table columns (Table 1's, shown even where not run), each
+    with its heading, which is also its label. `help`: its names as `d2r list` and the CLI's
+    help write them."""
+
+    name: str
+    pattern: str
+    build: Callable[..., Any]
+    label: str | Callable[..., str]
+    help: str
+    columns: Mapping[str, str] = field(default_factory=dict)
+
+    def match(self, name: str) -> dict[str, str | None] | None:
+        """The groups of `name` (each count's text), or None when it is not one of its names."""
+        found = re.fullmatch(self.pattern, name)
+        if found is None or any(v is not None and int(v) < 1 for v in found.groupdict().values()):
+            return None
+        return found.groupdict()
+
+    def label_of(self, name: str, groups: dict[str, str | None]) -> str:
+        if name in self.columns:
+            return self.columns[name]
+        return self.label.format(**groups) if isinstance(self.label, str) else self.label(**groups)
+
+
+class EvalAttacks:
+    """The registry of evaluation attacks (entries in registration order, which is the order
+    of `help` and of the table columns)."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, EvalAttack] = {}
+
+    def register(self, entry: EvalAttack) -> EvalAttack:
+        if entry.name in self._entries:
+            raise ValueError(f"evaluation attack {entry.name!r} is registered twice")
+        self._entries[entry.name] = entry
+        return entry
+
+    def unregister(self, name: str) -> None:
+        del self._entries[name]
+
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def __contains__(self, name: str) -> bool:
+        return self.find(name) is not None
+
+    def find(self, name: str) -> tuple[EvalAttack, dict[str, str | None]] | None:
+        """The entry whose pattern `name` matches, with its groups; None for no attack."""
+        for entry in self._entries.values():
+            groups = entry.match(name)
+            if groups is not None:
+                return entry, groups
+        return None
+
+    def create(self, name: str, eps: float, **options: Any) -> Any:
+        """The attack `name` at `eps`; options: step_size, seed, norm (ValueError for a name
+        no entry takes, listing the names that are)."""
+        found = self.find(name)
+        if found is None:
+            raise ValueError(f"attack {name!r} unknown; use one of {self.help()}")
+        entry, groups = found
+        counts = {k: int(v) for k, v in groups.items() if v is not None}
+        return entry.build(eps, **options, **counts)
+
+    def label(self, name: str) -> str:
+        found = self.find(name)
+        return name if found is None else found[0].label_of(name, found[1])
+
+    def columns(self) -> dict[str, str]:
+        """{name: heading} of every entry's fixed table columns, in registration order."""
+        return {k: v for entry in self._entries.values() for k, v in entry.columns.items()}
+
+    def help(self) -> str:
+        return ", ".join(entry.help for entry in self._entries.values())
+
+
+EVAL_ATTACKS = EvalAttacks()
+
+
+def _pgd_label(text: str) -> Callable[..., str]:
+    def named(steps: str, restarts: str | None = None) -> str:
+        return text + steps + (f" x{restarts} restarts" if restarts else "")
+
+    return named
+
+
+def _pgd_build(loss: str) -> Callable[..., PGD]:
+    """PGD with `steps` and `restarts` on `loss`; step size eps/4 unless given (2/255 at
+    8/255; docs/method.md, "Evaluation protocol")."""
+
+    def build(
+        eps: float,
+        step_size: float | None = None,
+        norm: str = "linf",
+        steps: int = 20,
+        restarts: int = 1,
+        **_: Any,
+    ) -> PGD:
+        step = eps / 4 if step_size is None else step_size
+        return PGD(eps=eps, step_size=step, steps=steps, loss=loss, restarts=restarts, norm=norm)
+
+    return build
+
+
+def _fgsm_build(eps: float, norm: str = "linf", **_: Any) -> FGSM:
+    return FGSM(eps=eps, norm=norm)
+
+
+def _autoattack(name: str, text: str, column: bool = False) -> EvalAttack:
+    """The entry of AutoAttack's version AA_VERSIONS[name], seeded with `seed`."""
+
+    def build(eps: float, seed: int = 0, norm: str = "linf", **_: Any) -> AutoAttack:
+        return AutoAttack(eps=eps, version=AA_VERSIONS[name], seed=seed, norm=norm)
+
+    return EvalAttack(name, re.escape(name), build, text, name, {name: text} if column else {})
+
+
+_COUNTS = r"(?P<steps>\d+)(?:r(?P<restarts>\d+))?"  # K steps, optionally rR restarts
+AA_VERSIONS = {"aa": "standard", "aa_plus": "plus", "aa_rand": "rand"}  # name -> version
+EVAL_ATTACKS.register(
+    EvalAttack(
+        "pgd",
+        "pgd" + _COUNTS,
+        _pgd_build("ce"),
+        _pgd_label("PGD-"),
+        "pgdK (K >= 1 steps, e.g. pgd20; pgd20r5 = 5 restarts)",
+        columns={"pgd20": "PGD-20", "pgd50": "PGD-50"},
+    )
 )
+EVAL_ATTACKS.register(
+    EvalAttack(
+        "cw",
+        "cw" + _COUNTS,
+        _pgd_build("cw"),
+        _pgd_label("C&W-"),
+        "cwK (the CW margin, e.g. cw20; cw20r5 = 5 restarts)",
+        columns={"cw20": "C&W"},
+    )
+)
+EVAL_ATTACKS.register(EvalAttack("fgsm", "fgsm", _fgsm_build, "FGSM", "fgsm"))
+EVAL_ATTACKS.register(_autoattack("aa", "AA", column=True))  # Table 1's AA
+EVAL_ATTACKS.register(_autoattack("aa_plus", "AA+"))
+EVAL_ATTACKS.register(_autoattack("aa_rand", "AA-rand"))
+
+# Table 1's attack columns, by the names from_name takes: a view of EVAL_ATTACKS.
+PAPER_ATTACKS: Mapping[str, str] = View(EVAL_ATTACKS.columns)
 
 
-# Table 1's attack columns, by the names from_name takes.
-PAPER_ATTACKS = {"pgd20": "PGD-20", "pgd50": "PGD-50", "cw20": "C&W", "aa": "AA"}
-_OTHER_LABELS = {"fgsm": "FGSM", "aa_plus": "AA+", "aa_rand": "AA-rand"}
+def __getattr__(name: str) -> Any:
+    if name == "EVAL_NAMES":  # the names from_name takes, as EVAL_ATTACKS has them now
+        return EVAL_ATTACKS.help()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def label(name: str) -> str:
     """How tables, logs and plots name an evaluation attack: Table 1's column for its attacks
     (pgd20 -> PGD-20, cw20 -> C&W), else e.g. cw30 -> C&W-30, pgd10r5 -> PGD-10 x5 restarts,
     aa_plus -> AA+; a name that is no attack is returned as it is."""
-    if name in PAPER_ATTACKS:
-        return PAPER_ATTACKS[name]
-    match = _NAMED.match(name)
-    if match:
-        kind, steps, restarts = match.groups()
-        text = ("PGD-" if kind == "pgd" else "C&W-") + steps
-        return text + (f" x{restarts} restarts" if restarts else "")
-    return _OTHER_LABELS.get(name, name)
+    return EVAL_ATTACKS.label(name)
 
 
 def from_name(
@@ -303,19 +475,9 @@ def from_name(
     """'pgd20' -> PGD-20 on CE, 'cw20' -> the CW margin with 20 steps (step size eps/4, 2/255
     at 8/255), 'pgd20r5' -> with 5 restarts, 'fgsm', and 'aa' / 'aa_plus' / 'aa_rand' ->
     AutoAttack's standard / plus / rand version seeded with `seed`; each in `norm` ("linf" or
-    "l2": PGD-L2, CW-L2, the one-step fast gradient method, AutoAttack at norm L2)."""
-    if name == "fgsm":
-        return FGSM(eps=eps, norm=norm)
-    if name in AA_VERSIONS:
-        return AutoAttack(eps=eps, version=AA_VERSIONS[name], seed=seed, norm=norm)
-    match = _NAMED.match(name)
-    if not match or int(match.group(2)) < 1 or (match.group(3) and int(match.group(3)) < 1):
-        raise ValueError(f"attack {name!r} unknown; use one of {EVAL_NAMES}")
-    loss = "ce" if match.group(1) == "pgd" else "cw"
-    step = eps / 4 if step_size is None else step_size
-    restarts = int(match.group(3) or 1)
-    steps = int(match.group(2))
-    return PGD(eps=eps, step_size=step, steps=steps, loss=loss, restarts=restarts, norm=norm)
+    "l2": PGD-L2, CW-L2, the one-step fast gradient method, AutoAttack at norm L2). Any other
+    entry of EVAL_ATTACKS likewise."""
+    return EVAL_ATTACKS.create(name, eps, step_size=step_size, seed=seed, norm=norm)
 
 
 AA_INSTALL = 'AutoAttack needs the optional package: pip install "d2r-robust[autoattack]"'

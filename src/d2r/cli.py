@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from d2r import distributed, evalstore, export, report, sweep
-from d2r.attacks import EVAL_NAMES
+from d2r.attacks import EVAL_ATTACKS
 from d2r.config import (
     check_resume_config,
     earlier_defaults,
@@ -158,7 +158,7 @@ def _list(args: argparse.Namespace) -> int:
         ("data sets", DATASETS),
     ):
         print(f"{title}: {', '.join(registry.names())}")
-    print(f"evaluation attacks (d2r eval --attacks): {EVAL_NAMES}")
+    print(f"evaluation attacks (d2r eval --attacks): {EVAL_ATTACKS.help()}")
     return 0
 
 
@@ -264,6 +264,9 @@ def _is_out_of_memory(err: BaseException) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # the --attacks help names every registered attack; argparse formats help with %
+    attack_names = EVAL_ATTACKS.help().replace("%", "%%")
+
     parser = argparse.ArgumentParser(
         prog="d2r",
         description=__doc__,
@@ -300,9 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--attacks",
         default="pgd20,cw20",
-        help="comma-separated: pgdK, cwK, pgdKrR (R restarts), fgsm, aa, aa_plus, "
-        "aa_rand; e.g. pgd20,pgd50,cw20,aa; NAME@EPS runs it at that eps only, e.g. "
-        "pgd20,cw20,aa@0.031 (the reference protocol with --eps 8/255)",
+        help=f"comma-separated: {attack_names}; e.g. pgd20,pgd50,cw20,aa; NAME@EPS "
+        "runs it at that eps only, e.g. pgd20,cw20,aa@0.031 (the reference protocol with "
+        "--eps 8/255)",
     )
     ev.add_argument(
         "--eps",

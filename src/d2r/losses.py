@@ -1,7 +1,12 @@
 """Training losses as pure functions of logits (the drop-in API for people with their own loop).
 
-Each returns a dict: a scalar `"loss"` to backpropagate and detached terms for logging.
-KL (docs/method.md, "The KL convention"): `kl_elem(log_q, p)` summed over classes is KL(p || q).
+One argument order for every loss: the adversarial logits first, then the clean ones, then
+the guide's (two-model losses), then the labels: `(logits_adv, logits_clean[, logits_guide],
+y, *, options)`. Each logits argument is also a keyword of that name, so a call by keyword
+reads the same whatever the order. Each returns a dict: a scalar `"loss"` to backpropagate and
+detached terms for logging.
+KL (docs/method.md, "The KL convention"): `kl_elem(log_q, p)` summed over classes is KL(p || q)
+(a building block of probabilities, not a loss of logits: it keeps that order).
 """
 
 from __future__ import annotations
@@ -68,7 +73,8 @@ def d2r_loss(
 ) -> dict[str, Tensor]:
     """Dual Regularization loss (D2R paper, eq. for L_total; docs/method.md, "The D2R loss").
 
-    logits_adv = z_t(x'), logits_clean = z_t(x), logits_guide = z_g(x), each (B, C):
+    logits_adv = z_t(x'), logits_clean = z_t(x), logits_guide = z_g(x), each (B, C), in that
+    order (adversarial first, as every loss here):
         lam * CE(z_g(x), y) + MSE(z_t(x'), z_g(x))
         + alpha * KL(p_t(x') || p_g(x)) + beta * |KL(p_t(x) || p_g(x)) - KL(p_g(x) || p_t(x))|
     with KL means over B*C (`kl_reduction="mean_bc"`, the reference). `batchmean` sums over
@@ -95,14 +101,15 @@ def d2r_loss(
 
 
 def trades_loss(
-    logits_clean: Tensor,
     logits_adv: Tensor,
+    logits_clean: Tensor,
     y: Tensor,
     *,
     beta: float = 6.0,
     label_smoothing: float = 0.0,
 ) -> dict[str, Tensor]:
-    """TRADES (Zhang et al. 2019, arXiv:1901.08573, and its released code):
+    """TRADES (Zhang et al. 2019, arXiv:1901.08573, and its released code), with
+    logits_adv = z(x'), logits_clean = z(x) (adversarial first, as every loss here):
         CE(z(x), y) + beta * batchmean KL(p(x) || p(x'))
     with the exact KL (as nn.KLDivLoss computes it, no 1e-5) and gradients into both arguments.
     `label_smoothing` applies to the CE term only, as in Wang et al. 2023 (arXiv:2302.04638)."""
@@ -112,15 +119,16 @@ def trades_loss(
 
 
 def mart_loss(
-    logits_clean: Tensor,
     logits_adv: Tensor,
+    logits_clean: Tensor,
     y: Tensor,
     *,
     beta: float = 6.0,
     label_smoothing: float = 0.0,
 ) -> dict[str, Tensor]:
     """MART (Wang et al. ICLR 2020, "Improving adversarial robustness requires revisiting
-    misclassified examples"), with the numerical guards of the released code:
+    misclassified examples"), with logits_adv = z(x'), logits_clean = z(x) (adversarial first,
+    as every loss here) and the numerical guards of the released code:
         BCE(p(x'), y) = -log p_y(x') - log(1.0001 - max_{k != y} p_k(x') + 1e-12)
         loss = BCE + beta * mean_i [KL(p(x_i) || p(x'_i)) * (1.0000001 - p_y(x_i))]
     The KL uses log(p(x') + 1e-12) and the exact p log p, as the code's nn.KLDivLoss does.
@@ -145,7 +153,8 @@ def lbgat_loss(
     label_smoothing: float = 0.0,
 ) -> dict[str, Tensor]:
     """LBGAT (Cui et al. ICCV 2021, arXiv:2011.11164, and its released code), with
-    logits_adv = z_t(x'), logits_clean = z_t(x), logits_guide = z_g(x):
+    logits_adv = z_t(x'), logits_clean = z_t(x), logits_guide = z_g(x) (adversarial first, as
+    every loss here):
         MSE(z_t(x'), z_g(x)) + CE(z_g(x), y) + beta * batchmean KL(p_t(x) || p_t(x'))
     beta = 0 is "LBGAT0", beta = 6 "LBGAT6" (TRADES' weight). `label_smoothing`: the CE term."""
     mse = F.mse_loss(logits_adv, logits_guide)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from d2r.config import coerce
@@ -40,6 +40,26 @@ def check_range(
 def check_choice(option: str, value: Any, choices: tuple[Any, ...]) -> None:
     if value not in choices:
         raise OptionError(option, value, f"choose one of {', '.join(map(str, choices))}")
+
+
+class View(Mapping[str, Any]):
+    """A read-only mapping recomputed by `make` at every use: a table derived from a registry
+    (Table 1's columns from the attacks') that follows entries registered after import."""
+
+    def __init__(self, make: Callable[[], Mapping[str, Any]]) -> None:
+        self._make = make
+
+    def __getitem__(self, key: str) -> Any:
+        return self._make()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._make())
+
+    def __len__(self) -> int:
+        return len(self._make())
+
+    def __repr__(self) -> str:
+        return f"View({dict(self._make())!r})"
 
 
 class Registry:
@@ -85,7 +105,10 @@ class Registry:
                 )
 
     def create(self, name: str, /, *args: Any, **kwargs: Any) -> Any:
-        self.check_kwargs(name, kwargs)
+        """Build `name` from keywords: its signature's, and any it lists in `code_keywords`
+        (those a config cannot give, e.g. a method's `budget`)."""
+        code = getattr(self.get(name), "code_keywords", ())
+        self.check_kwargs(name, {k: v for k, v in kwargs.items() if k not in code})
         return self.get(name)(*args, **kwargs)
 
 

@@ -3,14 +3,17 @@ managers, BatchNorm-only passes and AWP's weight perturbation (any method, `awp_
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+import inspect
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from d2r import distributed
+from d2r.attacks import Budget
 from d2r.registry import Registry, check_range
 
 METHODS = Registry("method")
@@ -84,6 +87,30 @@ def _mean_over_ranks(grads: tuple[Tensor | None, ...]) -> list[Tensor | None]:
     return [None if g is None else next(chunks).view_as(g) for g in grads]
 
 
+BUDGET_KEYS = frozenset(Budget.__dataclass_fields__)  # eps, step_size, steps, norm
+
+
+def _takes_budget(init: Callable[..., None]) -> Callable[..., None]:
+    """`init` that also takes `budget=Budget(...)` for its four budget options. The signature
+    seen by inspect (and so the config schema, config.yaml and the registry's checks) stays
+    `init`'s: `budget` is for code, a config gives the four keys."""
+
+    @functools.wraps(init)
+    def with_budget(self: Method, *args: Any, budget: Budget | None = None, **kwargs: Any) -> None:
+        if budget is not None:
+            both = [k for k in kwargs if k in BUDGET_KEYS]
+            if both:
+                given = ", ".join(f"{k}=" for k in both)
+                raise TypeError(
+                    f"{type(self).__name__}: give the attack budget as budget= or as eps=, "
+                    f"step_size=, steps=, norm=, not both (got budget= and {given})"
+                )
+            kwargs.update(budget.kwargs())
+        init(self, *args, **kwargs)
+
+    return with_budget
+
+
 class Method(nn.Module):
     """Base class. `uses_guide` tells the trainer whether to build a guide model.
 
@@ -96,9 +123,22 @@ class Method(nn.Module):
 
     `label_smoothing` (0.1 in Wang et al. 2023, arXiv:2302.04638) smooths the cross-entropy
     terms of each method's loss (which ones: each loss function says), never an attack's
-    objective."""
+    objective.
+
+    The attack budget: a method whose constructor takes the four options `eps`, `step_size`,
+    `steps`, `norm` (the config keys `method.eps`, ...: the signature is the schema) also takes
+    them as one `budget=Budget(...)`, not with any of the four (`_takes_budget`); it keeps
+    them as `self.budget`."""
 
     uses_guide: ClassVar[bool] = False
+    code_keywords: ClassVar[tuple[str, ...]] = ()  # taken beyond the signature (METHODS.create)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is not None and BUDGET_KEYS.issubset(inspect.signature(init).parameters):
+            cls.__init__ = _takes_budget(init)  # type: ignore[method-assign]
+            cls.code_keywords = ("budget",)
 
     def __init__(
         self,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from d2r import distributed
-from d2r.attacks import KLAttack, cag, check_budget
+from d2r.attacks import Budget, KLAttack, cag
 from d2r.losses import KL_REDUCTIONS, SYM_RULES, d2r_loss, lbgat_loss
 from d2r.methods.base import METHODS, Method, eval_mode
 from d2r.registry import check_choice, check_range
@@ -36,7 +36,8 @@ class LBGAT(Method):
         super().__init__(target, guide, awp_gamma=awp_gamma, label_smoothing=label_smoothing)
         check_range("beta", beta)
         self.beta = beta
-        self.kl_attack = KLAttack(eps=eps, step_size=step_size, steps=steps, norm=norm)
+        self.budget = Budget(eps, step_size, steps, norm)
+        self.kl_attack = KLAttack(**self.budget.kwargs())
 
     def generate(self, x: Tensor, y: Tensor) -> Tensor:
         # The LBGAT code: the target alone in eval mode (the guide takes no part in the attack).
@@ -90,17 +91,16 @@ class D2R(Method):
         check_choice("kl_reduction", kl_reduction, KL_REDUCTIONS)
         for name, value in (("lam", lam), ("alpha", alpha), ("beta", beta)):
             check_range(name, value)
-        check_budget(eps, step_size, steps, norm)
         self.lam, self.alpha, self.beta = lam, alpha, beta
         self.attack, self.sym_rule, self.kl_reduction = attack, sym_rule, kl_reduction
-        self.budget = {"eps": eps, "step_size": step_size, "steps": steps, "norm": norm}
+        self.budget = Budget(eps, step_size, steps, norm)
 
     def generate(self, x: Tensor, y: Tensor) -> Tensor:
         # Both models in eval mode for the attack, as the released code does.
         with eval_mode(self.target, self.guide):
             if self.attack == "cag":
-                return cag(self.target, self.guide, x, **self.budget)
-            return KLAttack(**self.budget)(self.target, x)
+                return cag(self.target, self.guide, x, **self.budget.kwargs())
+            return KLAttack(**self.budget.kwargs())(self.target, x)
 
     def loss(self, x: Tensor, y: Tensor, x_adv: Tensor) -> dict[str, Tensor]:
         # Three separate passes, in the reference's order, so BatchNorm sees each batch alone.

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from d2r.attacks import PGD, KLAttack, attack_loop, ce_objective, check_budget
+from d2r.attacks import PGD, Budget, KLAttack, attack_loop, ce_objective
 from d2r.losses import mart_loss, trades_loss
 from d2r.methods.base import METHODS, Method, bn_only_pass, eval_mode
 from d2r.registry import check_choice, check_range
@@ -43,8 +43,8 @@ class PGDAT(Method):
         super().__init__(target, awp_gamma=awp_gamma, label_smoothing=label_smoothing)
         check_choice("attack_mode", attack_mode, ATTACK_MODES)
         self.attack_mode = attack_mode
-        budget = {"eps": eps, "step_size": step_size, "steps": steps, "norm": norm}
-        self.pgd = PGD(**budget, early_stop=False)
+        self.budget = Budget(eps, step_size, steps, norm)
+        self.pgd = PGD(**self.budget.kwargs(), early_stop=False)
         self._clean_after_step: Tensor | None = None
 
     def generate(self, x: Tensor, y: Tensor) -> Tensor:
@@ -103,7 +103,8 @@ class TRADES(Method):
         check_range("beta", beta)
         check_choice("bn_passes", bn_passes, BN_PASSES)
         self.beta, self.bn_passes = beta, bn_passes
-        self.kl_attack = KLAttack(eps=eps, step_size=step_size, steps=steps, norm=norm)
+        self.budget = Budget(eps, step_size, steps, norm)
+        self.kl_attack = KLAttack(**self.budget.kwargs())
 
     def generate(self, x: Tensor, y: Tensor) -> Tensor:
         # The TRADES code: model.eval() for the attack, model.train() for the loss.
@@ -121,7 +122,7 @@ class TRADES(Method):
         if reference:
             bn_only_pass(self.target, x)  # the released code's second z(x)
         smoothing = self.label_smoothing
-        return trades_loss(logits_clean, logits_adv, y, beta=self.beta, label_smoothing=smoothing)
+        return trades_loss(logits_adv, logits_clean, y, beta=self.beta, label_smoothing=smoothing)
 
 
 MART_STARTS = ("normal", "uniform")
@@ -151,20 +152,20 @@ class MART(Method):
         super().__init__(target, awp_gamma=awp_gamma, label_smoothing=label_smoothing)
         check_choice("start", start, MART_STARTS)
         check_range("beta", beta)
-        check_budget(eps, step_size, steps, norm)
         self.beta, self.start = beta, start
-        self.budget = {"eps": eps, "step_size": step_size, "steps": steps, "norm": norm}
+        self.budget = Budget(eps, step_size, steps, norm)
 
     def generate(self, x: Tensor, y: Tensor) -> Tensor:
         # The MART code: model.eval() for the attack, model.train() for the loss.
         with eval_mode(self.target):
+            budget = self.budget.kwargs()
             if self.start == "uniform":
-                return PGD(**self.budget, early_stop=False)(self.target, x, y)
+                return PGD(**budget, early_stop=False)(self.target, x, y)
             start = x + 0.001 * torch.randn_like(x)
-            return attack_loop(self.target, x, start, ce_objective(y), **self.budget)
+            return attack_loop(self.target, x, start, ce_objective(y), **budget)
 
     def loss(self, x: Tensor, y: Tensor, x_adv: Tensor) -> dict[str, Tensor]:
         logits_clean = self.target(x)  # the reference's order: clean, then adversarial
         logits_adv = self.target(x_adv)
         smoothing = self.label_smoothing
-        return mart_loss(logits_clean, logits_adv, y, beta=self.beta, label_smoothing=smoothing)
+        return mart_loss(logits_adv, logits_clean, y, beta=self.beta, label_smoothing=smoothing)
