@@ -127,9 +127,8 @@ def _attack(method) -> object:
 def test_a_budget_or_its_four_keywords_build_the_same_method(name):
     budget = Budget(eps=0.1, step_size=0.02, steps=2, norm="l2")
     by_keywords = METHODS.create(name, *_models(name), eps=0.1, step_size=0.02, steps=2, norm="l2")
-    by_budget = METHODS.create(name, *_models(name), budget=budget)
-    direct = METHODS.get(name)(*_models(name), budget=budget)
-    assert by_keywords.budget == by_budget.budget == direct.budget == budget
+    by_budget = METHODS.get(name).with_budget(budget, *_models(name))
+    assert by_keywords.budget == by_budget.budget == budget
     assert _attack(by_keywords) == _attack(by_budget)
     if _attack(by_budget) is not None:
         assert _attack(by_budget).eps == 0.1 and _attack(by_budget).norm == "l2"
@@ -155,8 +154,8 @@ def test_every_methods_default_budget_is_budgets_default(name):
 
 
 def test_a_budget_and_any_of_its_keywords_are_refused_together():
-    with pytest.raises(TypeError, match=r"not both .*steps="):
-        METHODS.get("trades")(small_cnn(in_channels=1), budget=Budget(), steps=3)
+    with pytest.raises(TypeError, match=r"the budget is given; drop steps="):
+        METHODS.get("trades").with_budget(Budget(), small_cnn(in_channels=1), steps=3)
 
 
 @pytest.mark.parametrize(

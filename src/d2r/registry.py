@@ -105,10 +105,8 @@ class Registry:
                 )
 
     def create(self, name: str, /, *args: Any, **kwargs: Any) -> Any:
-        """Build `name` from keywords: its signature's, and any it lists in `code_keywords`
-        (those a config cannot give, e.g. a method's `budget`)."""
-        code = getattr(self.get(name), "code_keywords", ())
-        self.check_kwargs(name, {k: v for k, v in kwargs.items() if k not in code})
+        """Build `name` from its signature's keywords (others: ValueError listing the valid)."""
+        self.check_kwargs(name, kwargs)
         return self.get(name)(*args, **kwargs)
 
 

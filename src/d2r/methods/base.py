@@ -3,9 +3,7 @@ managers, BatchNorm-only passes and AWP's weight perturbation (any method, `awp_
 
 from __future__ import annotations
 
-import functools
-import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, ClassVar
 
@@ -90,27 +88,6 @@ def _mean_over_ranks(grads: tuple[Tensor | None, ...]) -> list[Tensor | None]:
 BUDGET_KEYS = frozenset(Budget.__dataclass_fields__)  # eps, step_size, steps, norm
 
 
-def _takes_budget(init: Callable[..., None]) -> Callable[..., None]:
-    """`init` that also takes `budget=Budget(...)` for its four budget options. The signature
-    seen by inspect (and so the config schema, config.yaml and the registry's checks) stays
-    `init`'s: `budget` is for code, a config gives the four keys."""
-
-    @functools.wraps(init)
-    def with_budget(self: Method, *args: Any, budget: Budget | None = None, **kwargs: Any) -> None:
-        if budget is not None:
-            both = [k for k in kwargs if k in BUDGET_KEYS]
-            if both:
-                given = ", ".join(f"{k}=" for k in both)
-                raise TypeError(
-                    f"{type(self).__name__}: give the attack budget as budget= or as eps=, "
-                    f"step_size=, steps=, norm=, not both (got budget= and {given})"
-                )
-            kwargs.update(budget.kwargs())
-        init(self, *args, **kwargs)
-
-    return with_budget
-
-
 class Method(nn.Module):
     """Base class. `uses_guide` tells the trainer whether to build a guide model.
 
@@ -125,20 +102,22 @@ class Method(nn.Module):
     terms of each method's loss (which ones: each loss function says), never an attack's
     objective.
 
-    The attack budget: a method whose constructor takes the four options `eps`, `step_size`,
-    `steps`, `norm` (the config keys `method.eps`, ...: the signature is the schema) also takes
-    them as one `budget=Budget(...)`, not with any of the four (`_takes_budget`); it keeps
-    them as `self.budget`."""
+    The attack budget: a method's constructor takes the four options `eps`, `step_size`,
+    `steps`, `norm` (the config keys `method.eps`, ...: the signature is the schema), keeps them
+    as one `self.budget` (attacks.Budget) and builds its attack from it; code that holds a
+    Budget builds the method with `with_budget`."""
 
     uses_guide: ClassVar[bool] = False
-    code_keywords: ClassVar[tuple[str, ...]] = ()  # taken beyond the signature (METHODS.create)
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        init = cls.__dict__.get("__init__")
-        if init is not None and BUDGET_KEYS.issubset(inspect.signature(init).parameters):
-            cls.__init__ = _takes_budget(init)  # type: ignore[method-assign]
-            cls.code_keywords = ("budget",)
+    @classmethod
+    def with_budget(cls, budget: Budget, *models: nn.Module, **options: Any) -> Method:
+        """The method with its attack budget given as one object, e.g.
+        `TRADES.with_budget(Budget(eps=8 / 255), model)`; not with any of its four keywords."""
+        both = sorted(BUDGET_KEYS & set(options))
+        if both:
+            given = ", ".join(f"{k}=" for k in both)
+            raise TypeError(f"{cls.__name__}: the budget is given; drop {given}")
+        return cls(*models, **budget.kwargs(), **options)
 
     def __init__(
         self,
