@@ -17,6 +17,7 @@ from d2r.attacks import (
     FGSM,
     PGD,
     AutoAttack,
+    Budget,
     KLAttack,
     attack_loop,
     cag,
@@ -62,8 +63,8 @@ def _guide_reference(model, x, y):
 
 def _mart_start(model, x, y):
     start = x + 0.001 * torch.randn_like(x)  # MART's released start, then the one loop in L2
-    budget = {"eps": EPS, "step_size": EPS / 4, "steps": 5, "norm": "l2"}
-    return attack_loop(model, x, start, ce_objective(y), **budget)
+    budget = Budget(eps=EPS, step_size=EPS / 4, steps=5, norm="l2")
+    return attack_loop(model, x, start, ce_objective(y), budget)
 
 
 ATTACKS = {

@@ -69,8 +69,7 @@ class Budget:
         check_budget(self.eps, self.step_size, self.steps, self.norm)
 
     def kwargs(self) -> dict[str, Any]:
-        """{"eps", "step_size", "steps", "norm"}: the keywords of PGD, KLAttack, cag and
-        attack_loop."""
+        """{"eps", "step_size", "steps", "norm"}: the keywords of PGD, KLAttack and cag."""
         return asdict(self)
 
 
@@ -120,19 +119,18 @@ def attack_loop(
     x: Tensor,
     x_start: Tensor,
     objective: Objective,
+    budget: Budget,
     *,
-    eps: float,
-    step_size: float,
-    steps: int,
     y_stop: Tensor | None = None,
-    norm: str = "linf",
 ) -> Tensor:
-    """The one gradient-ascent loop: each step moves `step_size` along `ascent_direction`
-    (the gradient's sign in L-inf, the per-sample normalized gradient in L2), then projects
-    onto the eps-ball of `norm` and [0, 1]. With `y_stop`, a sample stops moving once the model
-    misclassifies it (per-sample early stop, docs/method.md, "Evaluation protocol")."""
+    """The one gradient-ascent loop: each of the budget's steps moves `step_size` along
+    `ascent_direction` (the gradient's sign in L-inf, the per-sample normalized gradient in
+    L2), then projects onto the eps-ball of its norm and [0, 1]. With `y_stop`, a sample stops
+    moving once the model misclassifies it (per-sample early stop, docs/method.md, "Evaluation
+    protocol")."""
+    eps, step_size, norm = budget.eps, budget.step_size, budget.norm
     x_adv = x_start.detach()
-    for _ in range(steps):
+    for _ in range(budget.steps):
         x_adv.requires_grad_(True)
         logits = model(x_adv)
         grad = torch.autograd.grad(objective(logits).sum(), x_adv)[0]
@@ -208,11 +206,8 @@ class PGD:
             x,
             start,
             _OBJECTIVES[self.loss](y),
-            eps=self.eps,
-            step_size=self.step_size,
-            steps=self.steps,
+            Budget(self.eps, self.step_size, self.steps, self.norm),
             y_stop=y if self.early_stop else None,
-            norm=self.norm,
         )
 
 
@@ -229,8 +224,8 @@ class FGSM:
         check_budget(self.eps, norm=self.norm)
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-        budget = {"eps": self.eps, "step_size": self.eps, "steps": 1, "norm": self.norm}
-        return attack_loop(model, x, x, ce_objective(y), **budget)
+        budget = Budget(self.eps, step_size=self.eps, steps=1, norm=self.norm)
+        return attack_loop(model, x, x, ce_objective(y), budget)
 
 
 @dataclass(frozen=True)
@@ -266,10 +261,7 @@ class KLAttack:
             x,
             start,
             kl_objective(ref_probs),
-            eps=self.eps,
-            step_size=self.step_size,
-            steps=self.steps,
-            norm=self.norm,
+            Budget(self.eps, self.step_size, self.steps, self.norm),
         )
 
 

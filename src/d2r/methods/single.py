@@ -158,11 +158,10 @@ class MART(Method):
     def generate(self, x: Tensor, y: Tensor) -> Tensor:
         # The MART code: model.eval() for the attack, model.train() for the loss.
         with eval_mode(self.target):
-            budget = self.budget.kwargs()
             if self.start == "uniform":
-                return PGD(**budget, early_stop=False)(self.target, x, y)
+                return PGD(**self.budget.kwargs(), early_stop=False)(self.target, x, y)
             start = x + 0.001 * torch.randn_like(x)
-            return attack_loop(self.target, x, start, ce_objective(y), **budget)
+            return attack_loop(self.target, x, start, ce_objective(y), self.budget)
 
     def loss(self, x: Tensor, y: Tensor, x_adv: Tensor) -> dict[str, Tensor]:
         logits_clean = self.target(x)  # the reference's order: clean, then adversarial
