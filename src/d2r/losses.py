@@ -73,8 +73,8 @@ def d2r_loss(
 ) -> dict[str, Tensor]:
     """Dual Regularization loss (D2R paper, eq. for L_total; docs/method.md, "The D2R loss").
 
-    logits_adv = z_t(x'), logits_clean = z_t(x), logits_guide = z_g(x), each (B, C), in that
-    order (adversarial first, as every loss here):
+    logits_adv = z_t(x'), logits_clean = z_t(x), logits_guide = z_g(x), each (B, C), in the
+    order of every loss here:
         lam * CE(z_g(x), y) + MSE(z_t(x'), z_g(x))
         + alpha * KL(p_t(x') || p_g(x)) + beta * |KL(p_t(x) || p_g(x)) - KL(p_g(x) || p_t(x))|
     with KL means over B*C (`kl_reduction="mean_bc"`, the reference). `batchmean` sums over
@@ -90,9 +90,8 @@ def d2r_loss(
         alpha, beta = (weight / logits_clean.shape[1] for weight in (alpha, beta))
     ce = F.cross_entropy(logits_guide, y, label_smoothing=label_smoothing)
     mse = F.mse_loss(logits_adv, logits_guide)
-    kl_adv = _reduce(
-        kl_elem(F.log_softmax(logits_guide, 1), F.softmax(logits_adv, 1)), kl_reduction
-    )
+    p_adv, log_p_guide = F.softmax(logits_adv, 1), F.log_softmax(logits_guide, 1)
+    kl_adv = _reduce(kl_elem(log_p_guide, p_adv), kl_reduction)  # KL(p_t(x') || p_g(x))
     sym = _symmetric_term(
         logits_clean, logits_guide, sym_rule, kl_reduction, gap_mean or (lambda gap: gap)
     )
