@@ -1,7 +1,26 @@
-"""Test-wide settings."""
+"""Test-wide settings, and the small helpers several test files share (`from conftest import
+mlp, Rounded`)."""
 
 import torch
+from torch import nn
 
 # Tiny models gain nothing from intra-op threads, and on a 2-core machine two threads per
 # process stall badly when anything else runs (subprocess tests, DDP workers).
 torch.set_num_threads(1)
+
+
+def mlp(seed: int = 0, classes: int = 10) -> nn.Module:
+    """A tiny classifier of 8x8 one-channel images (the digits' size), in eval mode."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, classes)).eval()
+
+
+class Rounded(nn.Module):
+    """Gradient masking by construction: torch.round has a zero gradient everywhere."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(torch.round(x * 4) / 4)

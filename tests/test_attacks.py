@@ -8,18 +8,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import mlp
 from d2r.attacks import AA_INSTALL, FGSM, PGD, AutoAttack, from_name
-
-
-def _mlp(seed: int = 0, classes: int = 10) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, classes)).eval()
 
 
 @pytest.fixture()
 def data():
     """A tiny undefended model and 16 inputs it classifies correctly (labels = its own)."""
-    model = _mlp()
+    model = mlp()
     x = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         y = model(x).argmax(1)
@@ -117,7 +113,7 @@ def test_from_name_covers_every_evaluation_attack():
 
 def test_autoattack_versions_map_to_the_original_attack_lists():
     pytest.importorskip("pyautoattack", reason=AA_INSTALL)
-    model = _mlp()
+    model = mlp()
     standard = AutoAttack(eps=8 / 255).build(model)
     assert standard.attacks_to_run == ["apgd-ce", "apgd-t", "fab-t", "square"]
     assert standard.apgd_targeted.n_target_classes == 9 and standard.fab.n_target_classes == 9

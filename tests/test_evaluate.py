@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import d2r
+from conftest import Rounded, mlp
 from d2r import checkpoint, weights
 from d2r.attacks import AA_INSTALL, PGD, AutoAttack
 from d2r.cli import main
@@ -17,22 +18,6 @@ from d2r.evalstore import Store, rows
 from d2r.evaluate import EvaluationWarning, markdown_table, suite_flags, worst_case
 from d2r.models import create
 from d2r.sanity import check_suite
-
-
-def _mlp(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)).eval()
-
-
-class Rounded(nn.Module):
-    """Gradient masking by construction: torch.round has a zero gradient everywhere."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        return self.model(torch.round(x * 4) / 4)
 
 
 class Noisy(nn.Module):
@@ -46,7 +31,7 @@ class Noisy(nn.Module):
 
 @pytest.fixture()
 def data():
-    model = _mlp()
+    model = mlp()
     x = torch.rand(32, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         y = model(x).argmax(1)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import yaml
 
 import d2r
+from conftest import Rounded, mlp
 from d2r import data
 from d2r.attacks import (
     AA_INSTALL,
@@ -32,7 +33,6 @@ from d2r.evaluate import EvaluationWarning, markdown_table
 from d2r.logs import read_metrics
 from d2r.methods import METHODS
 from d2r.runs import build_method
-from test_evaluate import Rounded, _mlp
 from tiny_runs import TINY, evaluated_run
 
 EPS = 0.5
@@ -41,7 +41,7 @@ EPS = 0.5
 @pytest.fixture()
 def batch():
     """A tiny undefended model and 16 images it classifies correctly (labels = its own)."""
-    model = _mlp()
+    model = mlp()
     x = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         y = model(x).argmax(1)
@@ -58,7 +58,7 @@ def _aa_l2() -> AutoAttack:
 
 
 def _guide_reference(model, x, y):
-    return cag(model, _mlp(1), x, eps=EPS, step_size=EPS / 4, steps=5, norm="l2")
+    return cag(model, mlp(1), x, eps=EPS, step_size=EPS / 4, steps=5, norm="l2")
 
 
 def _mart_start(model, x, y):
@@ -175,7 +175,7 @@ def test_from_name_builds_each_evaluation_attack_in_l2():
 
 def test_autoattack_runs_the_packages_l2_version():
     pytest.importorskip("pyautoattack", reason=AA_INSTALL)
-    adversary = from_name("aa", EPS, norm="l2").build(_mlp())
+    adversary = from_name("aa", EPS, norm="l2").build(mlp())
     assert adversary.norm == "L2" and adversary.epsilon == EPS
     assert adversary.attacks_to_run == ["apgd-ce", "apgd-t", "fab-t", "square"]
 
