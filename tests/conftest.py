@@ -1,5 +1,5 @@
 """Test-wide settings, and the small helpers several test files share (`from conftest import
-mlp, Rounded`)."""
+mlp, classified_batch, Rounded`)."""
 
 import torch
 from torch import nn
@@ -13,6 +13,15 @@ def mlp(seed: int = 0, classes: int = 10) -> nn.Module:
     """A tiny classifier of 8x8 one-channel images (the digits' size), in eval mode."""
     torch.manual_seed(seed)
     return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, classes)).eval()
+
+
+def classified_batch(n: int = 16) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """`mlp()` and `n` random images it classifies correctly (the labels are its own)."""
+    model = mlp()
+    x = torch.rand(n, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    return model, x, y
 
 
 class Rounded(nn.Module):

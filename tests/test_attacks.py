@@ -8,18 +8,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import mlp
+from conftest import classified_batch, mlp
 from d2r.attacks import AA_INSTALL, FGSM, PGD, AutoAttack, from_name
 
 
 @pytest.fixture()
 def data():
     """A tiny undefended model and 16 inputs it classifies correctly (labels = its own)."""
-    model = mlp()
-    x = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        y = model(x).argmax(1)
-    return model, x, y
+    return classified_batch(16)
 
 
 def _aa_fast(eps: float) -> AutoAttack:

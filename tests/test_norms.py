@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import yaml
 
 import d2r
-from conftest import Rounded, mlp
+from conftest import Rounded, classified_batch, mlp
 from d2r import data
 from d2r.attacks import (
     AA_INSTALL,
@@ -41,11 +41,7 @@ EPS = 0.5
 @pytest.fixture()
 def batch():
     """A tiny undefended model and 16 images it classifies correctly (labels = its own)."""
-    model = mlp()
-    x = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        y = model(x).argmax(1)
-    return model, x, y
+    return classified_batch(16)
 
 
 def _l2(delta: torch.Tensor) -> torch.Tensor:
