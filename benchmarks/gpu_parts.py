@@ -123,8 +123,8 @@ def part_epoch(ctx: Context) -> dict:
     steady = clock.seconds_per_step()
     images = run.config.data.train_subset or SPLIT_SIZES[ctx.like][0]
     return {
-        "epoch_s": round(final["seconds"], 1),
-        "steady_epoch_s": round(steady * final["step"], 1) if steady else None,
+        "epoch_s": round(final["seconds"], 3),  # a smoke epoch of 2 steps can take < 0.05 s
+        "steady_epoch_s": round(steady * final["step"], 3) if steady else None,
         "goal_s": GOAL_EPOCH_S,
         "steps": final["step"],
         "images": images,
