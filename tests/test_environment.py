@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 import d2r.data
-from d2r import cli, evalstore, export, files
+from d2r import evalstore, export, files, runs
 from d2r import report as report_mod
 from d2r.checkpoint import load
 from d2r.cli import build_parser, main
@@ -252,7 +252,7 @@ def test_out_of_device_memory_is_one_line_naming_the_batch_size(monkeypatch, cap
     def oom(args):
         raise torch.cuda.OutOfMemoryError(message)
 
-    monkeypatch.setattr(cli, "_list", oom)
+    monkeypatch.setattr(runs, "_list", oom)  # `d2r list` is defined in d2r.runs
     assert main(["list"]) == 1
     err = one_line_error(capsys, "CUDA out of memory. Tried to allocate 2.00 GiB;", "batch_size")
     assert "total capacity" not in err
@@ -281,6 +281,13 @@ COMMANDS = list(leaves(build_parser()))
 def test_every_command_is_found():
     names = {" ".join(path) for path, _ in COMMANDS}
     assert {"train", "eval", "report", "export", "list", "data download"} <= names
+
+
+def test_every_command_is_defined_beside_its_function_not_in_cli():
+    """Each command's parser and handler live in the module of the public function it calls
+    (its add_command); cli.py only gathers them."""
+    for path, sub in COMMANDS:
+        assert sub.get_default("func").__module__ != "d2r.cli", path
 
 
 @pytest.mark.parametrize("path,sub", COMMANDS, ids=[" ".join(p) for p, _ in COMMANDS])

@@ -33,7 +33,7 @@ LAYERS = [
     ["d2r.methods"],
     ["d2r.checkpoint", "d2r.weights"],
     ["d2r.runs"],
-    ["d2r.trainer"],
+    ["d2r.trainer", "d2r.train_command"],
     ["d2r.evaluate", "d2r.evalstore", "d2r.sanity"],
     ["d2r.report", "d2r.figures", "d2r.export"],
     ["d2r.sweep"],

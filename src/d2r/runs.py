@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from d2r import checkpoint, data
+from d2r.attacks import EVAL_ATTACKS
 from d2r.config import (
     Config,
     TrainConfig,
@@ -327,3 +328,23 @@ def load_ema_target(
             "use --checkpoint last or best"
         )
     load_weights(target, checkpoint.unprefixed(checkpoint.EMA_PREFIX, tensors), f"{path}:ema")
+
+
+# `d2r list` -------------------------------------------------------------------------------------
+def add_command(sub: Any) -> None:
+    """`d2r list` (called by cli.build_parser): the names a run's config picks from (model.name,
+    method.name, data.name: the registries `build_method` reads, all below this layer) and the
+    attacks `d2r eval --attacks` takes."""
+    ls = sub.add_parser("list", help="registered models, methods, attacks and data sets")
+    ls.set_defaults(func=_list)
+
+
+def _list(args: Any) -> int:
+    for title, registry in (
+        ("models", MODELS),
+        ("methods", METHODS),
+        ("data sets", data.DATASETS),
+    ):
+        print(f"{title}: {', '.join(registry.names())}")
+    print(f"evaluation attacks (d2r eval --attacks): {EVAL_ATTACKS.help()}")
+    return 0

@@ -13,7 +13,7 @@ split); `open_extra` opens generated data (`data.extra`) for the loader to mix i
 """
 
 from d2r.data import synthetic  # registers `synthetic`; synthetic.generate(like, split, n)
-from d2r.data.download import download, md5sum, require
+from d2r.data.download import add_command, download, md5sum, require
 from d2r.data.extra import ExtraData, open_extra
 from d2r.data.loading import CACHE_DIR, Splits, load, load_splits, subset, validation_split
 from d2r.data.pipeline import DeviceLoader, crop_flip
@@ -37,6 +37,7 @@ __all__ = [
     "ExtraData",
     "RemoteFile",
     "Splits",
+    "add_command",
     "crop_flip",
     "digits_split",
     "download",

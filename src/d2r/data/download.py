@@ -14,6 +14,7 @@ import urllib.error
 import urllib.request
 import warnings
 from pathlib import Path
+from typing import Any
 
 from d2r.data.sources import DatasetInfo, RemoteFile, fix_hint, info
 from d2r.files import check_writable, describe, follow_umask
@@ -156,3 +157,23 @@ def download(name: str, root: str | Path) -> list[Path]:
             path = _fetch_verified(remote, root, name)
         paths.append(path)
     return paths
+
+
+# `d2r data download` ----------------------------------------------------------------------------
+def add_command(sub: Any) -> None:
+    """`d2r data download NAME [--root DIR]` (called by cli.build_parser); the action of `data`
+    parses as `sub` does (its type: every subcommand takes the common flags)."""
+    dat = sub.add_parser("data", help="data set files")
+    dsub = dat.add_subparsers(
+        dest="data_command", metavar="ACTION", required=True, action=type(sub)
+    )
+    dl = dsub.add_parser("download", help="download and verify a data set")
+    dl.add_argument("name")
+    dl.add_argument("--root", default="data")
+    dl.set_defaults(func=_command)
+
+
+def _command(args: Any) -> int:
+    for path in download(args.name, args.root):
+        print(path)
+    return 0

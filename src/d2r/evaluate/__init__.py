@@ -2,22 +2,29 @@
 (RobustBench style: a sample is robust only if every attack in the suite failed on it), with
 the settings beside every number and the sanity checks of `d2r.sanity`.
 
-- `core`: `evaluate` takes a model and images (no files); the flags and suites.
+- `core`: `evaluate` takes a model and images (no files); the flags and suites. Its options
+  travel as one `EvalOptions` (`evaluate_with`).
 - `runs`: `evaluate_run` is `d2r eval RUN`: a run's checkpoints, each result kept in the run's
-  eval.json store (d2r.evalstore), resumable batch by batch; `evaluate_weights` for a file.
+  eval.json store (d2r.evalstore), resumable batch by batch; `evaluate_weights` for a file;
+  both build an `EvalOptions` and an `EvalData` (the test images' source) for
+  `evaluate_models`.
+- `command`: `d2r eval`'s parser and handler.
 """
 
 from d2r.attacks import EvaluationWarning
 from d2r.evaluate.core import (
+    EvalOptions,
     attack_norm,
     attack_settings,
     build_suite,
     evaluate,
+    evaluate_with,
     suite_flags,
     suite_norm,
     worst_case,
 )
 from d2r.evaluate.runs import (
+    EvalData,
     EvaluationStopped,
     ResultsNotWritten,
     attack_plan,
@@ -33,6 +40,8 @@ from d2r.tables import markdown_table
 
 __all__ = [
     "Attack",
+    "EvalData",
+    "EvalOptions",
     "EvaluationStopped",
     "EvaluationWarning",
     "ResultsNotWritten",
@@ -48,6 +57,7 @@ __all__ = [
     "evaluate_models",
     "evaluate_run",
     "evaluate_weights",
+    "evaluate_with",
     "file_sha256",
     "markdown_table",
     "seeded",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -72,48 +73,77 @@ def suite_norm(suite: Mapping[str, Attack], norm: str | None = None) -> str:
     return declared.pop() if declared else "linf"
 
 
+@dataclass(frozen=True)
+class EvalOptions:
+    """How an evaluation runs, the same for each model, eps and attack of it: built once from
+    the keywords of `evaluate`, `evaluate_run` and `evaluate_weights` (whose defaults these
+    are) and passed down.
+
+    n: the first n test images (None: all; files-level only). seed: batch i of every attack is
+    seeded from (seed, i). batch_size. device: None is the model's own device (`evaluate`),
+    "auto" CUDA where there is one (the files-level default). norm: "linf" or "l2", None: what
+    the suite's attacks say, else "linf". checks: the cheap sanity checks. progress: a
+    progress bar (and the files-level status lines). force: evaluate again what the store
+    holds (files-level only)."""
+
+    n: int | None = None
+    seed: int = 0
+    batch_size: int = 256
+    device: torch.device | str | None = None
+    norm: str | None = None
+    checks: bool = True
+    progress: bool = False
+    force: bool = False
+
+
 def suite_flags(
     model: nn.Module,
     x: Tensor,
     y: Tensor,
     suite: Mapping[str, Attack],
+    options: EvalOptions | None = None,
     *,
-    seed: int = 0,
-    batch_size: int = 256,
-    device: torch.device | str | None = None,
-    progress: bool = False,
     ledger: Ledger | None = None,
+    **keywords: Any,
 ) -> tuple[dict[str, Tensor], dict[str, float]]:
-    """Per-sample correct flags for "clean" and each attack, and the seconds each took. Batch i
-    of every attack is seeded from (seed, i), so a rerun, an attack alone, or an evaluation
-    resumed from `ledger` (d2r.evalstore: stored results and partial state; the default keeps
-    nothing) gives the same flags; a different batch_size draws other random starts."""
-    device = torch.device(device) if device is not None else device_of(model)
+    """Per-sample correct flags for "clean" and each attack, and the seconds each took, with
+    `options` (its seed, batch_size, device and progress count here; `keywords` such as
+    seed=1, batch_size=64 replace its fields). Batch i of every attack is seeded from
+    (seed, i), so a rerun, an attack alone, or an evaluation resumed from `ledger`
+    (d2r.evalstore: stored results and partial state; the default keeps nothing) gives the
+    same flags; a different batch_size draws other random starts."""
+    options = dataclasses.replace(options or EvalOptions(), **keywords)
+    device = _device(options.device, model)
     ledger = ledger or Ledger()
-    options = {"seed": seed, "batch_size": batch_size, "device": device}
-    total = -(-len(x) // batch_size) * (1 + len(suite))
+    sizes = {"seed": options.seed, "batch_size": options.batch_size, "device": device}
+    total = -(-len(x) // options.batch_size) * (1 + len(suite))
     flags, seconds = {}, {}
-    with tqdm(total=total, desc="eval", unit="batch", disable=not progress) as bar:
+    with tqdm(total=total, desc="eval", unit="batch", disable=not options.progress) as bar:
         for name, attack in {CLEAN: None, **suite}.items():
             bar.set_postfix_str(name)
             flags[name], seconds[name] = _attack_flags(
-                model, x, y, name, attack, ledger, bar, options
+                model, x, y, name, attack, ledger, bar, sizes
             )
     return flags, seconds
 
 
-def _attack_flags(model, x, y, name, attack, ledger: Ledger, bar: tqdm, options) -> tuple:
+def _device(device: torch.device | str | None, model: nn.Module) -> torch.device:
+    """The device an option names; None: the model's own."""
+    return torch.device(device) if device is not None else device_of(model)
+
+
+def _attack_flags(model, x, y, name, attack, ledger: Ledger, bar: tqdm, sizes) -> tuple:
     """One attack's flags, batch by batch from where `ledger` left it, each batch saved."""
-    batches = -(-len(x) // options["batch_size"])
+    batches = -(-len(x) // sizes["batch_size"])
     cached = ledger.cached(name)
     if cached is not None:
         bar.update(batches)
         return cached
     done, before = ledger.resume(name)  # whole batches only
-    first = -(-len(done) // options["batch_size"])
+    first = -(-len(done) // sizes["batch_size"])
     bar.update(first)
     parts, start, seconds = [done], time.perf_counter(), before
-    for index, flags in enumerate(batch_flags(model, x, y, attack, first=first, **options)):
+    for index, flags in enumerate(batch_flags(model, x, y, attack, first=first, **sizes)):
         parts.append(flags)
         bar.update(1)
         seconds = before + time.perf_counter() - start
@@ -151,38 +181,51 @@ def evaluate(
     "warnings"}; every warning is also raised as an `EvaluationWarning`. `checks=True` adds the
     cheap sanity checks on up to 64 samples (large eps, more steps, smaller step, zero
     gradient). `ledger`: where flags are kept and resumed from (see `suite_flags`)."""
+    options = EvalOptions(
+        seed=seed, batch_size=batch_size, device=device, norm=norm, checks=checks, progress=progress
+    )
+    return evaluate_with(model, x, y, attacks, eps, options, ledger=ledger)
+
+
+def evaluate_with(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    attacks: Sequence[str] | Mapping[str, Attack],
+    eps: float,
+    options: EvalOptions,
+    *,
+    ledger: Ledger | None = None,
+) -> dict[str, Any]:
+    """`evaluate` with its options as one `EvalOptions` (n and force are not used here): what
+    `evaluate_run` and `evaluate_weights` run for each model and eps."""
     _check_inputs(x, y)
-    suite = build_suite(attacks, eps, seed, norm)
-    norm = suite_norm(suite, norm)
-    device = torch.device(device) if device is not None else device_of(model)
-    options = {"seed": seed, "batch_size": batch_size, "device": device, "norm": norm}
-    messages: list[str] = []
-    run = {"checks": checks, "progress": progress, "ledger": ledger}
-    flags, seconds = _checked_flags(model, x, y, suite, eps, options, messages, **run)
+    suite = build_suite(attacks, eps, options.seed, options.norm)
+    options = dataclasses.replace(
+        options, norm=suite_norm(suite, options.norm), device=_device(options.device, model)
+    )
+    flags, seconds, messages = _checked_flags(model, x, y, suite, eps, options, ledger)
     result: dict[str, Any] = {name: f.float().mean().item() for name, f in flags.items()}
     result["worst_case"] = worst_case(flags).float().mean().item()
     result["worst_case_over"] = list(flags)
-    settings = _settings(model, suite, (eps, norm), len(y), seed, batch_size, device, checks)
+    settings = _settings(model, suite, eps, len(y), options)
     return {**result, "settings": settings, "seconds": seconds, "warnings": messages}
 
 
-def _checked_flags(model, x, y, suite, eps, options, messages, *, checks, progress, ledger):
-    """suite_flags with the sanity checks around it, every warning recorded in `messages`."""
-    device = options["device"]
+def _checked_flags(model, x, y, suite, eps, options: EvalOptions, ledger) -> tuple:
+    """suite_flags with the sanity checks around it: (flags, seconds, every warning)."""
+    device, messages = options.device, []
     with sanity.recorded(messages):
         sanity.check_mode(model)
         with eval_mode(model), torch.autocast(device.type, enabled=False):
-            n = min(options["batch_size"], sanity.CHECK_N)
+            n = min(options.batch_size, sanity.CHECK_N)
             sanity.check_outputs(model, as_float(x[:n].to(device)))
-            sizes = {k: v for k, v in options.items() if k != "norm"}
-            flags, seconds = suite_flags(
-                model, x, y, suite, **sizes, progress=progress, ledger=ledger
-            )
+            flags, seconds = suite_flags(model, x, y, suite, options, ledger=ledger)
             sanity.check_suite(flags, suite)
-            if checks:
-                seed, norm = options["seed"], options["norm"]
-                sanity.cheap_checks(model, x, y, flags[CLEAN], eps, seed, device, norm)
-    return flags, seconds
+            if options.checks:
+                clean, seed, norm = flags[CLEAN], options.seed, options.norm
+                sanity.cheap_checks(model, x, y, clean, eps, seed, device, norm)
+    return flags, seconds, messages
 
 
 def _check_inputs(x: Tensor, y: Tensor) -> None:
@@ -195,18 +238,17 @@ def _check_inputs(x: Tensor, y: Tensor) -> None:
         )
 
 
-def _settings(model, suite, budget, n, seed, batch_size, device, checks) -> dict[str, Any]:
-    eps, norm = budget
+def _settings(model, suite, eps: float, n: int, options: EvalOptions) -> dict[str, Any]:
     return {
         "eps": eps,
         "eps_text": format_eps(eps),
-        "norm": norm_label(norm),  # the suite's, as AutoAttack and RobustBench write it
+        "norm": norm_label(options.norm),  # the suite's, as AutoAttack and RobustBench write it
         "n": n,
-        "seed": seed,
-        "batch_size": batch_size,
+        "seed": options.seed,
+        "batch_size": options.batch_size,
         "dtype": "float32",
-        "device": str(device),
-        "checks": checks,
+        "device": str(options.device),
+        "checks": options.checks,
         "model": type(model).__name__,
         "attacks": {name: attack_settings(a, model) for name, a in suite.items()},
     }

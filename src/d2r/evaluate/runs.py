@@ -6,9 +6,11 @@ cannot be written.
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +36,35 @@ from d2r.evalstore import (
     images_id,
     result_key,
 )
-from d2r.evaluate.core import Attack, attack_norm, attack_settings, build_suite, evaluate
+from d2r.evaluate.core import (
+    Attack,
+    EvalOptions,
+    attack_norm,
+    attack_settings,
+    build_suite,
+    evaluate_with,
+)
 from d2r.files import check_writable, describe, file_sha256, new_temp_dir
 from d2r.guard import Preempted, SignalGuard
 from d2r.models import MODELS
 from d2r.runs import load_run
 from d2r.weights import load_foreign
+
+
+@dataclass(frozen=True)
+class EvalData:
+    """Where the test images come from: data set `name` in `root`, its files' checksums
+    checked when `verify`, and `like`, the real set a "synthetic" set imitates (data.like)."""
+
+    name: str
+    root: str | Path = "data"
+    verify: bool = True
+    like: str | None = None
+
+    def load(self, n: int | None = None) -> tuple[Tensor, Tensor]:
+        """The first `n` test images and labels (None: all)."""
+        x, y = data_mod.load(self.name, self.root, "test", verify=self.verify, like=self.like)
+        return (x[:n], y[:n]) if n else (x, y)
 
 
 def attack_plan(
@@ -85,8 +110,10 @@ def evaluate_run(
     weights of last.safetensors), "both" for last and best; default: every one the run holds),
     on its data set's test split, with `attacks` at each eps (see `attack_plan`). Results go
     into the store in `out` (default: the run directory; see `evaluate_models`); returns
-    eval.json's content. `options`: n, seed, batch_size, device, norm, checks, progress, force."""
-    attack_plan(attacks, eps, options.get("norm"))  # bad names or eps fail before loading
+    eval.json's content. `options`: the fields of `EvalOptions` (n, seed, batch_size, device
+    (default "auto"), norm, checks, progress, force)."""
+    settings = EvalOptions(**options)
+    attack_plan(attacks, eps, settings.norm)  # bad names or eps fail before loading
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"{str(run_dir)!r} is not a run directory (no config.yaml)")
@@ -96,8 +123,8 @@ def evaluate_run(
     for key in keys or [checkpoint]:
         cfg, method = load_run(run_dir, key)
         models[key] = (method.target, *_describe_checkpoint(run_dir, key))
-    data_spec = (cfg.data.name, cfg.data.root, cfg.data.verify, cfg.data.like)
-    return evaluate_models(models, data_spec, attacks, eps, out, fallback=run_dir, **options)
+    data = EvalData(cfg.data.name, cfg.data.root, cfg.data.verify, cfg.data.like)
+    return evaluate_models(models, data, attacks, eps, out, settings, fallback=run_dir)
 
 
 def _describe_checkpoint(run_dir: Path, key: str) -> tuple[str, dict[str, Any]]:
@@ -122,19 +149,21 @@ def evaluate_weights(
     eps: float | Sequence[float] = 8 / 255,
     *,
     data: str = "cifar10",
-    root: str | Path = "data",
-    like: str | None = None,
     num_classes: int | None = None,
     out: str | Path | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """`d2r eval --model ARCH --weights FILE`: a registered architecture with a foreign state
-    dict (loaded strictly after key mapping) on `data`'s test split (`like`: the real set
-    data="synthetic" imitates, as data.like); results go into the store in `out` (default:
-    WEIGHTS_STEM-eval/ beside the file), keyed by the file's sha256."""
-    attack_plan(attacks, eps, options.get("norm"))
+    dict (loaded strictly after key mapping) on `data`'s test split; results go into the store
+    in `out` (default: WEIGHTS_STEM-eval/ beside the file), keyed by the file's sha256.
+    `options`: root (the data directory, default "data") and like (the real set
+    data="synthetic" imitates, as data.like) for the `EvalData`, and the fields of
+    `EvalOptions` as for `evaluate_run`."""
+    images = EvalData(data, options.pop("root", "data"), like=options.pop("like", None))
+    settings = EvalOptions(**options)
+    attack_plan(attacks, eps, settings.norm)
     out = check_writable(out or weights_eval_dir(weights), "eval output directory (--out)")
-    info = data_mod.info(data, like)
+    info = data_mod.info(data, images.like)
     model = MODELS.create(
         model_name, num_classes=num_classes or info.num_classes, in_channels=info.channels
     )
@@ -143,8 +172,8 @@ def evaluate_weights(
     extra = {"checkpoint": weights.name, "model": model_name, "sha256": file_sha256(weights)}
     # a freshly built model is in train mode; evaluate() would warn about it
     models = {weights.name: (model.eval(), weights.name, extra)}
-    options = {"fallback": weights_eval_dir(weights), **options}
-    return evaluate_models(models, (data, root, True, like), attacks, eps, out, **options)
+    fallback = weights_eval_dir(weights)
+    return evaluate_models(models, images, attacks, eps, out, settings, fallback=fallback)
 
 
 class EvaluationStopped(Preempted):
@@ -158,40 +187,32 @@ class EvaluationStopped(Preempted):
 
 def evaluate_models(
     models: Mapping[str, tuple[nn.Module, str, dict[str, Any]]],
-    data_spec: tuple[str, str | Path, bool, str | None],
+    data: EvalData,
     attacks: Sequence[str],
     eps: float | Sequence[float],
     out: Path,
+    options: EvalOptions | None = None,
     *,
-    n: int | None = None,
-    seed: int = 0,
-    batch_size: int = 256,
-    device: str = "auto",
-    norm: str | None = None,
-    checks: bool = True,
-    progress: bool = False,
-    force: bool = False,
     fallback: Path | None = None,
 ) -> dict[str, Any]:
-    """Each model ({key: (model, row label, identity incl. "sha256")}) on the first `n` test
-    images of `data_spec` (name, root, verify, like), `attacks` at each eps (`attack_plan`);
-    each result goes into the store in `out` as its attack finishes (stored keys reused unless
-    `force`; a stopped run resumes; SIGINT/SIGTERM: EvaluationStopped after the batch). A
-    result `out` refuses goes to `fallback` or a temp dir (ResultsNotWritten)."""
-    plan = attack_plan(attacks, eps, norm)
-    x, y = _test_images(*data_spec, n)
-    device = pick_device(device)
-    meta = {"batch_size": batch_size, "device": str(device), "dtype": "float32", "checks": checks}
-    meta["tf32"] = uses_tf32(device)  # recorded, not keyed (as batch size and device are)
+    """Each model ({key: (model, row label, identity incl. "sha256")}) on the first
+    `options.n` test images of `data`, `attacks` at each eps (`attack_plan`), with `options`
+    (default: EvalOptions(), on device "auto"); each result goes into the store in `out` as
+    its attack finishes (stored keys reused unless `options.force`; a stopped run resumes;
+    SIGINT/SIGTERM: EvaluationStopped after the batch). A result `out` refuses goes to
+    `fallback` or a temp dir (ResultsNotWritten)."""
+    options = options or EvalOptions()
+    plan = attack_plan(attacks, eps, options.norm)
+    x, y = data.load(options.n)
+    options = dataclasses.replace(options, device=pick_device(str(options.device or "auto")))
     guard = SignalGuard(action="finishing the batch and saving the evaluation's progress")
-    images = images_id(data_spec[0], x, y)
-    jobs = _jobs(models, plan, out, images, (seed, norm), meta, guard, force)  # partials checked
+    images = images_id(data.name, x, y)
+    jobs = _jobs(models, plan, out, images, options, guard)  # partial states checked here
     commit(out, checkpoints=(checkpoints := [{**e, "label": lb} for _, lb, e in models.values()]))
-    options = {"seed": seed, "batch_size": batch_size, "device": device, "norm": norm}
     with guard:
         try:
             for job in jobs:
-                _run_job(job, x, y, data_spec[0], options, checks=checks, progress=progress)
+                _run_job(job, x, y, data.name, options)
         except OSError as err:  # a result the store refused is kept elsewhere, never dropped
             raise save_elsewhere(Store(checkpoints), jobs, out, err, fallback) from None
     return commit(out).content()
@@ -232,26 +253,26 @@ def save_elsewhere(
     return ResultsNotWritten(out, err, None, unsaved)
 
 
-def _run_job(job: tuple, x: Tensor, y: Tensor, data: str, options: dict, **flags: bool) -> None:
+def _run_job(job: tuple, x: Tensor, y: Tensor, data: str, options: EvalOptions) -> None:
     """One model at one eps: nothing when the store holds every key, else `evaluate` through
     the job's ledger, then the evaluation's warnings onto its results."""
     model, label, eps, suite, ledger = job
     where = f"{label} at eps {format_eps(eps)} on {data} ({len(y)} test images"
-    say = print if flags["progress"] else lambda *a, **k: None  # -q: no status lines either
+    say = print if options.progress else lambda *a, **k: None  # -q: no status lines either
     if all(ledger.cached(name) is not None for name in [CLEAN, *suite]):
         say(f"{where}): already in {ledger.out / 'eval.json'} (--force reruns)", file=sys.stderr)
         return
-    say(f"evaluating {where}, {options['device']})", file=sys.stderr)
-    model = model.to(options["device"])
-    result = evaluate(model, x, y, suite, eps, **options, **flags, ledger=ledger)
+    say(f"evaluating {where}, {options.device})", file=sys.stderr)
+    model = model.to(options.device)
+    result = evaluate_with(model, x, y, suite, eps, options, ledger=ledger)
     ledger.add_warnings(result["warnings"])
 
 
-def _jobs(models, plan, out, images, seeding, meta, guard, force) -> list[tuple]:
+def _jobs(models, plan, out, images, options: EvalOptions, guard) -> list[tuple]:
     """(model, label, eps, suite, ledger) for each model and eps of the plan; building each
     ledger checks its partial state, so a refusal comes before any work."""
     redone: set[str] = set()  # with `force`: the keys computed again in this call
-    seed, norm = seeding
+    seed, norm, force, meta = options.seed, options.norm, options.force, _meta(options)
     jobs = []
     for model, label, extra in models.values():
         for e, names in plan.items():
@@ -262,6 +283,16 @@ def _jobs(models, plan, out, images, seeding, meta, guard, force) -> list[tuple]
             ledger = StoreLedger(out, keys, meta, force=force, redone=redone, stop=stop)
             jobs.append((model, label, e, suite, ledger))
     return jobs
+
+
+def _meta(options: EvalOptions) -> dict[str, Any]:
+    """What each result records beside its key (not keyed: another batch size or device gives
+    the same result up to the attacks' random starts and the hardware)."""
+    device = options.device
+    meta = {"batch_size": options.batch_size, "device": str(device), "dtype": "float32"}
+    meta["checks"] = options.checks
+    meta["tf32"] = uses_tf32(device)  # recorded, not keyed (as batch size and device are)
+    return meta
 
 
 def suite_keys(
@@ -315,8 +346,3 @@ def uses_tf32(device: torch.device) -> bool:
 def weights_eval_dir(weights: str | Path) -> Path:
     """Where eval.json goes for a weights file by default: WEIGHTS_STEM-eval/ beside it."""
     return Path(weights).parent / f"{Path(weights).stem}-eval"
-
-
-def _test_images(name: str, root: str | Path, verify: bool, like: str | None, n: int | None):
-    x, y = data_mod.load(name, root, "test", verify=verify, like=like)
-    return (x[:n], y[:n]) if n else (x, y)

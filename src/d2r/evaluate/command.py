@@ -1,0 +1,140 @@
+"""`d2r eval`: its parser and what it runs, `evaluate_run` on a run directory or
+`evaluate_weights` on a weights file, then eval.md's table; cli.build_parser calls
+`add_command`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from d2r import evalstore
+from d2r.attacks import EVAL_ATTACKS
+from d2r.config import parse_number
+from d2r.evaluate.runs import ResultsNotWritten, evaluate_run, evaluate_weights, weights_eval_dir
+
+
+def add_command(sub: Any) -> None:
+    """`d2r eval RUN_DIR | --model ARCH --weights FILE [--attacks ...] [--eps ...] ...`."""
+    # the --attacks help names every registered attack; argparse formats help with %
+    attack_names = EVAL_ATTACKS.help().replace("%", "%%")
+    ev = sub.add_parser(
+        "eval",
+        help="worst-case robust accuracy of a run's target, or of foreign weights",
+        description="Evaluate a run directory's checkpoints, or any state dict of a registered "
+        "architecture (--model ARCH --weights FILE). Every result is kept in eval.json (a "
+        "result already there is reused) and shown in eval.md; an evaluation stopped by "
+        "Ctrl-C, SIGTERM or a kill continues where it stopped when run again.",
+    )
+    ev.add_argument("run_dir", nargs="?", help="run directory (or use --model/--weights)")
+    ev.add_argument(
+        "--attacks",
+        default="pgd20,cw20",
+        help=f"comma-separated: {attack_names}; e.g. pgd20,pgd50,cw20,aa; NAME@EPS "
+        "runs it at that eps only, e.g. pgd20,cw20,aa@0.031 (the reference protocol with "
+        "--eps 8/255)",
+    )
+    ev.add_argument(
+        "--eps",
+        type=_numbers,
+        default=[8 / 255],
+        help="Linf radius, or several: 8/255,0.031 runs the suite at each (default 8/255)",
+    )
+    ev.add_argument(
+        "--norm",
+        choices=["linf", "l2"],
+        default="linf",
+        help="threat model of every attack: linf (default) or l2 (PGD-L2, CW-L2, AutoAttack L2)",
+    )
+    ev.add_argument(
+        "--checkpoint",
+        choices=["last", "best", "ema", "both"],
+        default=None,
+        help="which checkpoint(s) of the run: ema is the EMA weights of last (train.ema_decay "
+        "> 0), both is last and best (default: every one the run has)",
+    )
+    ev.add_argument("--model", help="architecture of foreign weights (see `d2r list`)")
+    ev.add_argument("--weights", help="foreign weights: .safetensors or .pt (weights only)")
+    ev.add_argument("--data", default="cifar10", help="data set for --weights (default cifar10)")
+    ev.add_argument("--root", default="data", help="data directory for --weights")
+    ev.add_argument(
+        "--like", help="with --data synthetic: the real set it imitates (as data.like; cifar10)"
+    )
+    ev.add_argument(
+        "--num-classes", type=int, default=None, help="classes of --model (default: the data set's)"
+    )
+    ev.add_argument(
+        "--out",
+        help="where eval.json/eval.md go (default: the run directory, or "
+        "WEIGHTS_STEM-eval/ beside the weights)",
+    )
+    ev.add_argument("--n", type=int, default=None, help="first N test images (default: all)")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--batch-size", type=int, default=256)
+    ev.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    ev.add_argument("--no-checks", action="store_true", help="skip the cheap sanity checks")
+    ev.add_argument(
+        "--force",
+        action="store_true",
+        help="evaluate again what eval.json already holds (and drop any partial progress)",
+    )
+    ev.set_defaults(func=_eval)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    """Evaluate a run's checkpoints (last, best) or foreign weights into eval.json / eval.md."""
+    try:
+        _evaluate(args)
+    except ResultsNotWritten as err:  # hours of attacks: their numbers first, then the error
+        print(evalstore.markdown(err.store))
+        raise
+    out = Path(args.out or args.run_dir or weights_eval_dir(args.weights))
+    print(evalstore.markdown(evalstore.Store.read(out)))
+    print(f"wrote {out / 'eval.json'} and {out / 'eval.md'} (every result kept there)")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
+    options = {
+        "n": args.n,
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+        "device": args.device,
+        "norm": args.norm,
+        "checks": not args.no_checks,
+        "progress": not args.quiet,
+        "force": args.force,
+    }
+    if args.weights:
+        if not args.model:
+            raise ValueError("--weights needs --model ARCH (see `d2r list` for the architectures)")
+        if args.run_dir:
+            raise ValueError("give either a run directory or --model/--weights, not both")
+        evaluate_weights(
+            args.model, args.weights, attacks, args.eps, data=args.data, root=args.root,
+            like=args.like,
+            num_classes=args.num_classes, out=args.out, **options,
+        )  # fmt: skip
+    elif args.like:
+        raise ValueError("--like is for --weights; a run directory's data.like is in its config")
+    elif args.run_dir:
+        evaluate_run(
+            args.run_dir, attacks, args.eps, checkpoint=args.checkpoint, out=args.out, **options
+        )
+    else:
+        raise ValueError("give a run directory, or --model ARCH --weights FILE")
+
+
+def _number(text: str) -> float:
+    try:
+        return parse_number(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number like 0.031 or 8/255, got {text!r}"
+        ) from None
+
+
+def _numbers(text: str) -> list[float]:
+    """'8/255,0.031' -> [0.0313..., 0.031]."""
+    return [_number(part.strip()) for part in text.split(",") if part.strip()]
