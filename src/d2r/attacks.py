@@ -1,5 +1,6 @@
 """Attacks through one loop, in the L-inf or the L2 norm: PGD (CE or CW margin), FGSM, the
-TRADES KL attack and CAG; plus an adapter to the original AutoAttack (the optional
+TRADES KL attack, CAG and FAT's early-stopped PGD (the loop's per-sample step rules also
+count GAIRAT's geometry values); plus an adapter to the original AutoAttack (the optional
 `pyautoattack` package), which runs both norms.
 
 Contract (docs/architecture.md): `attack(model, x, y, **ref) -> x_adv` in the eps-ball of its `norm`

@@ -168,7 +168,8 @@ class Method(nn.Module):
         """Called by the trainer as each epoch starts (0-based `epoch` of `epochs`; at a resume,
         the checkpoint's epoch). A method whose reference schedules an option over epochs
         (FAT's tau, GAIRAT's burn-in) derives it from these two alone, so a resumed run has
-        it back with the epoch. Until the first call: epoch 0 of 1."""
+        it back with the epoch (docs/methods.md, "Schedules over epochs"). Until the first
+        call: epoch 0 of 1."""
         self.epoch, self.epochs = epoch, epochs
 
     def generate(self, x: Tensor, y: Tensor) -> Tensor:
