@@ -21,6 +21,7 @@ from d2r.attacks import (
     Geometry,
     attack_loop,
     ce_objective,
+    kl_objective,
 )
 from d2r.checkpoint import load
 from d2r.cli import main
@@ -106,6 +107,19 @@ def test_fat_x_adv_is_pgd_with_the_early_stop_and_uniform_start():
     torch.testing.assert_close(never, pgd, rtol=0, atol=0)
 
 
+def test_the_fat_for_trades_attack_is_the_kl_attack_from_a_clipped_normal_start():
+    model, x = small_cnn(in_channels=1).eval(), torch.rand(8, 1, 8, 8)
+    y = torch.randint(0, 10, (8,))
+    torch.manual_seed(0)
+    got = EarlyStoppedPGD(tau=K, start="normal", loss="kl")(model, x, y)
+    torch.manual_seed(0)
+    start = (x + 0.001 * torch.randn_like(x)).clamp(0, 1)
+    with torch.no_grad():
+        objective = kl_objective(F.softmax(model(x), 1))
+    want = attack_loop(model, x, start, objective, Budget())
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 # ---- GAIRAT's weights and loss against the paper ----------------------------------------------
 
 
@@ -147,6 +161,15 @@ def test_gairat_loss_is_the_reweighted_ce_of_the_paper():
     got, want = torch.autograd.grad(out["loss"], logits), torch.autograd.grad(ref, logits)
     torch.testing.assert_close(got[0], want[0])
     assert out["kappa"].item() == pytest.approx(sum(kappa) / 6)
+
+
+def test_gairat_loss_smooths_each_weighted_ce():
+    g = torch.Generator().manual_seed(1)
+    logits, y = torch.randn(6, 5, generator=g), torch.randint(0, 5, (6,), generator=g)
+    kappa = torch.tensor([0, 2, 4, 7, 10, 10])
+    out = gairat_loss(logits, y, kappa, label_smoothing=0.1)
+    ce = F.cross_entropy(logits, y, reduction="none", label_smoothing=0.1)
+    torch.testing.assert_close(out["loss"], (gair_weights(kappa, K) * ce).mean())
 
 
 def _gairat(epoch: int, epochs: int, **options) -> GAIRAT:
