@@ -88,6 +88,10 @@ PASSES = {
     ("trades", (("awp_gamma", GAMMA), ("bn_passes", "minimal"))): (["x", "adv"], None),
     ("mart", ()): (["x", "adv"], None),
     ("mart", (("awp_gamma", GAMMA),)): (["x", "adv"], None),
+    ("fat", ()): (["adv"], None),
+    ("fat", (("awp_gamma", GAMMA),)): (["adv"], None),
+    ("gairat", ()): (["adv"], None),
+    ("gairat", (("awp_gamma", GAMMA),)): (["adv"], None),
     ("lbgat", ()): (["adv", "x"], ["x"]),
     ("d2r", ()): (["adv", "x"], ["x"]),
 }

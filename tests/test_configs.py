@@ -19,7 +19,8 @@ PATHS = sorted(CONFIGS.rglob("*.yaml"))
 RECIPES = [CONFIGS / "cifar10/trades_ema_gen.yaml", CONFIGS / "cifar10/d2r_cag_ema_gen.yaml"]
 PAPER = [p for p in PATHS if p not in RECIPES]
 
-# Table 1 (docs/method.md, "Paper targets"; plus the PGD-AT, MART, AWP rows of CIFAR-10) and Table 2
+# Table 1 (docs/method.md, "Paper targets"; plus the PGD-AT, MART, FAT, GAIRAT, AWP rows of
+# CIFAR-10) and Table 2
 TABLE1 = {
     "cifar10/d2r_cag.yaml": ("wrn34_10", "d2r", {"attack": "cag", "lam": 1.0, "alpha": 30.0}),
     "cifar10/lbgat.yaml": ("wrn34_10", "lbgat", {"beta": 0.0}),
@@ -31,6 +32,12 @@ TABLE1 = {
     ),
     "cifar10/pgd_at.yaml": ("wrn34_10", "pgd_at", {"attack_mode": "eval"}),
     "cifar10/mart.yaml": ("wrn34_10", "mart", {"beta": 6.0}),
+    "cifar10/fat.yaml": ("wrn34_10", "fat", {"tau": 0, "dynamictau": True, "omega": 0.001}),
+    "cifar10/gairat.yaml": (
+        "wrn34_10",
+        "gairat",
+        {"lam": -1.0, "weight_assignment_function": "tanh", "begin_at": 0.5},
+    ),
     "cifar100/d2r_cag.yaml": ("wrn34_10", "d2r", {"attack": "cag", "lam": 0.1, "beta": 20.0}),
     "cifar100/lbgat.yaml": ("wrn34_10", "lbgat", {"beta": 6.0}),
     "tiny_imagenet/d2r_cag_preact_resnet18.yaml": ("preact_resnet18", "d2r", {"lam": 0.1}),

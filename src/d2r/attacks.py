@@ -1,5 +1,6 @@
 """Attacks through one loop, in the L-inf or the L2 norm: PGD (CE or CW margin), FGSM, the
-TRADES KL attack and CAG; plus an adapter to the original AutoAttack (the optional
+TRADES KL attack, CAG and FAT's early-stopped PGD (the loop's per-sample step rules also
+count GAIRAT's geometry values); plus an adapter to the original AutoAttack (the optional
 `pyautoattack` package), which runs both norms.
 
 Contract (docs/architecture.md): `attack(model, x, y, **ref) -> x_adv` in the eps-ball of its `norm`
@@ -114,6 +115,21 @@ def random_start(x: Tensor, eps: float, norm: str = "linf") -> Tensor:
     return project(x + direction * _per_sample(radius, x), x, eps, norm)
 
 
+# (logits at the iterate, its ascent step) -> the step taken: what a sample does at each step
+# of the loop, e.g. stop (PGD's early stop, FAT's), or only be counted (GAIRAT's geometry).
+StepRule = Callable[[Tensor, Tensor], Tensor]
+
+
+def stop_when_wrong(y: Tensor) -> StepRule:
+    """PGD's per-sample early stop: a sample stops moving once the model misclassifies it."""
+
+    def rule(logits: Tensor, step: Tensor) -> Tensor:
+        still_right = logits.argmax(1) == y  # (B,)
+        return step * _per_sample(still_right, step)
+
+    return rule
+
+
 def attack_loop(
     model: nn.Module,
     x: Tensor,
@@ -122,12 +138,17 @@ def attack_loop(
     budget: Budget,
     *,
     y_stop: Tensor | None = None,
+    step_rule: StepRule | None = None,
 ) -> Tensor:
     """The one gradient-ascent loop: each of the budget's steps moves `step_size` along
     `ascent_direction` (the gradient's sign in L-inf, the per-sample normalized gradient in
     L2), then projects onto the eps-ball of its norm and [0, 1]. With `y_stop`, a sample stops
     moving once the model misclassifies it (per-sample early stop, docs/method.md, "Evaluation
-    protocol")."""
+    protocol"): the rule `stop_when_wrong(y_stop)`. A `step_rule` sees each iterate's logits
+    and returns the step to take instead (FAT's early stop, GAIRAT's geometry count)."""
+    if y_stop is not None and step_rule is not None:
+        raise ValueError("attack_loop: give y_stop or step_rule, not both")
+    rule = stop_when_wrong(y_stop) if y_stop is not None else step_rule
     eps, step_size, norm = budget.eps, budget.step_size, budget.norm
     x_adv = x_start.detach()
     for _ in range(budget.steps):
@@ -135,9 +156,8 @@ def attack_loop(
         logits = model(x_adv)
         grad = torch.autograd.grad(objective(logits).sum(), x_adv)[0]
         step = step_size * ascent_direction(grad, norm)
-        if y_stop is not None:  # freeze samples already misclassified
-            still_right = logits.argmax(1) == y_stop  # (B,)
-            step = step * _per_sample(still_right, x)
+        if rule is not None:
+            step = rule(logits.detach(), step)
         x_adv = project(x_adv.detach() + step, x, eps, norm)
     return x_adv.detach()
 
@@ -263,6 +283,96 @@ class KLAttack:
             kl_objective(ref_probs),
             Budget(self.eps, self.step_size, self.steps, self.norm),
         )
+
+
+class FriendlyStop:
+    """FAT's early stop (Zhang et al. ICML 2020, arXiv:2002.11242, Alg. 1; the released code's
+    `earlystop`), as a step rule: at each step a sample the model misclassifies uses one of its
+    `tau` further steps, and with none left it stops for good (its friendly adversarial
+    example is the iterate at which it stopped); a sample classified correctly always moves.
+    tau = 0 stops at the first misclassified iterate. `omega` adds omega * N(0, I) to every
+    step taken (the released code's exploration noise). `taken` counts each sample's steps."""
+
+    def __init__(self, y: Tensor, tau: int, omega: float = 0.0) -> None:
+        self.y, self.omega = y, omega
+        self.left = torch.full_like(y, tau)  # the steps each sample may still take while wrong
+        self.stopped = torch.zeros_like(y, dtype=torch.bool)
+        self.taken = torch.zeros_like(y)
+
+    def __call__(self, logits: Tensor, step: Tensor) -> Tensor:
+        wrong = (logits.argmax(1) != self.y) & ~self.stopped
+        self.stopped |= wrong & (self.left == 0)
+        self.left -= (wrong & ~self.stopped).long()
+        self.taken += (~self.stopped).long()
+        if self.omega > 0:
+            step = step + self.omega * torch.randn_like(step)
+        return step * _per_sample(~self.stopped, step)
+
+
+class Geometry:
+    """GAIRAT's geometry value (Zhang et al. ICLR 2021, arXiv:2010.01736; the released code's
+    `GA_PGD`), as a step rule that moves nothing: `kappa` counts, per sample, the iterates of
+    the loop (the start and the first K - 1 steps' results) that the model classifies
+    correctly, so K for a sample never misclassified and 0 for one misclassified at the
+    start. It is the step of the first misclassification while a sample, once misclassified,
+    stays so."""
+
+    def __init__(self, y: Tensor) -> None:
+        self.y = y
+        self.kappa = torch.zeros_like(y)
+
+    def __call__(self, logits: Tensor, step: Tensor) -> Tensor:
+        self.kappa += (logits.argmax(1) == self.y).long()
+        return step
+
+
+FAT_STARTS = ("uniform", "normal")
+FAT_LOSSES = ("ce", "kl")
+
+
+@dataclass(frozen=True)
+class EarlyStoppedPGD:
+    """FAT's early-stopped PGD-K-tau (Zhang et al. ICML 2020, arXiv:2002.11242): PGD whose
+    samples stop `tau` misclassified steps after the first (`FriendlyStop`). `start`:
+    "uniform" in the eps-ball (FAT.py's uniform_randominit) or "normal", x + 0.001 N(0, I)
+    clipped to [0, 1] (FAT_for_TRADES.py); `loss`: "ce" on the labels (FAT) or "kl",
+    KL(p(x) || p(x')) with p(x) computed once (FAT for TRADES). `omega`: noise per step."""
+
+    eps: float = 0.031
+    step_size: float = 0.007
+    steps: int = 10
+    tau: int = 0
+    omega: float = 0.0
+    start: str = "uniform"
+    loss: str = "ce"
+    norm: str = "linf"
+
+    def __post_init__(self) -> None:
+        check_budget(self.eps, self.step_size, self.steps, self.norm)
+        check_steps("tau", self.tau)
+        check_range("omega", self.omega, hint="0.001 in FAT's code")
+        check_choice("start", self.start, FAT_STARTS)
+        check_choice("loss", self.loss, FAT_LOSSES)
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        if self.start == "uniform":
+            start = random_start(x, self.eps, self.norm)
+        else:
+            start = (x + 0.001 * torch.randn_like(x)).clamp(0.0, 1.0)
+        if self.loss == "ce":
+            objective = ce_objective(y)
+        else:
+            with torch.no_grad():
+                objective = kl_objective(F.softmax(model(x), 1))
+        budget = Budget(self.eps, self.step_size, self.steps, self.norm)
+        rule = FriendlyStop(y, self.tau, self.omega)
+        return attack_loop(model, x, start, objective, budget, step_rule=rule)
+
+
+def check_steps(option: str, value: int) -> None:
+    """A whole number of steps >= 0 (FAT's tau)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise OptionError(option, value, "must be a whole number >= 0")
 
 
 def cag(

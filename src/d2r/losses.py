@@ -162,6 +162,49 @@ def lbgat_loss(
     return {"loss": mse + ce + beta * kl_adv, **_detached(ce=ce, mse=mse, kl_adv=kl_adv)}
 
 
+GAIR_FUNCTIONS = ("tanh", "sigmoid", "discrete")
+
+
+def gair_weights(kappa: Tensor, steps: int, *, lam: float = -1.0, function: str = "tanh") -> Tensor:
+    """GAIRAT's instance weights (Zhang et al. ICLR 2021, arXiv:2010.01736, Sec. 3.2 and the
+    released code's `GAIR`) from the geometry values `kappa` (B,) of a `steps`-step attack:
+        tanh:     w = (1 + tanh(lam + 5 (1 - 2 kappa / K))) / 2
+        sigmoid:  w = sigmoid(lam + 1 - 2 kappa / K)
+        discrete: w = (K + 1 - kappa) / (K + 1)
+    then normalized to sum to B: w * B / sum(w). K / 2 is real, as in the paper's formula (the
+    code's int(K / 2) is the same for an even K, 10 by default). Not differentiated."""
+    check_choice("weight_assignment_function", function, GAIR_FUNCTIONS)
+    kappa = kappa.detach().float()
+    if function == "discrete":
+        weights = (steps + 1 - kappa) / (steps + 1)
+    elif function == "tanh":
+        margin = 1 - 2 * kappa / steps  # the code's (int(K/2) - kappa) / int(K/2)
+        weights = (1 + torch.tanh(lam + 5 * margin)) / 2
+    else:
+        weights = torch.sigmoid(lam + 1 - 2 * kappa / steps)
+    return weights * len(weights) / weights.sum()
+
+
+def gairat_loss(
+    logits_adv: Tensor,
+    y: Tensor,
+    kappa: Tensor,
+    *,
+    steps: int = 10,
+    lam: float = -1.0,
+    weight_assignment_function: str = "tanh",
+    label_smoothing: float = 0.0,
+) -> dict[str, Tensor]:
+    """GAIRAT (Zhang et al. ICLR 2021, arXiv:2010.01736), with logits_adv = z(x') of a
+    `steps`-step PGD and `kappa` its geometry values (attacks.Geometry):
+        (1/B) sum_i w_i CE(z(x'_i), y_i),  w = gair_weights(kappa, steps, lam=, function=)
+    (the released code's `loss.mul(normalized_reweight).mean()`). `label_smoothing`: the CE."""
+    weights = gair_weights(kappa, steps, lam=lam, function=weight_assignment_function)
+    ce = F.cross_entropy(logits_adv, y, reduction="none", label_smoothing=label_smoothing)
+    loss = (ce * weights.to(ce.dtype)).mean()
+    return {"loss": loss, **_detached(ce=loss, kappa=kappa.float().mean())}
+
+
 def _kl_batchmean(logits_p: Tensor, logits_q: Tensor) -> Tensor:
     """KL(softmax(logits_p) || softmax(logits_q)) summed over classes, mean over the batch."""
     return F.kl_div(F.log_softmax(logits_q, 1), F.softmax(logits_p, 1), reduction="batchmean")

@@ -236,6 +236,7 @@ class Trainer:
 
     def _train_epoch(self, epoch: int) -> dict[str, Any]:
         """The epoch's steps; its log line (mean loss terms, seconds, lr) is returned."""
+        self.method.start_epoch(epoch, self.cfg.train.epochs)  # a method's schedule over epochs
         self.method.train()
         start, state = time.perf_counter(), self.state  # sums/count carry over into a resume
         bar = self.display.epoch(self.loader, epoch)

@@ -11,8 +11,8 @@ each method makes its reference's train-mode passes in their order, since every 
 moves the BatchNorm running statistics (docs/methods.md, "Train-mode passes").
 
 `base` holds the Method class and what every method shares (AWP included), `single` PGD-AT,
-TRADES and MART, `guided` the two-model methods LBGAT and D2R. Importing this package registers
-all five in METHODS.
+TRADES and MART, `guided` the two-model methods LBGAT and D2R, `instance` FAT and GAIRAT (an
+early stop, a weight per example). Importing this package registers all seven in METHODS.
 """
 
 from d2r.methods.base import (
@@ -24,10 +24,13 @@ from d2r.methods.base import (
     frozen_buffers,
 )
 from d2r.methods.guided import D2R, LBGAT
+from d2r.methods.instance import FAT, GAIRAT
 from d2r.methods.single import MART, PGDAT, TRADES
 
 __all__ = [
     "D2R",
+    "FAT",
+    "GAIRAT",
     "LBGAT",
     "MART",
     "METHODS",

@@ -139,6 +139,7 @@ class Method(nn.Module):
         self.awp_gamma, self.label_smoothing = awp_gamma, label_smoothing
         self._awp: Perturbation = []
         self.frozen: tuple[str, ...] = ()  # models kept as loaded (`freeze`)
+        self.epoch, self.epochs = 0, 1  # where training is (`start_epoch`)
 
     def models(self) -> dict[str, nn.Module]:
         """Every model by name, frozen ones included: what a checkpoint holds."""
@@ -162,6 +163,14 @@ class Method(nn.Module):
         for name in self.frozen:  # a frozen model is always in eval mode
             self.models()[name].eval()
         return self
+
+    def start_epoch(self, epoch: int, epochs: int) -> None:
+        """Called by the trainer as each epoch starts (0-based `epoch` of `epochs`; at a resume,
+        the checkpoint's epoch). A method whose reference schedules an option over epochs
+        (FAT's tau, GAIRAT's burn-in) derives it from these two alone, so a resumed run has
+        it back with the epoch (docs/methods.md, "Schedules over epochs"). Until the first
+        call: epoch 0 of 1."""
+        self.epoch, self.epochs = epoch, epochs
 
     def generate(self, x: Tensor, y: Tensor) -> Tensor:
         raise NotImplementedError
