@@ -12,6 +12,7 @@ and never writes parameter `.grad` (it differentiates with torch.autograd.grad o
 from __future__ import annotations
 
 import logging
+import math
 import re
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -52,6 +53,17 @@ def check_budget(eps: float, step_size: float = 0.0, steps: int = 1, norm: str =
     check_range("step_size", step_size)
     check_range("steps", steps, positive=True)
     check_choice("norm", norm, tuple(NORMS))
+    if norm == "linf" and eps > 1:  # pixels are in [0, 1]: a larger ball is the whole cube
+        raise OptionError("eps", eps, "must be <= 1 in linf: images are in [0, 1] (e.g. 8/255)")
+
+
+def check_radius(eps: float, norm: str, shape: tuple[int, ...]) -> None:
+    """Refuse an L2 eps above the diameter of the image cube [0, 1]^d, sqrt(d) for d = C*H*W
+    values (no two images are farther apart); L-inf is bounded by 1 in `check_budget`."""
+    if norm == "l2" and eps > math.sqrt(math.prod(shape)):
+        bound = math.sqrt(math.prod(shape))
+        rule = f"must be <= sqrt(C*H*W) = {bound:.4g} in l2 for {'x'.join(map(str, shape))} images"
+        raise OptionError("eps", eps, rule)
 
 
 @dataclass(frozen=True)

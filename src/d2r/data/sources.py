@@ -54,6 +54,7 @@ class DatasetInfo:
     crop_padding: int  # zero padding of the reference random crop; 0 = no crop
     flip: bool  # random horizontal flip; never for digits, where a mirror changes the class
     files: tuple[RemoteFile, ...]
+    eps: float = 8 / 255  # the L-inf radius the field evaluates it at (CIFAR, SVHN, Tiny ImageNet)
 
 
 _TORONTO = "https://www.cs.toronto.edu/~kriz/"
@@ -116,9 +117,9 @@ INFO: dict[str, DatasetInfo] = {
     "cifar10": DatasetInfo("cifar10", 10, 3, 32, 4, True, (_CIFAR10_FILE,)),
     "cifar100": DatasetInfo("cifar100", 100, 3, 32, 4, True, (_CIFAR100_FILE,)),
     "svhn": DatasetInfo("svhn", 10, 3, 32, 4, False, _SVHN_FILES),
-    "mnist": DatasetInfo("mnist", 10, 1, 28, 0, False, _MNIST_FILES),
+    "mnist": DatasetInfo("mnist", 10, 1, 28, 0, False, _MNIST_FILES, eps=0.3),  # Madry et al.
     "tiny_imagenet": DatasetInfo("tiny_imagenet", 200, 3, 64, 4, True, (_TINY_FILE,)),
-    "digits": DatasetInfo("digits", 10, 1, 8, 1, False, ()),
+    "digits": DatasetInfo("digits", 10, 1, 8, 1, False, (), eps=0.1),  # the demo's
 }
 
 

@@ -37,14 +37,17 @@ def add_command(sub: Any) -> None:
     ev.add_argument(
         "--eps",
         type=_numbers,
-        default=[8 / 255],
-        help="Linf radius, or several: 8/255,0.031 runs the suite at each (default 8/255)",
+        default=None,
+        help="radius, or several: 8/255,0.031 runs the suite at each (default: a run's own "
+        "eps, eval.eps or else method.eps; for --weights the data set's usual one: 8/255 for "
+        "CIFAR, SVHN and Tiny ImageNet, 0.3 for MNIST, 0.1 for digits)",
     )
     ev.add_argument(
         "--norm",
         choices=["linf", "l2"],
-        default="linf",
-        help="threat model of every attack: linf (default) or l2 (PGD-L2, CW-L2, AutoAttack L2)",
+        default=None,
+        help="threat model of every attack: linf or l2 (PGD-L2, CW-L2, AutoAttack L2); "
+        "default: a run's own training norm, linf for --weights",
     )
     ev.add_argument(
         "--checkpoint",

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from d2r import data as data_mod
+from d2r.attacks import check_radius, norm_label
 from d2r.checkpoint import (
     checkpoint_path,
     read_sidecar,
@@ -25,7 +26,7 @@ from d2r.checkpoint import (
     stored_sha256,
     target_weights,
 )
-from d2r.config import format_eps, parse_number
+from d2r.config import Config, format_eps, parse_number
 from d2r.distributed import pick_device
 from d2r.evalstore import (
     CLEAN,
@@ -47,7 +48,7 @@ from d2r.evaluate.core import (
 from d2r.files import check_writable, describe, file_sha256, new_temp_dir
 from d2r.guard import Preempted, SignalGuard
 from d2r.models import MODELS
-from d2r.runs import load_run
+from d2r.runs import eval_eps, eval_norm, load_run, read_config
 from d2r.weights import load_foreign
 
 
@@ -100,7 +101,7 @@ def _own_eps(item: str, text: str) -> float:
 def evaluate_run(
     run_dir: str | Path,
     attacks: Sequence[str] = ("pgd20", "cw20"),
-    eps: float | Sequence[float] = 8 / 255,
+    eps: float | Sequence[float] | None = None,
     *,
     checkpoint: str | None = None,
     out: str | Path | None = None,
@@ -108,15 +109,17 @@ def evaluate_run(
 ) -> dict[str, Any]:
     """`d2r eval RUN`: the run's target at each checkpoint ("last", "best", "ema" (the EMA
     weights of last.safetensors), "both" for last and best; default: every one the run holds),
-    on its data set's test split, with `attacks` at each eps (see `attack_plan`). Results go
-    into the store in `out` (default: the run directory; see `evaluate_models`); returns
-    eval.json's content. `options`: the fields of `EvalOptions` (n, seed, batch_size, device
-    (default "auto"), norm, checks, progress, force)."""
+    on its data set's test split, with `attacks` at each eps (see `attack_plan`; default: the
+    run's own, eval.eps or else method.eps) in the run's norm (unless `norm` says another).
+    Results go into the store in `out` (default: the run directory; see `evaluate_models`);
+    returns eval.json's content. `options`: the fields of `EvalOptions` (n, seed, batch_size,
+    device (default "auto"), norm, checks, progress, force)."""
     settings = EvalOptions(**options)
-    attack_plan(attacks, eps, settings.norm)  # bad names or eps fail before loading
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"{str(run_dir)!r} is not a run directory (no config.yaml)")
+    eps, settings = _run_budget(read_config(run_dir)[0], eps, settings)
+    attack_plan(attacks, eps, settings.norm)  # bad names or eps fail before loading
     out = check_writable(out or run_dir, "eval output directory (--out)")  # not after hours
     keys = {None: run_checkpoints(run_dir), "both": ["last", "best"]}.get(checkpoint)
     models = {}
@@ -125,6 +128,24 @@ def evaluate_run(
         models[key] = (method.target, *_describe_checkpoint(run_dir, key))
     data = EvalData(cfg.data.name, cfg.data.root, cfg.data.verify, cfg.data.like)
     return evaluate_models(models, data, attacks, eps, out, settings, fallback=run_dir)
+
+
+def _run_budget(
+    cfg: Config, eps: float | Sequence[float] | None, options: EvalOptions
+) -> tuple[float | Sequence[float], EvalOptions]:
+    """The eps and norm to evaluate a run at: those given, else the run's own (the radius its
+    per-epoch validation attacked at, in its training norm), said when `options.progress`."""
+    options = dataclasses.replace(options, norm=options.norm or eval_norm(cfg))
+    if eps is None:
+        eps = eval_eps(cfg)
+        _say_eps(eps, options, "the run's own (eval.eps, else method.eps)")
+    return eps, options
+
+
+def _say_eps(eps: float, options: EvalOptions, source: str) -> None:
+    if options.progress:
+        norm = norm_label(options.norm or "linf")
+        print(f"d2r eval: eps {format_eps(eps)} ({norm}), {source}; --eps chooses another")
 
 
 def _describe_checkpoint(run_dir: Path, key: str) -> tuple[str, dict[str, Any]]:
@@ -146,7 +167,7 @@ def evaluate_weights(
     model_name: str,
     weights: str | Path,
     attacks: Sequence[str] = ("pgd20", "cw20"),
-    eps: float | Sequence[float] = 8 / 255,
+    eps: float | Sequence[float] | None = None,
     *,
     data: str = "cifar10",
     num_classes: int | None = None,
@@ -155,15 +176,18 @@ def evaluate_weights(
 ) -> dict[str, Any]:
     """`d2r eval --model ARCH --weights FILE`: a registered architecture with a foreign state
     dict (loaded strictly after key mapping) on `data`'s test split; results go into the store
-    in `out` (default: WEIGHTS_STEM-eval/ beside the file), keyed by the file's sha256.
-    `options`: root (the data directory, default "data") and like (the real set
-    data="synthetic" imitates, as data.like) for the `EvalData`, and the fields of
-    `EvalOptions` as for `evaluate_run`."""
+    in `out` (default: WEIGHTS_STEM-eval/ beside the file), keyed by the file's sha256. `eps`
+    defaults to the data set's usual L-inf radius (8/255 for CIFAR, SVHN and Tiny ImageNet,
+    0.3 for MNIST, 0.1 for digits). `options`: root (the data directory, default "data") and
+    like (the real set data="synthetic" imitates, as data.like) for the `EvalData`, and the
+    fields of `EvalOptions` as for `evaluate_run`."""
     images = EvalData(data, options.pop("root", "data"), like=options.pop("like", None))
-    settings = EvalOptions(**options)
+    settings, info = EvalOptions(**options), data_mod.info(data, images.like)
+    if eps is None:
+        eps = info.eps
+        _say_eps(eps, settings, f"the usual one for {info.name}")
     attack_plan(attacks, eps, settings.norm)
     out = check_writable(out or weights_eval_dir(weights), "eval output directory (--out)")
-    info = data_mod.info(data, images.like)
     model = MODELS.create(
         model_name, num_classes=num_classes or info.num_classes, in_channels=info.channels
     )
@@ -203,6 +227,9 @@ def evaluate_models(
     `fallback` or a temp dir (ResultsNotWritten)."""
     options = options or EvalOptions()
     plan = attack_plan(attacks, eps, options.norm)
+    info = data_mod.info(data.name, data.like)
+    for e in plan:  # an L2 radius past the image cube's diameter: before any image is read
+        check_radius(e, options.norm or "linf", (info.channels, info.size, info.size))
     x, y = data.load(options.n)
     options = dataclasses.replace(options, device=pick_device(str(options.device or "auto")))
     guard = SignalGuard(action="finishing the batch and saving the evaluation's progress")
