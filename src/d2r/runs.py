@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from d2r import checkpoint, data
-from d2r.attacks import EVAL_ATTACKS
+from d2r.attacks import EVAL_ATTACKS, check_radius
 from d2r.config import (
     Config,
     TrainConfig,
@@ -32,7 +32,7 @@ from d2r.config import (
 from d2r.files import atomic_write_text, check_writable, file_sha256
 from d2r.methods import METHODS, Method
 from d2r.models import MODELS, load_weights
-from d2r.registry import build, resolve_spec
+from d2r.registry import OptionError, build, resolve_spec
 from d2r.version import __version__
 from d2r.weights import load_foreign, read_card
 
@@ -160,9 +160,18 @@ def eval_norm(cfg: Config) -> str:
 def check_config(cfg: Config) -> None:
     """Every option a run would refuse, refused now (one-line ValueError): the models and the
     method are built on the meta device, which allocates nothing, so even WRN-34-10 is cheap."""
+    info = data.info(cfg.data.name, cfg.data.like)
     with torch.device("meta"):  # weights files are read and checked against the shapes
-        build_method(cfg, data.info(cfg.data.name, cfg.data.like))
+        build_method(cfg, info)
     check_schedule(cfg.train)
+    method = resolve_spec(METHODS, cfg.method, key="method")
+    shape = (info.channels, info.size, info.size)
+    radii = {"method.eps": method.get("eps"), "eval.eps": cfg.eval.eps}
+    for key, eps in ((k, v) for k, v in radii.items() if v is not None):
+        try:  # an L2 radius past the image cube's diameter (L-inf > 1: the attack refuses it)
+            check_radius(float(eps), eval_norm(cfg), shape)
+        except OptionError as err:
+            raise ValueError(f"config key {key!r}: {err.rule}, got {eps!r}") from None
 
 
 def check_schedule(t: TrainConfig) -> None:
