@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from d2r import distributed, evalstore, export, report, sweep
+from d2r import distributed, evalstore, export, plan, report, sweep
 from d2r.attacks import EVAL_ATTACKS
 from d2r.config import (
     check_resume_config,
@@ -368,6 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_command(sub)
     export.add_command(sub)
     sweep.add_command(sub)
+    plan.add_command(sub)
     return parser
 
 

@@ -39,19 +39,19 @@ LINEAR_TAGS = {getattr(torch.Tag, t) for t in ("pointwise", "reduction") if hasa
 LINEAR_OPS = frozenset(
     """
     native_batch_norm native_batch_norm_backward _native_batch_norm_legit
-    _native_batch_norm_legit_no_training _native_batch_norm_legit_functional
-    native_layer_norm native_layer_norm_backward native_group_norm native_group_norm_backward
-    _softmax _log_softmax _softmax_backward_data _log_softmax_backward_data
-    nll_loss_forward nll_loss_backward nll_loss2d_forward nll_loss2d_backward mse_loss
-    mse_loss_backward max_pool2d_with_indices max_pool2d_with_indices_backward avg_pool2d
-    avg_pool2d_backward _adaptive_avg_pool2d _adaptive_avg_pool2d_backward constant_pad_nd
-    empty empty_like empty_strided zeros zeros_like ones ones_like full full_like new_zeros
-    new_ones new_empty new_full new_empty_strided arange scalar_tensor rand rand_like randn
-    randn_like randint randint_like randperm uniform normal bernoulli native_dropout
-    native_dropout_backward clone copy _to_copy lift_fresh cat stack gather scatter
-    scatter_add index index_select index_put index_add masked_select masked_scatter sort topk
-    cumsum flip roll repeat linalg_vector_norm norm _local_scalar_dense
-    """.split()
+    _native_batch_norm_legit_no_training _native_batch_norm_legit_functional native_layer_norm
+    native_layer_norm_backward native_group_norm native_group_norm_backward _softmax
+    _log_softmax _softmax_backward_data _log_softmax_backward_data nll_loss_forward
+    nll_loss_backward nll_loss2d_forward nll_loss2d_backward mse_loss mse_loss_backward
+    max_pool2d_with_indices max_pool2d_with_indices_backward avg_pool2d avg_pool2d_backward
+    _adaptive_avg_pool2d _adaptive_avg_pool2d_backward constant_pad_nd linalg_vector_norm norm
+    normal empty empty_like empty_strided zeros zeros_like ones ones_like full full_like
+    new_zeros new_ones new_empty new_full new_empty_strided arange scalar_tensor rand rand_like
+    randn randn_like randint randint_like randperm uniform bernoulli native_dropout
+    native_dropout_backward clone copy _to_copy lift_fresh cat stack gather scatter scatter_add
+    index index_select index_put index_add masked_select masked_scatter sort topk cumsum flip
+    roll repeat _local_scalar_dense
+    """.split()  # noqa: SIM905 (names read better as words than as a list literal)
 )
 
 
@@ -63,7 +63,9 @@ class Count:
     uncounted: dict[str, int] = field(default_factory=dict)
 
     def __add__(self, other: Count) -> Count:
-        return Count(self.flops + other.flops, dict(Counter(self.uncounted) + other.uncounted))
+        return Count(
+            self.flops + other.flops, dict(Counter(self.uncounted) + Counter(other.uncounted))
+        )
 
     def times(self, k: float) -> Count:
         """This count k times over (the uncounted ops' calls too)."""
@@ -90,7 +92,7 @@ class FlopCounter(TorchDispatchMode):
         super().__init__()
         self.flops, self.uncounted = 0, Counter[str]()
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         packet = func._overloadpacket
         if packet not in FORMULAS and func is not torch.ops.prim.device.default:
