@@ -173,6 +173,11 @@ def epoch_images(cfg: Config) -> tuple[int, int]:
     return steps, min(n, steps * (batch - extra)) + steps * extra
 
 
+def epoch_flops(cfg: Config) -> int:
+    """The FLOPs of one epoch's training steps (what benchmarks/gpu_check.py's MFU divides)."""
+    return step_count(cfg).flops * epoch_images(cfg)[1]
+
+
 def checks_flops(cfg: Config, method: nn.Module, info: data.DatasetInfo) -> Count:
     """The per-epoch checks over the run: clean and eval.attack flags of the target and the
     guide's clean flags on eval.subset held-out images (the test split's without
@@ -328,6 +333,12 @@ def measured_mfu(device: str, gpu_check: str | Path | None) -> tuple[float, str]
 def gpu_key(name: str) -> str | None:
     """PEAK_FLOPS's key for a GPU's name as torch reports it ("NVIDIA H100 80GB HBM3")."""
     return next((key for part, key in GPU_NAMES.items() if part in name.upper()), None)
+
+
+def peak_for_gpu(name: str) -> float | None:
+    """The dense bf16 peak of a GPU named as torch names it; None for one not in PEAK_FLOPS."""
+    key = gpu_key(name)
+    return PEAK_FLOPS[key][0] if key else None
 
 
 # Text -------------------------------------------------------------------------------------------
