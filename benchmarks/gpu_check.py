@@ -82,7 +82,9 @@ PARTS = [
         "d2r.train(configs/cifar10/d2r_cag.yaml) on data.name=synthetic (50,000 CIFAR-10-"
         "shaped images, batch 128, 391 steps), one epoch, CUDA defaults: epoch_s is the "
         "trainer's epoch time (compilation included), steady_epoch_s = 391 x the mean step "
-        "time between the first and last step lines of metrics.jsonl (log_every 20)",
+        "time between the first and last step lines of metrics.jsonl (log_every 20); mfu "
+        "(mfu_epoch_s) = `d2r plan`'s FLOPs of the epoch's steps / (steady_epoch_s (epoch_s) x "
+        "the GPU's dense bf16 peak)",
     ),
     Part(
         "pgd",

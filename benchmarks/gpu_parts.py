@@ -122,9 +122,12 @@ def part_epoch(ctx: Context) -> dict:
     final, env = run.final, json.loads((out / "env.json").read_text())
     steady = clock.seconds_per_step()
     images = run.config.data.train_subset or SPLIT_SIZES[ctx.like][0]
+    steady_s = steady * final["step"] if steady else None
+    seconds = {"mfu": steady_s, "mfu_epoch_s": final["seconds"]}
     return {
         "epoch_s": round(final["seconds"], 3),  # a smoke epoch of 2 steps can take < 0.05 s
-        "steady_epoch_s": round(steady * final["step"], 3) if steady else None,
+        "steady_epoch_s": round(steady_s, 3) if steady_s else None,
+        **epoch_mfu(run.config, env["device_name"], seconds),
         "goal_s": GOAL_EPOCH_S,
         "steps": final["step"],
         "images": images,
@@ -133,6 +136,19 @@ def part_epoch(ctx: Context) -> dict:
         **{"target": run.config.target["name"], "guide": run.config.guide["name"]},
         **env["fast_path"],
     }
+
+
+def epoch_mfu(cfg, device_name: str, seconds: dict) -> dict:
+    """Model-FLOP utilization of each epoch figure: `d2r plan`'s FLOPs of the epoch's training
+    steps / (seconds x the GPU's dense bf16 peak, d2r.plan.PEAK_FLOPS); None for a device
+    not in that table (the smoke's CPU). `d2r plan --gpu-check results.json` reads "mfu"."""
+    from d2r import plan
+
+    flops, peak = plan.epoch_flops(cfg), plan.peak_for_gpu(device_name)
+    out = {"flops_per_epoch": flops, "peak_flops": peak}
+    for key, s in seconds.items():
+        out[key] = round(flops / (s * peak), 4) if peak and s else None
+    return out
 
 
 class StepClock:

@@ -74,6 +74,8 @@ def test_gpu_check_smoke_runs_every_part_and_writes_both_files(tmp_path):
     epoch = parts["epoch"]["figures"]
     # steady_epoch_s: from the step lines' times; with 2 tiny steps it can round to 0
     assert epoch["steps"] == 2 and epoch["epoch_s"] > 0 and epoch["steady_epoch_s"] >= 0
+    # d2r plan's count of the epoch; no MFU on a CPU (no peak in d2r.plan.PEAK_FLOPS)
+    assert epoch["flops_per_epoch"] > 0 and epoch["mfu"] is None and epoch["peak_flops"] is None
     assert parts["pgd"]["figures"]["images"] == 32 and 0 <= parts["pgd"]["figures"]["pgd20"] <= 1
     assert parts["pgd"]["figures"]["model"].startswith("the epoch part's model")
     assert parts["vs_naive"]["figures"]["speedup"] > 0

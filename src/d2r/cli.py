@@ -1,7 +1,7 @@
-"""Command line: d2r train | eval | report | export | list | data. Every subcommand takes the
-common flags (-q/--quiet, --debug) before or after its name. Errors are one line: bad input
-exit 2, a failure of the environment (network, disk, permissions, a missing package) exit 1;
---debug or D2R_DEBUG=1 shows the traceback instead."""
+"""Command line: d2r train | eval | list | data | report | export | sweep | plan. Every
+subcommand takes the common flags (-q/--quiet, --debug) before or after its name. Errors are
+one line: bad input exit 2, a failure of the environment (network, disk, permissions, a
+missing package) exit 1; --debug or D2R_DEBUG=1 shows the traceback instead."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from d2r import data, export, report, runs, sweep, train_command
+from d2r import data, export, plan, report, runs, sweep, train_command
 from d2r.evaluate import command as evaluate_command
 from d2r.files import describe
 from d2r.guard import Preempted
@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", action=Subcommands)
     # each command is defined beside the public function it calls, in the order of `d2r -h`
-    for module in (train_command, evaluate_command, runs, data, report, export, sweep):
+    for module in (train_command, evaluate_command, runs, data, report, export, sweep, plan):
         module.add_command(sub)
     return parser
 
