@@ -2,15 +2,21 @@
 through a temp file get the mode the user's umask gives (`follow_umask`; mkstemp makes them
 0600, which hides results from colleagues on a shared cluster), and an OSError is told in one
 line with its fix (`describe`). A file is replaced atomically (`atomic_write`: temp file,
-fsync, rename) and identified by its bytes (`file_sha256`)."""
+fsync, rename) and identified by its bytes (`file_sha256`). A read-modify-write of a shared file,
+or a directory one process owns at a time, holds an exclusive lock on a lock file (`locked`)."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import os
+import socket
+import sys
 import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 # errno -> what to do about it, for the one-line messages
@@ -127,3 +133,39 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 def file_sha256(path: str | Path) -> str:
     """The sha256 of a file's bytes, hex."""
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+class Busy(ValueError):
+    """A lock `locked(..., wait=False)` found held: the message names the holder."""
+
+
+@contextlib.contextmanager
+def locked(path: str | Path, *, wait: bool = True, what: str | None = None) -> Iterator[Path]:
+    """Hold an exclusive `fcntl.flock` on the lock file `path` (created, never deleted: a
+    process that opened the old inode would lock a file nobody else sees). The kernel drops
+    the lock when the holder's process dies, so a killed holder never blocks anyone. `wait`:
+    block until it is free; else raise Busy at once, naming `what` (the thing the lock guards)
+    and the holder, whose pid, host, command and start time a holder given `what` writes into
+    the file."""
+    path = Path(path)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~umask())
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+            raise Busy(f"{what or str(path)!r} is in use by {holder}") from None
+        if what is not None:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, holder_text().encode(), 0)
+        yield path
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def holder_text() -> str:
+    """'pid 123 on host (d2r sweep s.yaml --out x) since 2025-01-01T10:00:00': who holds a lock."""
+    program = "d2r" if sys.argv[0].endswith(("d2r", "__main__.py")) else Path(sys.argv[0]).name
+    command = " ".join([program, *sys.argv[1:]])
+    since = time.strftime("%Y-%m-%dT%H:%M:%S")
+    return f"pid {os.getpid()} on {socket.gethostname()} ({command}) since {since}\n"
