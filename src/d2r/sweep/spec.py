@@ -60,9 +60,7 @@ def cells(spec_path: str | Path) -> list[Cell]:
         _only(part, PART_KEYS, place)
         merged = {**spec, **part, "set": {**(spec.get("set") or {}), **(part.get("set") or {})}}
         if not merged.get("grid"):  # else one cell of the base config's defaults would train
-            raise ValueError(
-                f"{place}: no grid; a study needs one (one run: grid: {{seed: [0]}})"
-            )
+            raise ValueError(f"{place}: no grid; a study needs one (one run: grid: {{seed: [0]}})")
         prefix = f"{part['name']}-" if part.get("name") else ""
         out += _part_cells(merged, prefix, Path(spec_path))
     names = [c.name for c in out]
