@@ -16,8 +16,10 @@ A grid axis is a list of values, or a mapping of names to values (the names labe
 (a list of {name, base, set, grid, eval}) makes one study of several grids.
 
 Each cell is one `d2r train` run directory DIR/<cell name>; its state is read from its files
-(eval.json: done; a finished last checkpoint: trained; any checkpoint: interrupted), so a rerun
-skips what is done and resumes what was interrupted (`d2r train --resume`, exact). Cells run as
+(every result its `eval` asks for in its eval.json store, by key: done; a finished last
+checkpoint: trained; any checkpoint: interrupted), so a rerun skips what is done, resumes what
+was interrupted (`d2r train --resume`, exact; a stopped evaluation from its partial files), and
+runs only the attacks added to `eval` since. Cells run as
 `python -m d2r train|eval` processes: Ctrl-C, SIGTERM and resume are the trainer's own.
 """
 
