@@ -85,7 +85,7 @@ def test_a_lock_refuses_naming_its_holder_and_a_killed_holder_never_blocks(tmp_p
         with pytest.raises(Busy) as busy, locked(lock, wait=False, what="the thing"):
             pass
         message = str(busy.value)
-        assert f"'the thing' is in use by pid {proc.pid} on " in message and "\n" not in message
+        assert f"the thing is in use by pid {proc.pid} on " in message and "\n" not in message
         proc.kill()  # SIGKILL: no handler runs, the kernel drops the lock
         proc.wait()
         with locked(lock, wait=False, what="the thing"):

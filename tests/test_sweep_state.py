@@ -6,6 +6,11 @@ process behind."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,9 +18,12 @@ import yaml
 
 from d2r import sweep
 from d2r.attacks import PGD
+from d2r.checkpoint import load
 from d2r.cli import main
 from d2r.evalstore import CLEAN, Store
 from d2r.evaluate import evaluate_run
+from d2r.files import Lock
+from d2r.logs import read_metrics
 
 
 def write_spec(path: Path, **spec) -> Path:
@@ -103,3 +111,98 @@ def test_a_stopped_evaluation_and_an_added_attack_complete_on_the_rerun(tmp_path
     assert set(after) == {CLEAN, "pgd3", "fgsm"}
     assert all(after[k]["seconds"] == before[k]["seconds"] for k in before)  # kept, not redone
     assert stamps == {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")}  # no training
+
+
+# One sweep per study, one trainer per run, no cell without its sweep -----------------------------
+ENV = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+# 4 steps an epoch, each logged and checkpointed (as tests/test_sweep.py's RESUMABLE)
+STEPS = {
+    **TINY,
+    "data.train_subset": 256,
+    "data.batch_size": 64,
+    "train.log_every": 1,
+    "train.checkpoint_minutes": 0.00001,
+}
+
+
+def start_sweep(path: Path, out: Path, *args: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "d2r", "sweep", str(path), "--out", str(out), "-q", *args]
+    return subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def steps(run: Path) -> list[int]:
+    if not (run / "metrics.jsonl").is_file():
+        return []
+    return [r["step"] for r in read_metrics(run, "step")]
+
+
+def wait_until(condition, what: str, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
+        time.sleep(0.02)
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie waiting for its reaper has ended)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def holder_pid(lock: Path) -> int:
+    return int(lock.read_text().split()[1])
+
+
+def test_a_second_sweep_on_one_out_is_refused_or_waits_and_each_cell_trains_once(tmp_path, capsys):
+    path = write_spec(tmp_path / "spec.yaml", set={**STEPS, "train.epochs": 3}, grid={"seed": [0]})
+    out, run = tmp_path / "out", tmp_path / "out" / "seed-0"
+    first = start_sweep(path, out)
+    second = None
+    try:
+        wait_until(lambda: len(steps(run)) >= 2, "the first sweep's cell training")
+        before = sorted(str(p.relative_to(out)) for p in out.rglob("*") if "seed-0" not in p.parts)
+        err = cli_error(capsys, "sweep", str(path), "--out", str(out))
+        assert f"study directory {str(out)!r} is in use by pid {first.pid} " in err
+        assert "--wait" in err
+        after = sorted(str(p.relative_to(out)) for p in out.rglob("*") if "seed-0" not in p.parts)
+        assert after == before  # nothing written by the refusal
+        second = start_sweep(path, out, "--wait")
+        assert first.wait(timeout=300) == 0, first.communicate()
+        assert second.wait(timeout=300) == 0, second.communicate()
+        assert f"waiting for pid {first.pid} " in second.stderr.read()
+    finally:
+        for proc in (first, second):
+            if proc is not None:
+                proc.kill()
+                proc.communicate()
+    assert steps(run) == list(range(1, 13))  # every step trained once, logged once
+
+
+def test_a_killed_sweep_leaves_no_process_and_its_run_directory_free(tmp_path, capsys):
+    # 50 epochs: minutes alone; the cell must stop within seconds of its sweep's death
+    spec = {"set": {**STEPS, "train.epochs": 50}, "grid": {"seed": [0]}}
+    path = write_spec(tmp_path / "spec.yaml", **spec)
+    out, run = tmp_path / "out", tmp_path / "out" / "seed-0"
+    proc, trainer = start_sweep(path, out), None
+    try:
+        wait_until(lambda: len(steps(run)) >= 2, "the cell training")
+        trainer = holder_pid(run / ".run.lock")
+        assert trainer != proc.pid and alive(trainer)
+        # a second trainer on the run directory is refused in one line naming the first
+        err = cli_error(capsys, "train", "-q", "--resume", str(run))
+        assert f"run directory {str(run)!r} is in use by pid {trainer} " in err
+        proc.kill()  # SIGKILL: the sweep runs no handler
+        proc.communicate()
+        wait_until(lambda: not alive(trainer), "the cell's trainer ending", timeout=60)
+    finally:
+        proc.kill()
+        proc.communicate()
+        if trainer is not None and alive(trainer):
+            os.kill(trainer, signal.SIGKILL)
+    assert "SIGTERM" in (run / "train.log").read_text()  # it stopped as a stopped cell does
+    _, meta = load(run / "last.safetensors")
+    assert meta["step"] < 200  # not trained on to the end
+    with Lock(run / ".run.lock", wait=False):  # free again: a rerun resumes it
+        pass

@@ -16,8 +16,9 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 # errno -> what to do about it, for the one-line messages
 _FIXES = {
@@ -136,31 +137,64 @@ def file_sha256(path: str | Path) -> str:
 
 
 class Busy(ValueError):
-    """A lock `locked(..., wait=False)` found held: the message names the holder."""
+    """A lock taken with wait=False found held: the message names the holder."""
 
 
-@contextlib.contextmanager
-def locked(path: str | Path, *, wait: bool = True, what: str | None = None) -> Iterator[Path]:
-    """Hold an exclusive `fcntl.flock` on the lock file `path` (created, never deleted: a
-    process that opened the old inode would lock a file nobody else sees). The kernel drops
-    the lock when the holder's process dies, so a killed holder never blocks anyone. `wait`:
-    block until it is free; else raise Busy at once, naming `what` (the thing the lock guards)
-    and the holder, whose pid, host, command and start time a holder given `what` writes into
-    the file."""
-    path = Path(path)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~umask())
-    try:
+class Lock:
+    """An exclusive `fcntl.flock` on the lock file `path` (created, never deleted: a process
+    that opened the old inode would lock a file nobody else sees), held until `close()`, the
+    object's collection or its process's death: the kernel drops it then, so a killed holder
+    never blocks anyone. `wait`: block until it is free; else raise Busy at once, naming
+    `what` (the thing the lock guards), the holder, and `fix`. A holder given `what` writes
+    its pid, host, command and start time into the file for that message. `waiting(holder)`
+    is called before blocking on a held lock."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        wait: bool = True,
+        what: str | None = None,
+        fix: str = "",
+        waiting: Callable[[str], None] | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.file = open(path, "a+b")  # noqa: SIM115 (held past this call: closed by close())
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            self._take(wait, what, fix, waiting)
+        except BaseException:
+            self.file.close()
+            raise
+
+    def _take(self, wait: bool, what: str | None, fix: str, waiting: Any) -> None:
+        fd = self.file.fileno()
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
-            raise Busy(f"{what or str(path)!r} is in use by {holder}") from None
+            if not wait:
+                refusal = f"{what or repr(str(self.path))} is in use by {holder}"
+                raise Busy(f"{refusal}; {fix}" if fix else refusal) from None
+            if waiting is not None:
+                waiting(holder)
+            fcntl.flock(fd, fcntl.LOCK_EX)
         if what is not None:
             os.ftruncate(fd, 0)
             os.pwrite(fd, holder_text().encode(), 0)
-        yield path
-    finally:
-        os.close(fd)  # releases the lock
+
+    def close(self) -> None:
+        self.file.close()  # releases the lock
+
+    def __enter__(self) -> Lock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def locked(path: str | Path, **options: Any) -> Lock:
+    """`with locked(path): ...`: the block runs holding the lock (see Lock)."""
+    return Lock(path, **options)
 
 
 def holder_text() -> str:

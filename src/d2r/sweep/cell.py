@@ -32,6 +32,7 @@ from d2r.runs import load_run, resolved_config
 # exit codes of a run stopped by a signal (d2r.guard.Preempted: 128 + SIGINT/SIGUSR1/SIGTERM)
 STOPPED = {128 + s: signal.Signals(s).name for s in (2, 10, 15)}
 SWEEP_JSON = "sweep.json"  # DIR/sweep.json: the cells and their states
+SWEEP_LOCK = ".sweep.lock"  # DIR/.sweep.lock: held by the sweep running the study
 
 
 @dataclass
