@@ -3,7 +3,7 @@ through a temp file get the mode the user's umask gives (`follow_umask`; mkstemp
 0600, which hides results from colleagues on a shared cluster), and an OSError is told in one
 line with its fix (`describe`). A file is replaced atomically (`atomic_write`: temp file,
 fsync, rename) and identified by its bytes (`file_sha256`). A read-modify-write of a shared file,
-or a directory one process owns at a time, holds an exclusive lock on a lock file (`locked`)."""
+or a directory one process owns at a time, holds an exclusive lock on a lock file (`Lock`)."""
 
 from __future__ import annotations
 
@@ -141,13 +141,13 @@ class Busy(ValueError):
 
 
 class Lock:
-    """An exclusive `fcntl.flock` on the lock file `path` (created, never deleted: a process
-    that opened the old inode would lock a file nobody else sees), held until `close()`, the
-    object's collection or its process's death: the kernel drops it then, so a killed holder
-    never blocks anyone. `wait`: block until it is free; else raise Busy at once, naming
-    `what` (the thing the lock guards), the holder, and `fix`. A holder given `what` writes
-    its pid, host, command and start time into the file for that message. `waiting(holder)`
-    is called before blocking on a held lock."""
+    """An exclusive `fcntl.flock` on the lock file `path`, held until `close()` (or the
+    object's collection), which removes the file, so a run or study ended leaves no trace; if
+    its process is killed the kernel drops the lock, so a killed holder never blocks anyone
+    (its file stays, and the next holder takes it over). `wait`: block until it is free; else
+    raise Busy at once, naming `what` (the thing the lock guards), the holder, and `fix`. A
+    holder given `what` writes its pid, host, command and start time into the file for that
+    message. `waiting(holder)` is called before blocking on a held lock."""
 
     def __init__(
         self,
@@ -158,16 +158,25 @@ class Lock:
         fix: str = "",
         waiting: Callable[[str], None] | None = None,
     ) -> None:
-        self.path = Path(path)
-        self.file = open(path, "a+b")  # noqa: SIM115 (held past this call: closed by close())
-        try:
-            self._take(wait, what, fix, waiting)
-        except BaseException:
-            self.file.close()
-            raise
+        self.path, self.fd = Path(path), -1
+        while self.fd < 0:  # again when the file was removed (released) while we waited
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~umask())
+            try:
+                self._take(fd, wait, what, fix, waiting)
+                waiting = None  # said once
+                current = os.stat(self.path).st_ino if self.path.exists() else None
+            except BaseException:
+                os.close(fd)
+                raise
+            if current == os.fstat(fd).st_ino:
+                self.fd = fd
+            else:
+                os.close(fd)
+        if what is not None:
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, holder_text().encode(), 0)
 
-    def _take(self, wait: bool, what: str | None, fix: str, waiting: Any) -> None:
-        fd = self.file.fileno()
+    def _take(self, fd: int, wait: bool, what: str | None, fix: str, waiting: Any) -> None:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -178,12 +187,19 @@ class Lock:
             if waiting is not None:
                 waiting(holder)
             fcntl.flock(fd, fcntl.LOCK_EX)
-        if what is not None:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, holder_text().encode(), 0)
 
     def close(self) -> None:
-        self.file.close()  # releases the lock
+        """Release: remove the file while still holding it (a process that opened it
+        meanwhile sees it gone and opens the next one), then unlock."""
+        if self.fd < 0:
+            return
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+        os.close(self.fd)
+        self.fd = -1
+
+    def __del__(self) -> None:
+        self.close()
 
     def __enter__(self) -> Lock:
         return self
