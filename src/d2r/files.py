@@ -179,14 +179,21 @@ class Lock:
     def _take(self, fd: int, wait: bool, what: str | None, fix: str, waiting: Any) -> None:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
-            if not wait:
-                refusal = f"{what or repr(str(self.path))} is in use by {holder}"
-                raise Busy(f"{refusal}; {fix}" if fix else refusal) from None
-            if waiting is not None:
-                waiting(holder)
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as err:
+            if err.errno not in (errno.EAGAIN, errno.EACCES):  # no locks on this file system
+                _warn_unlocked(self.path, err)
+                return
+            self._held(fd, wait, what, fix, waiting)
+
+    def _held(self, fd: int, wait: bool, what: str | None, fix: str, waiting: Any) -> None:
+        """Another process holds it: refuse, or say so and wait."""
+        holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+        if not wait:
+            refusal = f"{what or repr(str(self.path))} is in use by {holder}"
+            raise Busy(f"{refusal}; {fix}" if fix else refusal)
+        if waiting is not None:
+            waiting(holder)
+        fcntl.flock(fd, fcntl.LOCK_EX)
 
     def close(self) -> None:
         """Release: remove the file while still holding it (a process that opened it
@@ -206,6 +213,21 @@ class Lock:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_WARNED: set[int] = set()
+
+
+def _warn_unlocked(path: Path, err: OSError) -> None:
+    """A file system without flock (some NFS mounts): go on unlocked, said once per device."""
+    device = os.stat(path.parent).st_dev
+    if device not in _WARNED:
+        _WARNED.add(device)
+        print(
+            f"d2r: warning: cannot lock {str(path)!r} ({err.strerror or err}); going on "
+            "without: do not run two d2r processes on one directory there",
+            file=sys.stderr,
+        )
 
 
 def locked(path: str | Path, **options: Any) -> Lock:
