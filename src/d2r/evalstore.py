@@ -6,7 +6,9 @@ A result's key: the checkpoint's content sha256, the attack's name and settings,
 the test images (data set, split, n, and their sha256), the seed and the d2r version. Each
 result holds its per-sample correct flags (bit-packed, base64), so the worst case over any set
 of results at one eps and norm is computed per sample (RobustBench's rule), whenever a table
-needs it. Writes are atomic and merge into what is on disk, so nothing already stored is lost.
+needs it. Writes are atomic and merge into what is on disk, re-read under an exclusive lock
+(`.eval.json.lock` beside it), so nothing already stored, nor what a concurrent `d2r eval` of
+the same directory stores, is lost.
 
 Partial state (`eval-partial-<id>.json`, JSON): the flags of the batches an attack finished,
 written after every batch and deleted when its result is stored. Batches are seeded from the
@@ -31,7 +33,7 @@ import torch
 from torch import Tensor
 
 from d2r.config import format_eps
-from d2r.files import atomic_write_text
+from d2r.files import atomic_write_text, locked
 from d2r.tables import markdown_table
 from d2r.version import __version__
 
@@ -39,6 +41,7 @@ FORMAT = "d2r-eval"
 FORMAT_VERSION = 2  # 1 was one snapshot per call, never released
 PARTIAL_FORMAT = "d2r-eval-partial"
 EVAL_JSON, EVAL_MD = "eval.json", "eval.md"
+EVAL_LOCK = ".eval.json.lock"  # held while eval.json is read, merged and written
 CLEAN = "clean"
 TARGET = "target"  # a checkpoint's own target weights (the other: "ema", their moving average)
 
@@ -183,12 +186,19 @@ def _upsert(items: list[dict], old: dict | None, new: dict) -> None:
 def commit(out: str | Path, checkpoints: Iterable[dict] = (), results: Iterable[dict] = ()):
     """Merge into the store on disk (read again now: another `d2r eval` may have added to it)
     and write eval.json and eval.md atomically; returns the store written."""
+    return update(out, lambda store: store.merge(checkpoints, results))
+
+
+def update(out: str | Path, change: Callable[[Store], None]) -> Store:
+    """Read the store in `out`, `change` it in place and write eval.json and eval.md, all under
+    the store's lock: another process's commit between the read and the write would be lost."""
     out = Path(out)
-    store = Store.read(out)
-    store.merge(checkpoints, results)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / EVAL_JSON, json.dumps(store.content(), indent=1))
-    atomic_write_text(out / EVAL_MD, markdown(store))
+    with locked(out / EVAL_LOCK):
+        store = Store.read(out)
+        change(store)
+        atomic_write_text(out / EVAL_JSON, json.dumps(store.content(), indent=1))
+        atomic_write_text(out / EVAL_MD, markdown(store))
     return store
 
 
@@ -441,11 +451,12 @@ class StoreLedger(Ledger):
     def add_warnings(self, messages: list[str]) -> None:
         """The evaluation's warnings (checks run after the attacks) onto every result of the
         suite, beside any they had."""
-        store = Store.read(self.out)
-        entries = [store.find(key) for key in self.keys.values()]
-        for entry in filter(None, entries):
-            entry["warnings"] = list(dict.fromkeys([*entry.get("warnings", []), *messages]))
-        commit(self.out, results=filter(None, entries))
+
+        def warn(store: Store) -> None:
+            for entry in filter(None, (store.find(key) for key in self.keys.values())):
+                entry["warnings"] = list(dict.fromkeys([*entry.get("warnings", []), *messages]))
+
+        update(self.out, warn)
 
 
 def _read_partial(path: Path) -> dict[str, Any]:

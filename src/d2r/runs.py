@@ -29,7 +29,7 @@ from d2r.config import (
     resolve,
     to_dict,
 )
-from d2r.files import atomic_write_text, check_writable, file_sha256
+from d2r.files import Lock, atomic_write_text, check_writable, file_sha256
 from d2r.methods import METHODS, Method
 from d2r.models import MODELS, load_weights
 from d2r.registry import OptionError, build, resolve_spec
@@ -286,6 +286,23 @@ def prepare_run_dir(out: str | Path, resume: bool = False) -> Path:
             f"{str(run_dir)!r} already holds a run; choose another --out (or resume it)"
         )
     return check_writable(run_dir, "run directory (--out)")
+
+
+RUN_LOCK = ".run.lock"  # held by the one trainer that writes the run directory
+
+
+def own_run_dir(run_dir: str | Path) -> Lock:
+    """The run directory's lock, held by its trainer for the run's life (released however the
+    run ends, by the kernel if the process is killed): a second trainer on it (a second
+    `d2r train --resume`, another sweep's cell) would write every record twice. Refused in one
+    line naming the trainer that holds it."""
+    run_dir = Path(run_dir)
+    return Lock(
+        run_dir / RUN_LOCK,
+        wait=False,
+        what=f"run directory {str(run_dir)!r}",
+        fix="wait for that trainer to end, or stop it (its checkpoint resumes)",
+    )
 
 
 def default_run_dir(cfg: Config) -> Path:

@@ -37,6 +37,7 @@ from d2r.runs import (
     default_run_dir,
     eval_eps,
     eval_norm,
+    own_run_dir,
     prepare_run_dir,
     resolved_config,
     weight_files,
@@ -126,6 +127,7 @@ class Trainer:
         self.loader, self.x_val, self.y_val, self.val_split = self._load_data()
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.owner = own_run_dir(self.run_dir) if self.dist.is_main else None  # until fit ends
         self.optimizer = self._make_optimizer()
         self.val_attack = from_name(cfg.eval.attack, eval_eps(cfg), norm=eval_norm(cfg))
         # what the user sees: a bar on a terminal, log lines otherwise, nothing when quiet
@@ -182,6 +184,13 @@ class Trainer:
         end the current step, write last.safetensors and raise Preempted; after the last
         epoch's checkpoint the run is finished, and a signal no longer stops it (a scheduler's
         time limit during the final writes must not turn a finished run into a failed one)."""
+        try:
+            return self._fit()
+        finally:  # the run directory is free for the next trainer however this one ends
+            if self.owner is not None:
+                self.owner.close()
+
+    def _fit(self) -> Run:
         if self.already_finished:
             return Run(self.run_dir, self.cfg, self.method, self.state.history)
         self._write_header()

@@ -16,8 +16,10 @@ A grid axis is a list of values, or a mapping of names to values (the names labe
 (a list of {name, base, set, grid, eval}) makes one study of several grids.
 
 Each cell is one `d2r train` run directory DIR/<cell name>; its state is read from its files
-(eval.json: done; a finished last checkpoint: trained; any checkpoint: interrupted), so a rerun
-skips what is done and resumes what was interrupted (`d2r train --resume`, exact). Cells run as
+(every result its `eval` asks for in its eval.json store, by key: done; a finished last
+checkpoint: trained; any checkpoint: interrupted), so a rerun skips what is done, resumes what
+was interrupted (`d2r train --resume`, exact; a stopped evaluation from its partial files), and
+runs only the attacks added to `eval` since. Cells run as
 `python -m d2r train|eval` processes: Ctrl-C, SIGTERM and resume are the trainer's own.
 """
 
@@ -30,12 +32,13 @@ from pathlib import Path
 from typing import Any
 
 from d2r.config import dump_yaml
-from d2r.files import atomic_write_text
+from d2r.files import Lock, atomic_write_text, check_writable
 from d2r.report import report
 from d2r.sweep import slurm
 from d2r.sweep.cell import (
     STOPPED,
     SWEEP_JSON,
+    SWEEP_LOCK,
     Cell,
     Stopped,
     cell_state,
@@ -58,22 +61,49 @@ def run(
     dry_run: bool = False,
     devices: list[str | None] | None = None,
     progress: bool = True,
+    wait: bool = False,
 ) -> list[Cell]:
     """Run the study `spec_path` into `out` (see the module doc); returns its cells with their
     final states. The whole spec is checked first; `dry_run` stops there (the CLI prints the
-    cells). `progress`: a line as each cell starts and ends (failures are always said). Raises
-    Stopped on Ctrl-C/SIGTERM (rerun to continue)."""
+    cells). `progress`: a line as each cell starts and ends (failures are always said). A
+    second sweep on `out` is refused naming the first, or with `wait` waits for it to end.
+    Raises Stopped on Ctrl-C/SIGTERM (rerun to continue)."""
     if executor not in ("local", "slurm"):
         raise ValueError(f"--executor {executor!r}: choose local or slurm")
     out, spec = Path(out), load_spec(spec_path)
     todo = cells(spec_path)
+    _read_states(out, todo)
+    slurm.options(spec.get("slurm") or {})  # checked whatever the executor: the spec is one
+    if dry_run:
+        return todo
+    check_writable(out, "study directory (--out)").mkdir(parents=True, exist_ok=True)
+    with own_study(out, wait):
+        _read_states(out, todo)  # again: a sweep waited for may have changed them
+        _execute(spec, spec_path, out, executor, todo, devices, progress)
+    return todo
+
+
+def _read_states(out: Path, todo: list[Cell]) -> None:
     for cell in todo:
         check_unchanged(out / cell.name, cell)
         cell.state = cell_state(out / cell.name, cell)
-    slurm.options(spec.get("slurm") or {})  # checked whatever the executor: the spec is one
-    if not dry_run:
-        _execute(spec, spec_path, out, executor, todo, devices, progress)
-    return todo
+
+
+def own_study(out: Path, wait: bool = False) -> Lock:
+    """The study directory's lock (DIR/.sweep.lock), held for a sweep's life: a second
+    `d2r sweep` on one --out would train every cell a second time. Refused naming the sweep
+    that holds it, or (`wait`) waited for."""
+
+    def waiting(holder: str) -> None:
+        print(f"d2r sweep: waiting for {holder}, which runs the study in {out}", file=sys.stderr)
+
+    return Lock(
+        out / SWEEP_LOCK,
+        wait=wait,
+        what=f"study directory {str(out)!r}",
+        fix="wait for it to end (or give --wait), or give another --out",
+        waiting=waiting,
+    )
 
 
 def _execute(
@@ -166,6 +196,11 @@ def add_command(sub: Any) -> None:
     p.add_argument("--out", help="the study's directory (required)")
     p.add_argument("--executor", choices=["local", "slurm"], default="local")
     p.add_argument("--dry-run", action="store_true", help="check the spec and print the cells")
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="if another d2r sweep runs into DIR, wait for it to end instead of refusing",
+    )
     p.set_defaults(func=_command)
 
 
@@ -174,7 +209,12 @@ def _command(args: Any) -> int:
         raise ValueError("give the study's directory: d2r sweep SPEC.yaml --out DIR")
     out = Path(args.out)
     todo = run(
-        args.spec, out, executor=args.executor, dry_run=args.dry_run, progress=not args.quiet
+        args.spec,
+        out,
+        executor=args.executor,
+        dry_run=args.dry_run,
+        progress=not args.quiet,
+        wait=args.wait,
     )
     if args.dry_run:
         print(dry_run_text(todo, out))
@@ -190,6 +230,7 @@ def _command(args: Any) -> int:
 __all__ = [
     "STOPPED",
     "SWEEP_JSON",
+    "SWEEP_LOCK",
     "Cell",
     "Stopped",
     "add_command",
@@ -200,6 +241,7 @@ __all__ = [
     "config_path",
     "last_error",
     "load_spec",
+    "own_study",
     "python_command",
     "read_status",
     "run",

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import signal
 import sys
@@ -13,15 +14,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from d2r import data
+from d2r.attacks import AutoAttack
+from d2r.checkpoint import (
+    checkpoint_path,
+    read_sidecar,
+    run_checkpoints,
+    stored_sha256,
+    target_weights,
+)
 from d2r.config import Config, changed_keys, resolve, to_dict
-from d2r.evalstore import Store, markdown
-from d2r.evaluate import evaluate_run
+from d2r.evalstore import EVAL_JSON, Store, images_id, key_id, markdown
+from d2r.evaluate import attack_plan, build_suite, evaluate_run, suite_keys
 from d2r.guard import Preempted
-from d2r.runs import resolved_config
+from d2r.runs import load_run, resolved_config
 
 # exit codes of a run stopped by a signal (d2r.guard.Preempted: 128 + SIGINT/SIGUSR1/SIGTERM)
 STOPPED = {128 + s: signal.Signals(s).name for s in (2, 10, 15)}
 SWEEP_JSON = "sweep.json"  # DIR/sweep.json: the cells and their states
+SWEEP_LOCK = ".sweep.lock"  # DIR/.sweep.lock: held by the sweep running the study
 
 
 @dataclass
@@ -55,16 +66,51 @@ class Stopped(Preempted):
 # A cell's state, read from its run directory ----------------------------------------------------
 def cell_state(run_dir: Path, cell: Cell) -> str:
     """pending (nothing to resume), interrupted (a checkpoint short of the last epoch),
-    trained (all epochs, evaluation still to do) or done."""
+    trained (all epochs, a result of its evaluation not yet in its eval.json store: never
+    started, stopped part-way, or an attack added to the spec since) or done."""
     sidecar = run_dir / "last.json"
     if not (run_dir / "last.safetensors").is_file() or not sidecar.is_file():
         return "pending"
     epoch = json.loads(sidecar.read_text()).get("epoch", 0)
     if epoch < cell.config.train.epochs:
         return "interrupted"
-    if cell.eval is not None and not (run_dir / "eval.json").is_file():
+    if cell.eval is not None and missing_results(run_dir, cell):
         return "trained"
     return "done"
+
+
+def missing_results(run_dir: Path, cell: Cell) -> list[dict[str, Any]]:
+    """The store keys (d2r.evalstore) of the results the cell's evaluation asks for that its
+    eval.json lacks: the keys `d2r eval` computes, from each checkpoint's sha256, the suite at
+    each eps and the test images' sha256."""
+    if not (run_dir / EVAL_JSON).is_file():
+        return [{"eval": "all"}]  # nothing evaluated yet: no need to read the test images
+    ev, stored = cell.eval or {}, {key_id(r["key"]) for r in Store.read(run_dir).results}
+    which = {None: run_checkpoints(run_dir), "both": ["last", "best"]}.get(ev["checkpoint"])
+    d = cell.config.data
+    images = _images(d.name, str(d.root), d.verify, d.like, ev.get("n"))
+    missing = []
+    for key in which or [ev["checkpoint"]]:
+        sha256 = stored_sha256(checkpoint_path(run_dir, key))
+        if sha256 is None:
+            return [{"checkpoint": key}]  # `d2r eval` says what is wrong with it
+        weights = target_weights(read_sidecar(run_dir, key), key)
+        for eps, names in attack_plan(ev["attacks"], ev["eps"]).items():
+            suite = build_suite(names, eps, int(ev["seed"]))
+            # AutoAttack's settings name the attacks its package runs on the model
+            aa = any(isinstance(a, AutoAttack) for a in suite.values())
+            model = load_run(run_dir, key)[1].target if aa else None
+            keys = suite_keys(sha256, suite, model, images, int(ev["seed"]), weights)
+            missing += [k for k in keys.values() if key_id(k) not in stored]
+    return missing
+
+
+@functools.lru_cache(maxsize=4)
+def _images(name: str, root: str, verify: bool, like: str | None, n: int | None) -> dict:
+    """What identifies the test images `d2r eval --n N` reads (d2r.evalstore.images_id); kept,
+    so that the cells of a study (and the Slurm executor's polls) read them once."""
+    x, y = data.load(name, root, "test", verify=verify, like=like)
+    return images_id(name, *((x[:n], y[:n]) if n else (x, y)))
 
 
 def check_unchanged(run_dir: Path, cell: Cell) -> None:

@@ -48,14 +48,19 @@ def _only(mapping: Any, valid: tuple[str, ...], where: str) -> None:
 def cells(spec_path: str | Path) -> list[Cell]:
     """Every cell of the spec, resolved and checked (`check_cell`), in grid order; ValueError
     naming the cell for the first one a run would refuse."""
-    spec = load_spec(spec_path)
-    parts = spec.get("parts") or [{}]
-    if not isinstance(parts, list):
-        raise ValueError(f"sweep spec {str(spec_path)!r}: parts must be a list of mappings")
+    spec, where = load_spec(spec_path), f"sweep spec {str(spec_path)!r}"
+    if not spec:
+        raise ValueError(f"{where} is empty; give a grid, e.g. grid: {{seed: [0, 1, 2]}}")
+    parts = spec.get("parts", [{}])
+    if not isinstance(parts, list) or not parts:
+        raise ValueError(f"{where}: parts must be a non-empty list of mappings")
     out: list[Cell] = []
     for i, part in enumerate(parts):
-        _only(part, PART_KEYS, f"sweep spec {str(spec_path)!r}, part {i + 1}")
+        place = f"{where}, part {i + 1}" if "parts" in spec else where
+        _only(part, PART_KEYS, place)
         merged = {**spec, **part, "set": {**(spec.get("set") or {}), **(part.get("set") or {})}}
+        if not merged.get("grid"):  # else one cell of the base config's defaults would train
+            raise ValueError(f"{place}: no grid; a study needs one (one run: grid: {{seed: [0]}})")
         prefix = f"{part['name']}-" if part.get("name") else ""
         out += _part_cells(merged, prefix, Path(spec_path))
     names = [c.name for c in out]
