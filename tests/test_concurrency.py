@@ -4,6 +4,7 @@ at once keep every result; the lock a killed holder had never blocks."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -11,8 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from d2r import checkpoint
 from d2r.evalstore import Store
+from d2r.evaluate import evaluate_run
 from d2r.files import Busy, locked
+from d2r.runs import own_run_dir, training_now
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
@@ -93,3 +97,47 @@ def test_a_lock_refuses_naming_its_holder_and_a_killed_holder_never_blocks(tmp_p
     finally:
         proc.kill()
         proc.wait()
+
+
+# An evaluation while the trainer writes the run ---------------------------------------------
+
+
+@pytest.fixture()
+def run_copy(tmp_path_factory, tmp_path):
+    from tiny_runs import plain_run
+
+    copy = tmp_path / "run"
+    shutil.copytree(plain_run(tmp_path_factory), copy)
+    return copy
+
+
+def test_a_checkpoint_renamed_between_load_and_hash_cannot_mislabel(run_copy, monkeypatch):
+    """The trainer renames its next checkpoint into place right after the evaluation read the
+    file: the result keeps the hash and epoch of the bytes it measured."""
+    _, meta = checkpoint.load(run_copy / "last.safetensors")
+    real_load = checkpoint.load
+
+    def load_then_the_trainer_saves(path):
+        tensors, loaded = real_load(path)
+        newer = {k: v for k, v in loaded.items() if k not in ("format", "format_version")}
+        checkpoint.save(path, tensors, {**newer, "epoch": 99})  # the next epoch lands
+        return tensors, loaded
+
+    monkeypatch.setattr(checkpoint, "load", load_then_the_trainer_saves)
+    evaluate_run(run_copy, ["pgd1"], 0.1, checkpoint="last", n=8, checks=False)
+    monkeypatch.undo()
+    assert checkpoint.load(run_copy / "last.safetensors")[1]["epoch"] == 99  # it did land
+    store = Store.read(run_copy)
+    assert {r["key"]["sha256"] for r in store.results} == {meta["sha256"]}
+    assert [(c["sha256"], c["epoch"]) for c in store.checkpoints] == [(meta["sha256"], 1)]
+
+
+def test_evaluating_a_run_still_training_says_so_in_one_line(run_copy, capsys):
+    assert training_now(run_copy) is None
+    with own_run_dir(run_copy):  # a trainer holds the run
+        assert f"pid {os.getpid()} " in training_now(run_copy)
+        evaluate_run(run_copy, ["pgd1"], 0.1, checkpoint="last", n=8, checks=False)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is still training (pid" in err, err
+    assert "labelled with the epoch it holds" in err
+    assert training_now(run_copy) is None and not (run_copy / ".run.lock").exists()

@@ -19,12 +19,12 @@ from torch import nn
 
 from d2r import data
 from d2r.attacks import norm_label
-from d2r.checkpoint import checkpoint_path, read_sidecar, stored_sha256, target_weights
+from d2r.checkpoint import checkpoint_path, read_sidecar, target_weights
 from d2r.config import to_dict
 from d2r.evalstore import Store, rows
 from d2r.files import atomic_write, atomic_write_text, check_writable
 from d2r.models import MODELS, load_weights
-from d2r.runs import load_run, read_config, resolved_config, split_model_spec
+from d2r.runs import load_checkpoint, load_run, read_config, resolved_config, split_model_spec
 from d2r.version import __version__
 from d2r.weights import CARD_FORMAT, CARD_VERSION, META_KEY, read_card
 
@@ -41,8 +41,8 @@ def export_model(
     out = Path(out) if out is not None else run_dir / f"model-{checkpoint}.safetensors"
     _check_out(out, run_dir, checkpoint)
 
-    _, method = load_run(run_dir, checkpoint)  # strict: a broken checkpoint fails here
-    card = model_card(run_dir, checkpoint, *read_config(run_dir))
+    _, method, meta = load_checkpoint(run_dir, checkpoint)  # strict: a broken one fails here
+    card = model_card(run_dir, checkpoint, *read_config(run_dir), meta=meta)
     state = {k: v.detach().cpu().contiguous() for k, v in method.target.state_dict().items()}
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out, st_save(state, metadata={META_KEY: json.dumps(card, sort_keys=True)}))
@@ -83,10 +83,18 @@ def _export_source(path: Path) -> tuple[Path, str] | None:
 
 
 def model_card(
-    run_dir: Path, checkpoint: str, cfg: Any, not_recorded: list[str] | tuple = ()
+    run_dir: Path,
+    checkpoint: str,
+    cfg: Any,
+    not_recorded: list[str] | tuple = (),
+    *,
+    meta: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Everything needed to rebuild and trust the model, as plain JSON; `training.config` is the
-    resolved config without the `not_recorded` keys (listed instead of guessed)."""
+    resolved config without the `not_recorded` keys (listed instead of guessed). `meta`: the
+    metadata of the checkpoint bytes the weights came from (default: its JSON copy), so the
+    card's epoch and evaluations are those of the exported weights."""
+    meta = read_sidecar(run_dir, checkpoint) if meta is None else meta
     cfg = resolved_config(cfg)
     info = data.info(cfg.data.name, cfg.data.like)
     # every option of the architecture, as built: the card rebuilds it alone (load_model)
@@ -110,19 +118,18 @@ def model_card(
         "normalization": NORMALIZATION,
         "eps": config["method"].get("eps"),
         "norm": norm_label(config["method"].get("norm", "linf")),  # before norm existed: linf
-        "training": _training(config, run_dir, checkpoint, list(not_recorded)),
-        "evaluation": _evaluation(run_dir, checkpoint),
+        "training": _training(config, meta, checkpoint, list(not_recorded)),
+        "evaluation": _evaluation(run_dir, checkpoint, meta.get("sha256")),
         "source": source,
     }
 
 
 def _training(
-    config: dict[str, Any], run_dir: Path, checkpoint: str, not_recorded: list[str]
+    config: dict[str, Any], meta: dict[str, Any], checkpoint: str, not_recorded: list[str]
 ) -> dict[str, Any]:
     """How the model was trained: the method, guide, length and seed at a glance, which
     checkpoint and which of its weights (the target's, or its EMA), then the whole resolved
     config."""
-    meta = read_sidecar(run_dir, checkpoint)
     return {
         "method": config["method"],
         "guide": config["guide"],
@@ -149,10 +156,9 @@ def _without(config: dict[str, Any], keys: list[str]) -> dict[str, Any]:
     return config
 
 
-def _evaluation(run_dir: Path, checkpoint: str) -> list[dict[str, Any]] | None:
-    """Every stored evaluation of this checkpoint file (eval.json rows of its sha256: one per
+def _evaluation(run_dir: Path, checkpoint: str, sha256: str | None) -> list[dict] | None:
+    """Every stored evaluation of this checkpoint's bytes (eval.json rows of its sha256: one per
     eps and norm, with the worst case and what it covers), or None if it was never evaluated."""
-    sha256 = stored_sha256(checkpoint_path(run_dir, checkpoint))
     found = [
         {k: v for k, v in row.items() if k not in ("label", "warnings")}
         for row in rows(Store.read(run_dir))

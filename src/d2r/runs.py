@@ -29,7 +29,7 @@ from d2r.config import (
     resolve,
     to_dict,
 )
-from d2r.files import Lock, atomic_write_text, check_writable, file_sha256
+from d2r.files import Lock, atomic_write_text, check_writable, file_sha256, lock_holder
 from d2r.methods import METHODS, Method
 from d2r.models import MODELS, load_weights
 from d2r.registry import OptionError, build, resolve_spec
@@ -305,6 +305,12 @@ def own_run_dir(run_dir: str | Path) -> Lock:
     )
 
 
+def training_now(run_dir: str | Path) -> str | None:
+    """Who is training `run_dir` now (the holder of its lock: pid, host, command, start), or
+    None when no trainer is."""
+    return lock_holder(Path(run_dir) / RUN_LOCK)
+
+
 def default_run_dir(cfg: Config) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     return Path("runs") / f"{stamp}-{cfg.data.name}-{cfg.method['name']}"
@@ -331,6 +337,14 @@ def load_run(run_dir: str | Path, which: str = "last") -> tuple[Config, Method]:
     in eval mode: what `d2r eval` and `d2r export` start from. `which`: "last", "best", or
     "ema", last.safetensors with the target's EMA weights in `method.target`. In a run with an
     EMA, "best" also loads best.safetensors' EMA weights: the model its check measured."""
+    cfg, method, _ = load_checkpoint(run_dir, which)
+    return cfg, method
+
+
+def load_checkpoint(run_dir: str | Path, which: str = "last") -> tuple[Config, Method, dict]:
+    """`load_run` and the checkpoint's metadata (epoch, content sha256, EMA), all from the one
+    read of its bytes: a trainer renaming a newer checkpoint into place meanwhile cannot make
+    one checkpoint's weights carry another's epoch or hash."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"{str(run_dir)!r} is not a run directory (no config.yaml)")
@@ -342,7 +356,7 @@ def load_run(run_dir: str | Path, which: str = "last") -> tuple[Config, Method]:
     checkpoint.load_models(method.models(), tensors, meta, path)
     if checkpoint.target_weights(meta, which) == "ema":
         load_ema_target(method.target, tensors, meta, path)
-    return cfg, method.eval()
+    return cfg, method.eval(), meta
 
 
 def load_ema_target(

@@ -20,10 +20,7 @@ from torch import Tensor, nn
 from d2r import data as data_mod
 from d2r.attacks import check_radius, norm_label
 from d2r.checkpoint import (
-    checkpoint_path,
-    read_sidecar,
     run_checkpoints,
-    stored_sha256,
     target_weights,
 )
 from d2r.config import Config, format_eps, parse_number
@@ -48,7 +45,7 @@ from d2r.evaluate.core import (
 from d2r.files import check_writable, describe, file_sha256, new_temp_dir
 from d2r.guard import Preempted, SignalGuard
 from d2r.models import MODELS
-from d2r.runs import eval_eps, eval_norm, load_run, read_config
+from d2r.runs import eval_eps, eval_norm, load_checkpoint, read_config, training_now
 from d2r.weights import load_foreign
 
 
@@ -122,10 +119,11 @@ def evaluate_run(
     attack_plan(attacks, eps, settings.norm)  # bad names or eps fail before loading
     out = check_writable(out or run_dir, "eval output directory (--out)")  # not after hours
     keys = {None: run_checkpoints(run_dir), "both": ["last", "best"]}.get(checkpoint)
+    _say_if_training(run_dir)
     models = {}
     for key in keys or [checkpoint]:
-        cfg, method = load_run(run_dir, key)
-        models[key] = (method.target, *_describe_checkpoint(run_dir, key))
+        cfg, method, meta = load_checkpoint(run_dir, key)  # weights, epoch, hash: one read
+        models[key] = (method.target, *_describe_checkpoint(key, meta))
     data = EvalData(cfg.data.name, cfg.data.root, cfg.data.verify, cfg.data.like)
     return evaluate_models(models, data, attacks, eps, out, settings, fallback=run_dir)
 
@@ -148,18 +146,29 @@ def _say_eps(eps: float, options: EvalOptions, source: str) -> None:
         print(f"d2r eval: eps {format_eps(eps)} ({norm}), {source}; --eps chooses another")
 
 
-def _describe_checkpoint(run_dir: Path, key: str) -> tuple[str, dict[str, Any]]:
-    """A checkpoint's row label and what identifies it: its file's sha256 and which weights of
-    it were evaluated (the target's, or its EMA)."""
-    path = checkpoint_path(run_dir, key)
-    sidecar = read_sidecar(run_dir, key)
-    epoch, weights = sidecar.get("epoch"), target_weights(sidecar, key)
+def _say_if_training(run_dir: Path) -> None:
+    """One line when a trainer still writes `run_dir`: its checkpoints move on meanwhile, and
+    each result names the epoch of the bytes it measured."""
+    holder = training_now(run_dir)
+    if holder is not None:
+        print(
+            f"d2r: warning: {str(run_dir)!r} is still training ({holder}); each checkpoint is "
+            "evaluated as it is now and labelled with the epoch it holds",
+            file=sys.stderr,
+        )
+
+
+def _describe_checkpoint(key: str, meta: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """A checkpoint's row label and what identifies it, from the metadata of the bytes that
+    were loaded: its epoch, content sha256 and which weights of it were evaluated (the
+    target's, or its EMA)."""
+    epoch, weights = meta.get("epoch"), target_weights(meta, key)
     parts = [] if epoch is None else [f"epoch {epoch}"]
     if weights == "ema" and key != "ema":
         parts.append("EMA")  # best of a run with an EMA: the weights its check picked
     label = f"{key} ({', '.join(parts)})" if parts else key
-    # the content sha256 load_run just verified, read from the header (no rehashing)
-    extra = {"checkpoint": key, "epoch": epoch, "sha256": stored_sha256(path), "weights": weights}
+    # the content sha256 load_checkpoint just verified (no rehashing)
+    extra = {"checkpoint": key, "epoch": epoch, "sha256": meta["sha256"], "weights": weights}
     return label, extra
 
 
