@@ -263,7 +263,7 @@ def test_report_at_each_eps(tmp_path_factory, tmp_path, capsys):
     assert row["source"] == "no result at this eps" and row["metrics"] == {}
     assert "--eps '8//255': give one number" in capsys.readouterr().err
     line = next(x for x in texts["md"].splitlines() if x.startswith("| digits"))
-    assert "| — | — |" in line and "no result (at eps 51/255)" in line
+    assert "| — | — |" in line and "no result (at eps 0.2)" in line  # not "51/255"
 
 
 def test_eval_md_shows_every_result_and_never_mixes_eps(tmp_path):

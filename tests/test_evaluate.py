@@ -184,6 +184,8 @@ def test_markdown_table_has_the_paper_columns_and_dashes(data):
     assert row.startswith("| last (epoch 3) | 32 | 8/255 | 0 |") and row.count("—") == 3
     assert row.endswith("| Clean, PGD-20, FGSM |")  # what the worst case covers
     assert format_eps(0.031) == "0.031" and format_eps(8 / 255) == "8/255"
+    # a short decimal reads as itself even where it is k/255 (0.2 = 51/255, 1 = 255/255)
+    assert [format_eps(e) for e in (0.2, 1.0, 0.0, 16 / 255)] == ["0.2", "1", "0", "16/255"]
 
 
 # Foreign checkpoints --------------------------------------------------------------------------

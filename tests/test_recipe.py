@@ -348,6 +348,8 @@ def test_bad_extra_settings_are_refused(tmp_path):
         open_extra(tmp_path / "plain.npz", 0.5, DIGITS, 16)
     with pytest.raises(FileNotFoundError, match="not found"):
         open_extra(tmp_path / "missing.npz", 0.5, DIGITS, 16)
+    with pytest.raises(FileNotFoundError, match="not found"):  # the file first, not the share
+        open_extra(tmp_path / "missing.npz", 0.0, DIGITS, 16)
     with pytest.raises(ValueError, match=r"data.extra_fraction=0.5 but no data.extra"):
         open_extra(None, 0.5, DIGITS, 16)
     with pytest.raises(ValueError, match="is no image"):

@@ -11,7 +11,7 @@ import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NoReturn
 
 from d2r import data, export, plan, report, runs, sweep, train_command
 from d2r.evaluate import command as evaluate_command
@@ -34,6 +34,14 @@ def common_flags(default: Any) -> argparse.ArgumentParser:
         help="show the traceback of an error instead of one line (or set D2R_DEBUG=1)",
     )
     return flags
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the one-line errors of every other d2r failure: what is wrong and where
+    the usage is, not the whole usage (exit 2, as argparse's own)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"d2r: error: {message}; see `{self.prog} -h`\n")
 
 
 class Subcommands(argparse._SubParsersAction):
@@ -101,7 +109,7 @@ def _is_out_of_memory(err: BaseException) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="d2r",
         description=__doc__,
         parents=[common_flags(default=False)],

@@ -152,12 +152,15 @@ def parse_number(text: str) -> float:
 
 
 def format_eps(eps: float | None) -> str:
-    """The inverse of parse_number for radii: 8/255 for eps that are k/255 (to 1e-6), else the
-    decimal, so 0.031 never reads as 8/255; "—" when there is none."""
+    """The inverse of parse_number for radii: the decimal where four digits give the number
+    back (0.031, 0.2, 1: never "51/255" or "255/255"), else k/255 for eps that are one (8/255,
+    to 1e-6), else four digits; "—" when there is none."""
     if eps is None:
         return "—"
-    k = round(eps * 255)
-    return f"{k}/255" if k and abs(eps - k / 255) < 1e-6 else f"{eps:.4g}"
+    text, k = f"{eps:.4g}", round(eps * 255)
+    if float(text) == eps or not (k and abs(eps - k / 255) < 1e-6):
+        return text
+    return f"{k}/255"
 
 
 def parse_value(text: str) -> Any:

@@ -78,6 +78,8 @@ def open_extra(
             )
         return None
     where = f"data.extra {str(path)!r}"
+    if not Path(path).is_file():  # the first thing to fix, whatever the fraction
+        raise FileNotFoundError(f"{where} not found; give the path of the generated .npz file")
     if int(batch_size * fraction) < 1:
         raise ValueError(
             f"{where}: data.extra_fraction={fraction} of a batch of {batch_size} is no image; "
