@@ -229,3 +229,19 @@ def test_a_skipped_first_step_leaves_fused_sgd_exact(tmp_path, monkeypatch):
         weights[impl] = run.method.state_dict()
     for k, v in weights["foreach"].items():
         torch.testing.assert_close(weights["fused"][k], v, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["eval", "run", "--norm", "l3"], ["invalid choice: 'l3'", "see `d2r eval -h`"]),
+        (["frobnicate"], ["invalid choice: 'frobnicate'", "see `d2r -h`"]),
+        (["train", "--set"], ["--set: expected one argument", "see `d2r train -h`"]),
+    ],
+)
+def test_a_bad_flag_is_one_line_not_the_usage(argv, words, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and "usage:" not in err, err
+    assert err.startswith("d2r: error: ") and all(w in err for w in words), err
