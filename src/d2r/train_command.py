@@ -42,13 +42,15 @@ def _train(args: argparse.Namespace) -> int:
             cfg, args.resume or args.out, progress=not args.quiet, resume=bool(args.resume)
         )
         main_rank = trainer.dist.is_main  # under torchrun only rank 0 prints
-        if main_rank:
+        # -q: the run directory only (and, for a finished run, that nothing was done)
+        if main_rank and (not args.quiet or trainer.already_finished):
             print(_train_header(trainer))
         run = trainer.fit()
     finally:
         distributed.cleanup()
-    if main_rank:
+    if main_rank and not args.quiet:
         print(_summary_table(run.history, cfg.eval.attack))
+    if main_rank:
         print(f"run directory: {run.dir}")
     return 0
 
