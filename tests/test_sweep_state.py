@@ -168,13 +168,23 @@ def test_a_second_sweep_on_one_out_is_refused_or_waits_and_each_cell_trains_once
         assert "--wait" in err
         after = sorted(str(p.relative_to(out)) for p in out.rglob("*") if "seed-0" not in p.parts)
         assert after == before  # nothing written by the refusal
-        second = start_sweep(path, out, "--wait")
+        # the first sweep paused (its trainer goes on) so that it cannot end before the second
+        # reaches the lock, however loaded the machine is
+        os.kill(first.pid, signal.SIGSTOP)
+        said = tmp_path / "second.err"
+        with open(said, "w") as err_file:
+            cmd = [sys.executable, "-m", "d2r", "sweep", str(path), "--out", str(out), "-q"]
+            second = subprocess.Popen([*cmd, "--wait"], env=ENV, stderr=err_file, text=True)
+        waiting = f"waiting for pid {first.pid} "
+        wait_until(lambda: waiting in said.read_text(), "the second sweep waiting")
+        os.kill(first.pid, signal.SIGCONT)
         assert first.wait(timeout=300) == 0, first.communicate()
-        assert second.wait(timeout=300) == 0, second.communicate()
-        assert f"waiting for pid {first.pid} " in second.stderr.read()
+        assert second.wait(timeout=300) == 0, said.read_text()
     finally:
         for proc in (first, second):
             if proc is not None:
+                if proc.poll() is None:
+                    os.kill(proc.pid, signal.SIGCONT)
                 proc.kill()
                 proc.communicate()
     assert steps(run) == list(range(1, 13))  # every step trained once, logged once
