@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from d2r import data
+from d2r import data, figures
 from d2r.cli import main
 from d2r.evaluate import as_float
 from d2r.figures import fig2, fig3
@@ -111,3 +111,19 @@ def test_cli_report_figure(runs, tmp_path, capsys):
     ):
         assert main(["report", str(runs[0]), *bad, "--out", out]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_fig2_says_which_split_it_checked_and_keeps_long_labels_on_the_canvas(
+    runs, tmp_path, monkeypatch
+):
+    d2r_run, pgd_run, _ = runs  # both checked on the digits' validation split
+    drawn = fig2([d2r_run, pgd_run], tmp_path)
+    assert drawn["title"].endswith("per-epoch check on the validation split")
+    long = ["a run label " * 20, "another " * 30]  # 240 characters each: past a panel
+    monkeypatch.setattr(figures, "_labels", lambda read: long)
+    drawn = fig2([d2r_run, pgd_run], tmp_path / "long")
+    legend = drawn["legends"]["a"]
+    shown = [" ".join(text.split()) for text in legend]  # each label whole, with its check
+    assert all(s.startswith(" ".join(t.split())) for s, t in zip(shown, long, strict=True))
+    assert all(len(line) <= figures.LEGEND_WIDTH for t in legend for line in t.splitlines())
+    assert _png_size(drawn["path"])[1] > _png_size(tmp_path / "fig2.png")[1]  # a taller canvas

@@ -14,6 +14,7 @@ plotted numbers themselves with their sources.
 from __future__ import annotations
 
 import io
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -107,6 +108,14 @@ def _check_text(run: dict[str, Any]) -> str:
     return f"{attack_label(run['cfg'].eval.attack)}, {budget}{n}"
 
 
+def _split_text(runs: list[dict[str, Any]]) -> str:
+    """The images the runs' per-epoch checks read: their validation split, held-out test images
+    (a run without one, or logged before it existed), or both kinds."""
+    splits = {r["records"][-1].get("check_split", "test") for r in runs}
+    names = {"val": "the validation split", "test": "held-out test images"}
+    return " / ".join(names.get(s, s) for s in sorted(splits, reverse=True))
+
+
 def _points(run: dict[str, Any], key: str) -> tuple[list[int], list[float]]:
     rows = [(r["epoch"], 100 * r[key]) for r in run["records"] if key in r]
     return [e for e, _ in rows], [v for _, v in rows]
@@ -117,8 +126,9 @@ def _points(run: dict[str, Any], key: str) -> tuple[list[int], list[float]]:
 
 def fig2(runs: Sequence[str | Path], out: str | Path = ".") -> dict[str, Any]:
     """Draw the three panels of the paper's Fig. 2 from `runs` (run directories, or folders of
-    runs) into `out`/fig2.png. Returns {"path", "check", "panels": {"a", "b", "c"}}, each panel
-    {line label: [[epoch, accuracy %], ...]} as drawn."""
+    runs) into `out`/fig2.png. Returns {"path", "check", "title", "panels": {"a", "b", "c"},
+    "legends"}, each panel {line label: [[epoch, accuracy %], ...]} as drawn, each legend its
+    texts as shown (long labels wrapped)."""
     check_writable(out, "figure directory (--out)")  # before any run is read
     read = [_read(run) for run in find_runs(list(runs))]
     for i, (run, text) in enumerate(zip(read, _labels(read), strict=True)):
@@ -128,7 +138,8 @@ def fig2(runs: Sequence[str | Path], out: str | Path = ".") -> dict[str, Any]:
         for run in read:
             run["label"] += f" [{_check_text(run)}]"
     # the legends go below the panels, so the height grows with the number of lines
-    fig = _canvas(16, 4.2 + 0.45 * len(read))
+    rows = sum(len(_wrapped(run["label"]).splitlines()) for run in read)
+    fig = _canvas(16, 4.2 + 0.45 * rows)
     axes = fig.subplots(1, 3, sharey=True)
     _panel_runs(axes[0], read)
     _panel_guides(axes[1], read)
@@ -136,13 +147,20 @@ def fig2(runs: Sequence[str | Path], out: str | Path = ".") -> dict[str, Any]:
     for ax in axes:
         _style_epochs(ax)
     axes[0].set_ylabel(f"accuracy (%); robust: {checks[0]}" if len(checks) == 1 else "accuracy (%)")
-    fig.suptitle(f"Fig. 2 from {len(read)} run(s): per-epoch check on held-out test images")
+    title = fig.suptitle(f"Fig. 2 from {len(read)} run(s): per-epoch check on {_split_text(read)}")
     path = _save(fig, Path(out) / "fig2.png")
     return {
         "path": path,
         "check": checks,
+        "title": title.get_text(),
         "panels": dict(zip("abc", map(_drawn, axes), strict=True)),
+        "legends": dict(zip("abc", map(_legend_texts, axes), strict=True)),
     }
+
+
+def _legend_texts(ax) -> list[str]:
+    legend = ax.get_legend()
+    return [t.get_text() for t in legend.get_texts()] if legend is not None else []
 
 
 def _style_epochs(ax) -> None:
@@ -151,8 +169,17 @@ def _style_epochs(ax) -> None:
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
-    if ax.get_lines():
-        ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.14))
+    if ax.get_lines():  # wrapped: a long run label stays within its panel's width
+        texts = [_wrapped(line.get_label()) for line in ax.get_lines()]
+        below = {"loc": "upper center", "bbox_to_anchor": (0.5, -0.14)}
+        ax.legend(ax.get_lines(), texts, fontsize="small", **below)
+
+
+LEGEND_WIDTH = 80  # characters of a legend line in "small" type that fit a third of 16 inches
+
+
+def _wrapped(label: str) -> str:
+    return textwrap.fill(label, LEGEND_WIDTH, break_on_hyphens=False)
 
 
 def _empty(ax, text: str) -> None:
