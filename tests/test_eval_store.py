@@ -327,3 +327,20 @@ def test_every_result_records_whether_tf32_was_on(weights, tmp_path, monkeypatch
     assert uses_tf32(torch.device("cuda")) and not uses_tf32(torch.device("cpu"))
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     assert not uses_tf32(torch.device("cuda"))  # matmuls stay "highest" (torch's default)
+
+
+def test_eval_md_says_which_rows_are_of_an_earlier_last(tmp_path):
+    """`last` is rewritten every epoch: rows of the files it held before stay in the store and
+    in eval.md, said to be earlier, beside the one evaluated last."""
+    from d2r.evalstore import commit, make_entry, result_key
+
+    images = {"data": "digits", "split": "test", "n": 4, "sha256": "x"}
+    flags = torch.ones(4, dtype=torch.bool)
+    for epoch, sha in ((1, "old"), (2, "new")):
+        checkpoints = [{"checkpoint": "last", "label": f"last (epoch {epoch})", "sha256": sha,
+                        "epoch": epoch}]  # fmt: skip
+        keys = [result_key(sha, a, {}, e, n, images, 0) for a, e, n in
+                (("clean", None, None), ("pgd1", 0.1, "Linf"))]  # fmt: skip
+        commit(tmp_path, checkpoints=checkpoints, results=[make_entry(k, flags, 1.0) for k in keys])
+    text = (tmp_path / "eval.md").read_text()
+    assert "| last (epoch 1), an earlier last |" in text and "| last (epoch 2) |" in text

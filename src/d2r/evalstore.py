@@ -282,7 +282,10 @@ def _row(entries: Mapping[str, dict], eps: float | None, norm: str | None) -> di
 def markdown(store: Store) -> str:
     """eval.md: one table per (eps, norm), every stored result in it."""
     tables: dict[tuple, dict[str, dict]] = {}
+    earlier = _superseded(store)
     for row in rows(store):
+        if (row["checkpoint"], row["sha256"]) in earlier:  # e.g. last before more training
+            row = {**row, "label": f"{row['label']}, an earlier {row['checkpoint']}"}
         table = tables.setdefault((row["eps"], row["norm"]), {})
         table[_unique_label(table, row)] = row
     parts = ["# Evaluation results", ""]
@@ -290,6 +293,17 @@ def markdown(store: Store) -> str:
         title = f"eps = {format_eps(eps)} ({norm})" if eps is not None else "clean only"
         parts += [f"## {title}", "", markdown_table(table)]
     return "\n".join(parts)
+
+
+def _superseded(store: Store) -> set[tuple[str, str]]:
+    """(checkpoint, sha256) of the files a name held before the one evaluated last under it:
+    `last` is rewritten every epoch, and its earlier results stay in the store."""
+    latest = {(c["checkpoint"], c.get("weights", TARGET)): c["sha256"] for c in store.checkpoints}
+    return {
+        (c["checkpoint"], c["sha256"])
+        for c in store.checkpoints
+        if latest[(c["checkpoint"], c.get("weights", TARGET))] != c["sha256"]
+    }
 
 
 def _unique_label(table: Mapping[str, Any], row: Mapping[str, Any]) -> str:
