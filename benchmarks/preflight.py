@@ -55,7 +55,8 @@ def _torch_features() -> list[tuple[str, str, Callable[[], bool]]]:
          lambda: hasattr(nn.Module, "compile")),
         ("torch.autocast bf16", "step_fast, epoch, step_bf16_eager (train.amp)",
          lambda: hasattr(torch, "autocast") and hasattr(torch, "bfloat16")),
-        # fused=True on SGD: CUDA since torch 2.0 (CPU >= 2.4, tested by a step in speed)
+        # SGD(fused=True): not in torch 2.2.2 (seen by this preflight), on CUDA in 2.11 and
+        # 2.14.1 (on the CPU from 2.4: d2r.speed tries a step)
         ("fused SGD (CUDA)", "train.optimizer_impl=auto picks foreach without it",
          lambda: speed.fused_sgd_available("cuda")),
         ("torch._foreach_mul_/_add_", "train.ema_decay (d2r.ema)",
