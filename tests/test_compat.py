@@ -93,3 +93,25 @@ def test_gpu_check_stops_before_any_part_when_a_module_cannot_import(tmp_path):
     assert "gpu_check: env" not in done.stderr  # no part began
     results = json.loads((tmp_path / "c" / "results.json").read_text())
     assert "parts" not in results and results["preflight"]["fatal"]
+
+
+def test_the_steps_autocast_keeps_gradients_after_a_no_grad_pass():
+    """The step's autocast region holds no-grad passes and passes that train. torch 2.2.2 and
+    2.8.0's autocast cache reused a weight's bf16 copy cast under no_grad, so the weight got no
+    gradient (no learning under bf16; DDP's "parameters that were not used"): d2r.speed turns
+    the cache off where its feature test finds that."""
+    import torch
+    from torch import nn
+
+    from d2r import speed
+
+    fast = speed.FastPath("cpu", amp=True, channels_last=False, compile=False,
+                          optimizer_impl="foreach")  # fmt: skip
+    linear, x = nn.Linear(4, 4), torch.ones(2, 4)
+    with fast.autocast():
+        with torch.no_grad():
+            linear(x)
+        out = linear(x)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert linear.weight.grad is not None and linear.weight.grad.abs().sum() > 0
