@@ -59,6 +59,10 @@ def _torch_features() -> list[tuple[str, str, Callable[[], bool]]]:
         # 2.14.1 (on the CPU from 2.4: d2r.speed tries a step)
         ("fused SGD (CUDA)", "train.optimizer_impl=auto picks foreach without it",
          lambda: speed.fused_sgd_available("cuda")),
+        # a bf16 cast cached under no_grad keeps the weight's gradient: not in 2.2.2 and 2.8.0
+        # (d2r.speed then runs autocast without its cache); asked of the CPU, never CUDA here
+        ("autocast cache keeps gradients (CPU)", "train.amp's cache (off where not)",
+         lambda: speed.autocast_cache_keeps_grad("cpu")),
         ("torch._foreach_mul_/_add_", "train.ema_decay (d2r.ema)",
          lambda: hasattr(torch, "_foreach_mul_") and hasattr(torch, "_foreach_add_")),
         ("torch.distributed + NCCL", "cuda_tests' torchrun tests (N-GPU path)",
