@@ -4,7 +4,10 @@
     PYTHONPATH=src python benchmarks/gpu_check.py --out /tmp/s --smoke     # any CPU, about 1 min
     ... --only epoch,autoattack --budget epoch=300                         # a rerun of some parts
 
-Writes OUT/results.json (everything) and OUT/results.md (GPU, torch, CUDA, date, and each
+First, in seconds, a preflight (benchmarks/preflight.py) prints the Python, torch and package
+versions found and whether each torch feature the parts use is there; a missing core package or
+a d2r module that fails to import stops the check there (exit 2), before any part. Then it
+writes OUT/results.json (everything) and OUT/results.md (GPU, torch, CUDA, date, and each
 figure with how it was measured). The parts, in this order (priority: the correctness tests,
 then the speed goal): env; cuda_tests (`pytest -m cuda`); step_fp32 and step_fast
 (benchmarks/step_overhead.py and memory.py for WRN-34-10 + ResNet-18 at batch 128, fast path
@@ -43,6 +46,7 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
+import preflight
 from gpu_parts import PART_FUNCTIONS, ROOT, Context, Skip
 
 MIN_START_S = 10  # a part is not started with less time than this left
@@ -122,7 +126,21 @@ assert {p.name for p in PARTS} == {*PART_FUNCTIONS, "cuda_tests"}
 
 
 def main() -> int:
-    args = parse_args()
+    parser, args = parse_args()
+    # first, in seconds: the versions found and each feature the parts need (benchmarks/
+    # preflight.py), so that a missing package stops the check here, not a part later
+    info = preflight.report()
+    for line in preflight.lines(info):
+        print(f"gpu_check: {line}", file=sys.stderr, flush=True)
+    if info["fatal"]:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)  # no d2r needed to say why nothing ran
+        failed = {"check": "d2r benchmarks/gpu_check.py", "argv": sys.argv[1:], "preflight": info}
+        (out / "results.json").write_text(json.dumps(failed, indent=2))
+        print(f"gpu_check: stopped before any part; see {out / 'results.json'}", file=sys.stderr)
+        return 2
+    if args.device.startswith("cuda") and not _has_cuda():
+        parser.error("no CUDA GPU here (torch.cuda.is_available() is False); use --smoke")
     budgets = {p.name: p.budget_s for p in PARTS} | dict(args.budget)
     parts = [p for p in PARTS if not args.only or p.name in args.only]
     out, work = Path(args.out), Path(args.work or tempfile.mkdtemp(prefix="d2r-gpu-check-"))
@@ -133,6 +151,7 @@ def main() -> int:
         "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         "total_budget_s": args.total,
         "machine": {},
+        "preflight": info,
         "parts": [],
     }
     start = time.monotonic()
@@ -168,7 +187,7 @@ def preload() -> None:
     import vs_naive  # noqa: F401
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args() -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="directory for results.json and results.md")
     parser.add_argument("--smoke", action="store_true", help="every part, tiny, on the CPU")
@@ -180,7 +199,7 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     args.device = args.device or ("cpu" if args.smoke else "cuda")
     check_args(parser, args)
-    return args
+    return parser, args
 
 
 def _budget(text: str) -> tuple[str, float]:
@@ -203,8 +222,6 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error("--out DIR is required: where results.json and results.md go")
     if (Path(args.out) / "results.json").exists():
         parser.error(f"{args.out} already holds results.json; choose another --out")
-    if args.device.startswith("cuda") and not _has_cuda():
-        parser.error("no CUDA GPU here (torch.cuda.is_available() is False); use --smoke")
 
 
 def _has_cuda() -> bool:
@@ -347,6 +364,7 @@ def markdown(results: dict) -> str:
         f"{results['total_budget_s']:.0f} s. Command: `benchmarks/gpu_check.py "
         f"{' '.join(results['argv'])}`",
         "",
+        *_preflight_lines(results.get("preflight")),
         "| part | status | seconds (budget) | figures |",
         "|---|---|---|---|",
     ]
@@ -359,6 +377,15 @@ def markdown(results: dict) -> str:
     lines += ["", "How each part measures:", ""]
     lines += [f"- **{r['name']}**: {r['how']}" for r in results["parts"]]
     return "\n".join(lines) + "\n"
+
+
+def _preflight_lines(info: dict | None) -> list[str]:
+    """What the preflight found missing, if anything (its versions are in results.json)."""
+    if not info:
+        return []
+    missing = [n for n, v in info["packages"].items() if v is None]
+    missing += [n for n, present in info["features"].items() if not present]
+    return [f"Preflight (Python {info['python']}): missing {', '.join(missing) or 'nothing'}", ""]
 
 
 def _figures_text(figures: dict) -> str:

@@ -55,6 +55,23 @@ def fused_sgd_available(device_type: str = "cuda") -> bool:
     return True
 
 
+@cache
+def autocast_cache_keeps_grad(device_type: str) -> bool:
+    """Whether autocast's cache of cast weights keeps gradients when one autocast region mixes
+    no-grad passes with passes that train (the step's attack and loss do). In torch 2.2.2 and
+    2.8.0 (seen on a CPU) a weight's bf16 copy cast under no_grad is reused by a later pass with
+    gradients, so they never reach the weight: a run under bf16 autocast did not learn, and DDP
+    stopped on "parameters that were not used in producing loss". torch 2.11.0 and 2.14.1 cast
+    again. A feature test (a 4x4 matmul on the device), not a version check; where it fails,
+    the step's autocast runs without its cache."""
+    weight = nn.Parameter(torch.ones(4, 4, device=device_type))
+    x = torch.ones(2, 4, device=device_type)
+    with torch.autocast(device_type, dtype=torch.bfloat16):
+        with torch.no_grad():
+            torch.mm(x, weight)
+        return torch.mm(x, weight).requires_grad
+
+
 @dataclass(frozen=True)
 class FastPath:
     """The resolved flags (no "auto" left) and how to apply them."""
@@ -67,7 +84,10 @@ class FastPath:
 
     def autocast(self) -> AbstractContextManager[Any]:
         """bf16 autocast for the training step (attack included); a no-op when off."""
-        return torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.amp)
+        cache = not self.amp or autocast_cache_keeps_grad(self.device_type)
+        return torch.autocast(
+            self.device_type, dtype=torch.bfloat16, enabled=self.amp, cache_enabled=cache
+        )
 
     def batch(self, x: Tensor) -> Tensor:
         """The input in the models' memory format (images only: (B, C, H, W))."""
