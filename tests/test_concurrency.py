@@ -141,3 +141,23 @@ def test_evaluating_a_run_still_training_says_so_in_one_line(run_copy, capsys):
     assert err.count("\n") == 1 and "is still training (pid" in err, err
     assert "labelled with the epoch it holds" in err
     assert training_now(run_copy) is None and not (run_copy / ".run.lock").exists()
+
+
+def test_a_second_trainer_waits_when_asked_then_goes_on(run_copy, tmp_path):
+    said = tmp_path / "second.err"
+    with own_run_dir(run_copy):  # the first trainer
+        cmd = [sys.executable, "-m", "d2r", "train", "--resume", str(run_copy), "-q", "--wait"]
+        with open(said, "w") as err:
+            second = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=err, text=True)
+        try:
+            deadline = time.monotonic() + 120
+            while "d2r train: waiting for pid" not in said.read_text():
+                assert second.poll() is None, said.read_text()  # it waited, not refused
+                assert time.monotonic() < deadline, "the second trainer never said it waits"
+                time.sleep(0.05)
+            assert f"pid {os.getpid()} " in said.read_text() and second.poll() is None
+        except BaseException:
+            second.kill()
+            raise
+    out, _ = second.communicate(timeout=120)  # the first ended: the second goes on
+    assert second.returncode == 0 and "already finished its 1 epochs" in out, said.read_text()

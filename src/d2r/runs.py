@@ -291,17 +291,22 @@ def prepare_run_dir(out: str | Path, resume: bool = False) -> Path:
 RUN_LOCK = ".run.lock"  # held by the one trainer that writes the run directory
 
 
-def own_run_dir(run_dir: str | Path) -> Lock:
+def own_run_dir(run_dir: str | Path, wait: bool = False) -> Lock:
     """The run directory's lock, held by its trainer for the run's life (released however the
     run ends, by the kernel if the process is killed): a second trainer on it (a second
     `d2r train --resume`, another sweep's cell) would write every record twice. Refused in one
-    line naming the trainer that holds it."""
+    line naming the trainer that holds it, or, with `wait`, waited for (said in one line)."""
     run_dir = Path(run_dir)
+
+    def waiting(holder: str) -> None:
+        print(f"d2r train: waiting for {holder}, which trains {run_dir}", file=sys.stderr)
+
     return Lock(
         run_dir / RUN_LOCK,
-        wait=False,
+        wait=wait,
         what=f"run directory {str(run_dir)!r}",
-        fix="wait for that trainer to end, or stop it (its checkpoint resumes)",
+        fix="wait for that trainer to end (d2r train --wait), or stop it (its checkpoint resumes)",
+        waiting=waiting,
     )
 
 

@@ -32,6 +32,12 @@ def add_command(sub: Any) -> None:
         help="continue an interrupted run exactly where its last checkpoint "
         "stopped; --set KEY=VALUE names the keys allowed to change",
     )
+    train.add_argument(
+        "--wait",
+        action="store_true",
+        help="with --resume: wait for a trainer that holds the run directory to end, then go on "
+        "(default: refuse, naming it)",
+    )
     train.set_defaults(func=_train)
 
 
@@ -39,7 +45,11 @@ def _train(args: argparse.Namespace) -> int:
     cfg = _train_config(args)
     try:
         trainer = Trainer(
-            cfg, args.resume or args.out, progress=not args.quiet, resume=bool(args.resume)
+            cfg,
+            args.resume or args.out,
+            progress=not args.quiet,
+            resume=bool(args.resume),
+            wait=args.wait,
         )
         main_rank = trainer.dist.is_main  # under torchrun only rank 0 prints
         # -q: the run directory only (and, for a finished run, that nothing was done)

@@ -104,6 +104,7 @@ class Trainer:
         *,
         progress: bool = True,
         resume: bool = False,
+        wait: bool = False,
     ):
         self.cfg = cfg = resolved_config(cfg)  # every option's value, defaults included
         check_schedule(cfg.train)
@@ -127,7 +128,8 @@ class Trainer:
         self.loader, self.x_val, self.y_val, self.val_split = self._load_data()
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.owner = own_run_dir(self.run_dir) if self.dist.is_main else None  # until fit ends
+        # until fit ends; `wait`: for a trainer that holds it now, instead of refusing
+        self.owner = own_run_dir(self.run_dir, wait) if self.dist.is_main else None
         self.optimizer = self._make_optimizer()
         self.val_attack = from_name(cfg.eval.attack, eval_eps(cfg), norm=eval_norm(cfg))
         # what the user sees: a bar on a terminal, log lines otherwise, nothing when quiet
