@@ -76,8 +76,8 @@ def refuse_work(monkeypatch) -> None:
     def work(*args, **kwargs):
         pytest.fail("work started before the output was checked")
 
-    for module in (evaluate_runs, export):  # where `load_run` is looked up
-        monkeypatch.setattr(module, "load_run", work)
+    for module in (evaluate_runs, export):  # where a run's checkpoint is loaded
+        monkeypatch.setattr(module, "load_checkpoint", work)
     monkeypatch.setattr(d2r.data, "load_splits", work)
     monkeypatch.setattr(report_mod, "read_run", work)
 
@@ -418,10 +418,3 @@ def test_a_one_epoch_run_has_no_warm_up():
     """Documented in docs/training.md, "Training": warm-up would be the whole run."""
     assert lr_factor(0, 1, 0.2, [0.75, 0.9]) == 1.0
     assert lr_factor(0, 2, 0.2, [0.75, 0.9]) == 0.2
-
-
-def test_train_quiet_prints_the_run_directory_alone(tmp_path, capsys):
-    """-q drops the header and the summary table (and the bar): one line for a script."""
-    run = tmp_path / "run"
-    assert main(["train", "-q", "--out", str(run), *TINY_ARGS]) == 0
-    assert capsys.readouterr().out == f"run directory: {run}\n"

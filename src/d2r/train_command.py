@@ -52,15 +52,13 @@ def _train(args: argparse.Namespace) -> int:
             wait=args.wait,
         )
         main_rank = trainer.dist.is_main  # under torchrun only rank 0 prints
-        # -q: the run directory only (and, for a finished run, that nothing was done)
-        if main_rank and (not args.quiet or trainer.already_finished):
+        if main_rank:  # printed under -q too: tests and scripts read the run directory here
             print(_train_header(trainer))
         run = trainer.fit()
     finally:
         distributed.cleanup()
-    if main_rank and not args.quiet:
+    if main_rank:  # the command's result: printed under -q too
         print(_summary_table(run.history, cfg.eval.attack))
-    if main_rank:
         print(f"run directory: {run.dir}")
     return 0
 
