@@ -28,6 +28,7 @@ from d2r.curves import write_curves
 from d2r.experiments import NON_RESULT_KEYS
 from d2r.files import atomic_write_text, check_writable
 from d2r.logs import metrics_csv, read_metrics
+from d2r.report.compare import StudyOptions, compare, row_name, select
 from d2r.report.formats import as_json, latex, markdown, notes
 from d2r.report.group import columns_of, group, group_key, summarize
 from d2r.report.read import (
@@ -48,10 +49,12 @@ __all__ = [
     "NO_RESULT",
     "WORST",
     "RunResult",
+    "StudyOptions",
     "add_command",
     "as_json",
     "column_label",
     "columns_of",
+    "compare",
     "find_runs",
     "group",
     "group_key",
@@ -62,6 +65,8 @@ __all__ = [
     "parse_group_by",
     "read_run",
     "report",
+    "row_name",
+    "select",
     "summarize",
     "write_curves",
 ]
@@ -76,19 +81,25 @@ def report(
     csv: bool = False,
     group_by: list[str] | None = None,
     eps: float | None = None,
+    study: StudyOptions | None = None,
 ) -> dict[str, str]:
     """Tables for the runs under `paths` ({"md", "tex", "json"} texts), written to `out`/report.*
     when `out` is given; curves.png (and metrics.csv with `csv`) in each run directory.
     `group_by`: config keys (e.g. ["method.name"]) to group by instead of the whole config.
-    `eps`: the eps whose results fill the columns (default: each run's training eps)."""
+    `eps`: the eps whose results fill the columns (default: each run's training eps).
+    `study`: intervals in the Markdown and LaTeX tables, a comparison of two rows
+    (d2r.report.compare; JSON "comparisons")."""
+    study = study or StudyOptions()
     runs = find_runs(list(paths))
     _check_writable(runs, out, curves, csv)
     results = [read_run(run, checkpoint, eps) for run in runs]
     groups, columns = group(results, group_by), columns_of(results)  # refusals come first
+    pair = study.compare
+    tests = compare(groups, pair, checkpoint, eps) if pair else None
     texts = {
-        "md": markdown(groups, columns, group_by, eps),
-        "tex": latex(groups, columns, group_by, eps),
-        "json": as_json(groups, columns, results, group_by, eps),
+        "md": markdown(groups, columns, group_by, eps, study.ci, tests),
+        "tex": latex(groups, columns, group_by, eps, study.ci),
+        "json": as_json(groups, columns, results, group_by, eps, tests),
     }
     for run in runs:
         if curves and read_metrics(run, "epoch"):
@@ -154,6 +165,20 @@ def add_command(sub: Any) -> None:
         "except for the seed",
     )
 
+    p.add_argument(
+        "--ci",
+        action="store_true",
+        help="print each accuracy's 95%% interval in the Markdown and LaTeX tables (Student's t "
+        "over seeds, Wilson for one run; report.json always holds it)",
+    )
+    p.add_argument(
+        "--compare",
+        metavar="A",
+        help="compare row A with --against B: a row's label as the table prints it (Method, or "
+        "'Method (Setting)') or KEY=VALUE selectors (method.name=trades); means, difference, "
+        "Welch's t-test over seeds and the exact McNemar test per seed",
+    )
+    p.add_argument("--against", metavar="B", help="the row --compare A is compared with")
     figures.add_arguments(p)
     p.set_defaults(func=_command)
 
@@ -178,6 +203,12 @@ def parse_group_by(text: str | None) -> list[str] | None:
     return keys
 
 
+def _pair(a: str | None, b: str | None) -> tuple[str, str] | None:
+    if (a is None) != (b is None):
+        raise ValueError("--compare A goes with --against B: give both rows")
+    return None if a is None else (a, b)
+
+
 def _command(args: Any) -> int:
     if args.figure or args.index is not None:  # the paper's figures (d2r.figures)
         return figures.command(args)
@@ -189,6 +220,7 @@ def _command(args: Any) -> int:
         csv=args.csv,
         group_by=parse_group_by(args.group_by),
         eps=parse_eps(args.eps),
+        study=StudyOptions(ci=args.ci, compare=_pair(args.compare, args.against)),
     )
     print(texts["md"], end="")
     if args.out:
