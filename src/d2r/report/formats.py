@@ -112,7 +112,8 @@ def _norms(groups: list[dict[str, Any]]) -> list[str]:
 
 CI_NOTE = (
     "[low, high]: 95% interval on the mean, Student's t over the seeds (k - 1 degrees of "
-    "freedom), or for one run Wilson's interval on its n test images (docs/studies.md)."
+    "freedom), or for one run Wilson's interval on its n test images, within [0, 100] "
+    "(docs/studies.md)."
 )
 
 
@@ -158,7 +159,7 @@ def device_lines(groups: list[dict[str, Any]]) -> list[str]:
             devices = ", ".join(d["devices"]) or "unknown device"
             lines.append(
                 f"- row {i}: {d['device_hours']:.4g} device-hours on {devices} (training "
-                f"{d['train_seconds']:.0f} s, evaluation {d['eval_seconds']:.0f} s)"
+                f"{d['train_seconds']:.3g} s, evaluation {d['eval_seconds']:.3g} s)"
             )
     total = sum((g.get("device_hours") or {}).get("device_hours", 0.0) for g in groups)
     return ["", "Device-hours:", *lines, f"- total: {total:.4g} device-hours"] if lines else []
@@ -179,7 +180,7 @@ def comparison_lines(comparisons: list[dict[str, Any]] | None) -> list[str]:
     rows = [
         [
             column_label(c["attack"]),
-            format_eps(c["eps"]) if c["eps"] is not None else "—",
+            format_eps(c["eps"]) if c["eps"] is not None and c["attack"] != "clean" else "—",
             f"{100 * c['mean_a']:.2f}",
             f"{100 * c['mean_b']:.2f}",
             f"{100 * c['diff']:+.2f}",

@@ -31,12 +31,13 @@ def summarize(values: list[float], images: list[int | None] | None = None) -> di
     """Mean and sample standard deviation (n - 1; 0 for one run) of fractions, `n_seeds` and
     `n` (the images each run was measured on: one number, a list where they differ, None
     where not recorded), and `ci95`: Student's t interval over the seeds, or for one run
-    Wilson's interval on its n images (None where n is not recorded)."""
+    Wilson's interval on its n images (None where n is not recorded), both within [0, 1]."""
     std = statistics.stdev(values) if len(values) > 1 else 0.0
     known = list(dict.fromkeys(images or [None]))
     n = known[0] if len(known) == 1 else known
-    if len(values) > 1:
-        ci = t_interval(values)
+    if len(values) > 1:  # an accuracy's interval stays in [0, 1]
+        low, high = t_interval(values)
+        ci = [max(0.0, low), min(1.0, high)]
     else:
         ci = wilson(round(values[0] * n), n) if isinstance(n, int) else None
     return {
