@@ -31,6 +31,7 @@ from d2r.logs import metrics_csv, read_metrics
 from d2r.report.compare import StudyOptions, compare, row_name, select
 from d2r.report.formats import as_json, latex, markdown, notes
 from d2r.report.group import columns_of, group, group_key, summarize
+from d2r.report.html import page
 from d2r.report.read import (
     EPOCH_CHECK,
     EVAL_JSON,
@@ -88,19 +89,27 @@ def report(
     `group_by`: config keys (e.g. ["method.name"]) to group by instead of the whole config.
     `eps`: the eps whose results fill the columns (default: each run's training eps).
     `study`: intervals in the Markdown and LaTeX tables, a comparison of two rows
-    (d2r.report.compare; JSON "comparisons")."""
+    (d2r.report.compare; JSON "comparisons"), the HTML page ("html", d2r.report.html)."""
     study = study or StudyOptions()
     runs = find_runs(list(paths))
     _check_writable(runs, out, curves, csv)
     results = [read_run(run, checkpoint, eps) for run in runs]
     groups, columns = group(results, group_by), columns_of(results)  # refusals come first
-    pair = study.compare
-    tests = compare(groups, pair, checkpoint, eps) if pair else None
+    tests = compare(groups, study.compare, checkpoint, eps) if study.compare else None
     texts = {
         "md": markdown(groups, columns, group_by, eps, study.ci, tests),
         "tex": latex(groups, columns, group_by, eps, study.ci),
         "json": as_json(groups, columns, results, group_by, eps, tests),
     }
+    if study.html:
+        context = {"by": group_by, "eps": eps, "runs": runs, "index": study.index}
+        texts["html"] = page(groups, columns, tests, {**context, "checkpoint": checkpoint})
+    _write(runs, out, texts, curves, csv)
+    return texts
+
+
+def _write(runs: list[Path], out, texts: dict[str, str], curves: bool, csv: bool) -> None:
+    """curves.png and metrics.csv in each run directory, the texts to `out`/report.*."""
     for run in runs:
         if curves and read_metrics(run, "epoch"):
             write_curves(run)
@@ -110,7 +119,6 @@ def report(
         Path(out).mkdir(parents=True, exist_ok=True)
         for suffix, text in texts.items():
             atomic_write_text(Path(out) / f"report.{suffix}", text)
-    return texts
 
 
 def _check_writable(runs: list[Path], out: str | Path | None, curves: bool, csv: bool) -> None:
@@ -179,6 +187,14 @@ def add_command(sub: Any) -> None:
         "Welch's t-test over seeds and the exact McNemar test per seed",
     )
     p.add_argument("--against", metavar="B", help="the row --compare A is compared with")
+    p.add_argument(
+        "--format",
+        choices=["md", "html"],
+        default="md",
+        help="html: write one self-contained study page to --out FILE (tables with intervals, "
+        "the comparison, overfitting, device-hours, per-run curves, Fig. 2, and Fig. 3 with "
+        "--index); default md: print the Markdown table",
+    )
     figures.add_arguments(p)
     p.set_defaults(func=_command)
 
@@ -203,6 +219,16 @@ def parse_group_by(text: str | None) -> list[str] | None:
     return keys
 
 
+def _page_file(args: Any) -> Path | None:
+    """--format html's --out FILE, checked writable before any work; None for Markdown."""
+    if args.format != "html":
+        return None
+    if not args.out or args.figure:
+        raise ValueError("--format html writes one page: give --out FILE.html (and no --figure)")
+    check_writable(Path(args.out).parent, "directory of the page (--out)")
+    return Path(args.out)
+
+
 def _pair(a: str | None, b: str | None) -> tuple[str, str] | None:
     if (a is None) != (b is None):
         raise ValueError("--compare A goes with --against B: give both rows")
@@ -210,18 +236,24 @@ def _pair(a: str | None, b: str | None) -> tuple[str, str] | None:
 
 
 def _command(args: Any) -> int:
-    if args.figure or args.index is not None:  # the paper's figures (d2r.figures)
+    page_file = _page_file(args)
+    if args.figure or (args.index is not None and not page_file):  # the paper's figures
         return figures.command(args)
+    study = StudyOptions(args.ci, _pair(args.compare, args.against), bool(page_file), args.index)
     texts = report(
         args.runs,
-        args.out,
+        None if page_file else args.out,
         checkpoint=args.checkpoint,
         curves=not args.no_curves,
         csv=args.csv,
         group_by=parse_group_by(args.group_by),
         eps=parse_eps(args.eps),
-        study=StudyOptions(ci=args.ci, compare=_pair(args.compare, args.against)),
+        study=study,
     )
+    if page_file:
+        atomic_write_text(page_file, texts["html"])
+        print(f"wrote {page_file}")
+        return 0
     print(texts["md"], end="")
     if args.out:
         print(f"wrote {Path(args.out) / 'report.md'}, report.tex and report.json")

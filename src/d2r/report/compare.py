@@ -21,10 +21,13 @@ class StudyOptions:
     """What `d2r report` adds to the table: `ci` prints the 95% intervals in Markdown and LaTeX
     (JSON always holds them); `compare` = (A, B), two rows named by their label as the table
     prints it (Method, or "Method (Setting)") or by KEY=VALUE selectors ("method.name=trades",
-    comma-separated, all must hold)."""
+    comma-separated, all must hold); `html` adds the study page (texts["html"], d2r.report.html)
+    with Fig. 3 for test image `index` when given."""
 
     ci: bool = False
     compare: tuple[str, str] | None = None
+    html: bool = False
+    index: int | None = None
 
 
 def row_name(g: dict[str, Any]) -> str:
