@@ -13,8 +13,13 @@ run without results there falls back to the last per-epoch check of metrics.json
 on the validation split or a test subset), marked as such, when it was at that eps; a run with
 neither says "not evaluated", or "—" where only another eps was evaluated.
 
-`read` turns a run directory into a RunResult, `group` runs into rows, `formats` rows into
-Markdown, LaTeX and JSON; here are the entry point `report()` and the `d2r report` command.
+Every accuracy has a 95% interval (`ci95`), every row its robust overfitting (the per-epoch
+check's best and last) and device-hours; `--compare A --against B` tests two rows (Welch over
+seeds, exact McNemar per seed; d2r.stats), `--format html` writes the study page.
+
+`read` turns a run directory into a RunResult, `group` runs into rows, `compare` two rows into
+tests, `formats` rows into Markdown, LaTeX and JSON, `html` into the page; here are the entry
+point `report()` and the `d2r report` command.
 """
 
 from __future__ import annotations

@@ -36,7 +36,9 @@ th, td { padding: .35rem .6rem; border-bottom: 1px solid #e5e9ef; text-align: le
 tr:nth-child(even) td { background: #fafbfc; } td.num { text-align: right;
   font-variant-numeric: tabular-nums; } .sig { color: #b3261e; font-weight: 600; }
 .notes, .muted { color: #566170; font-size: 13px; } ul.notes { padding-left: 1.2rem; }
-figure { margin: 1rem 0; } figure img { max-width: 100%; height: auto;
+figure { margin: 1rem 0; } .grid { display: grid; gap: 0 1.2rem;
+  grid-template-columns: repeat(auto-fill, minmax(540px, 1fr)); }
+figure img { max-width: 100%; height: auto;
   border: 1px solid #e5e9ef; } figcaption { font-size: 13px; color: #566170; }
 """
 
@@ -58,7 +60,7 @@ def page(
         _list([*notes(groups, context["by"], context["eps"]), CI_NOTE], "notes"),
         _section("Comparison", _comparison(comparisons)),
         _section("Robust overfitting", _lines(overfit_lines(groups))),
-        _section("Device-hours", _lines(device_lines(groups))),
+        _section("Device-hours", _lines(device_lines(groups), head=False)),
         _section("Paper figures", _paper_figures(runs, context)),
         _section("Per-run curves (per-epoch check)", _curves(runs)),
     ]
@@ -127,12 +129,13 @@ def _mark(cell: str) -> str:
     return "; ".join(marked)
 
 
-def _lines(lines: list[str]) -> str:
-    """overfit_lines / device_lines (a blank line, a head, "- " items) as a paragraph and list."""
+def _lines(lines: list[str], head: bool = True) -> str:
+    """overfit_lines / device_lines (a blank line, a head, "- " items) as a paragraph (unless
+    the section's title says it all) and a list."""
     if not lines:
         return ""
-    head, items = lines[1], [line[2:] for line in lines[2:]]
-    return f'<p class="muted">{html.escape(head)}</p>' + _list(items, "")
+    items = [line[2:] for line in lines[2:]]
+    return (f'<p class="muted">{html.escape(lines[1])}</p>' if head else "") + _list(items, "")
 
 
 def _list(items: list[str], css: str) -> str:
@@ -154,7 +157,7 @@ def _curves(runs: list[Path]) -> str:
     for run in runs:
         if (run / "metrics.jsonl").is_file() and read_metrics(run, "epoch"):
             out.append(_image(curves_png(run, dpi=80), str(run)))
-    return "\n".join(out)
+    return f'<div class="grid">{"".join(out)}</div>' if out else ""
 
 
 def _paper_figures(runs: list[Path], context: dict[str, Any]) -> str:
