@@ -30,6 +30,7 @@ LAYERS = [
         "d2r.experiments",
         "d2r.measure",
         "d2r.flops",
+        "d2r.stats",
     ],
     ["d2r.methods"],
     ["d2r.checkpoint", "d2r.weights"],

@@ -57,3 +57,28 @@ def plain_run(factory: pytest.TempPathFactory) -> Path:
     eval.subset (1000) exceeds the digits validation split (300 images)."""
     sets = ("train.epochs=1", "method.name=pgd_at", "eval.subset=1000")
     return tiny_run(factory, "pgd_at-seed0", *sets)
+
+
+# The smallest study: 2 methods x 3 seeds, 1 epoch of 128 images, 1-step attacks, evaluated on
+# 50 test images with PGD-1 (test_stats: intervals and tests on stored figures and flags).
+STUDY_METHODS = ("pgd_at", "trades")
+STUDY_SEEDS = (0, 1, 2)
+_STUDY = ["train.epochs=1", "data.train_subset=128", "method.steps=1", "eval.subset=50"]
+
+
+def tiny_study(factory: pytest.TempPathFactory) -> list[Path]:
+    """Every run of the tiny study, trained and evaluated once per test session."""
+    runs = []
+    for method in STUDY_METHODS:
+        for seed in STUDY_SEEDS:
+            name = f"study-{method}-s{seed}"
+            if name not in _RUNS:
+                out = factory.getbasetemp() / "tiny-study" / name
+                sets = [*_STUDY, "eval.attack=pgd1", f"method.name={method}", f"seed={seed}"]
+                args = ["train", "-q", "--out", str(out)]
+                assert main([*args, *(a for s in sets for a in ("--set", s))]) == 0
+                flags = ["--attacks", "pgd1", "--n", "50", "--no-checks", "-q"]
+                assert main(["eval", str(out), *flags]) == 0
+                _RUNS[name] = out
+            runs.append(_RUNS[name])
+    return runs

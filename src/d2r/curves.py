@@ -28,6 +28,13 @@ _NOT_TERMS = {*BOOKKEEPING, *(k for k, _ in ACC_CURVES)}
 def write_curves(run_dir: str | Path) -> Path:
     """Plot `run_dir`/curves.png from metrics.jsonl's epoch records: accuracies (left) and the
     method's loss terms (right) per epoch."""
+    out = Path(run_dir) / "curves.png"
+    atomic_write(out, curves_png(run_dir))
+    return out
+
+
+def curves_png(run_dir: str | Path, dpi: int = 120) -> bytes:
+    """curves.png's bytes (the report's HTML page inlines them); ValueError without epochs."""
     run_dir = Path(run_dir)
     records = read_metrics(run_dir, "epoch")
     if not records:
@@ -38,10 +45,8 @@ def write_curves(run_dir: str | Path) -> Path:
     cfg = load_yaml(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else {}
     fig = _figure(records, cfg)
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
-    out = run_dir / "curves.png"
-    atomic_write(out, buffer.getvalue())
-    return out
+    fig.savefig(buffer, format="png", dpi=dpi)
+    return buffer.getvalue()
 
 
 def _figure(records: list[dict[str, Any]], cfg: dict[str, Any]):

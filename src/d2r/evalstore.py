@@ -345,6 +345,29 @@ def summary(
     return found[-1] if found else None
 
 
+def row_entries(store: Store, row: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The stored results a `rows`/`summary` row is made of, by attack name (clean included):
+    their per-sample flags (`unpack_flags`), seconds and device."""
+    s = row["settings"]
+    found = {}
+    for entry in store.results:
+        k, name = entry["key"], entry["key"]["attack"]
+        same = (k["sha256"], k.get("weights", TARGET), k["images"]["sha256"], k["seed"])
+        if name not in row["worst_case_over"] or same != (
+            row["sha256"],
+            row["weights"],
+            s["images_sha256"],
+            s["seed"],
+        ):
+            continue
+        if k["version"] == s["version"] and (
+            name == CLEAN
+            or (k["eps"], k["norm"], k["settings"]) == (row["eps"], row["norm"], s["attacks"][name])
+        ):
+            found[name] = entry
+    return found
+
+
 # Resume ---------------------------------------------------------------------------------------
 
 

@@ -46,6 +46,40 @@ def read_metrics(run_dir: str | Path, kind: str | None = None) -> list[dict[str,
     return [r for r in records if kind is None or r.get("kind") == kind]
 
 
+OVERFIT_WARN_POINTS = 3.0  # `d2r train` warns when the last check is this far below the best
+
+
+def robust_overfit(records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Robust overfitting from the per-epoch checks (epoch records with "robust_acc"): the best
+    (the first epoch reaching it: the one best.safetensors keeps) and the last robust accuracy
+    (fractions), and `gap`, best minus last in percentage points; None without a check."""
+    checked = [r for r in records if r.get("kind", "epoch") == "epoch" and "robust_acc" in r]
+    if not checked:
+        return None
+    best = max(checked, key=lambda r: r["robust_acc"])  # max keeps the first of equals
+    last = checked[-1]
+    return {
+        "best": best["robust_acc"],
+        "best_epoch": best.get("epoch"),
+        "last": last["robust_acc"],
+        "last_epoch": last.get("epoch"),
+        "gap": 100 * (best["robust_acc"] - last["robust_acc"]),
+    }
+
+
+def overfit_warning(records: list[dict[str, Any]]) -> str | None:
+    """`d2r train`'s last line when the run's gap exceeds OVERFIT_WARN_POINTS, else None."""
+    found = robust_overfit(records)
+    if found is None or found["gap"] <= OVERFIT_WARN_POINTS:
+        return None
+    return (
+        f"d2r: warning: robust overfitting: the per-epoch check's robust accuracy fell "
+        f"{found['gap']:.2f} points, from {100 * found['best']:.2f}% at epoch "
+        f"{found['best_epoch']} (kept as best.safetensors) to {100 * found['last']:.2f}% at "
+        f"epoch {found['last_epoch']} (last.safetensors); `d2r eval RUN --checkpoint best`"
+    )
+
+
 def metrics_csv(run_dir: str | Path) -> Path:
     """Write `run_dir`/metrics.csv from metrics.jsonl: one row per record, the union of the
     keys as columns (first-seen order), empty where a record lacks a key."""

@@ -4,11 +4,13 @@ config.yaml with --resume); cli.build_parser calls `add_command`."""
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
 from d2r import distributed
 from d2r.config import check_resume_config, earlier_defaults, load_yaml, resolve, to_dict
+from d2r.logs import overfit_warning, read_metrics
 from d2r.runs import resolved_config
 from d2r.tables import markdown
 from d2r.trainer import Trainer
@@ -60,6 +62,9 @@ def _train(args: argparse.Namespace) -> int:
     if main_rank:  # the command's result: printed under -q too
         print(_summary_table(run.history, cfg.eval.attack))
         print(f"run directory: {run.dir}")
+        warning = overfit_warning(read_metrics(run.dir, "epoch"))  # a resumed run's too
+        if warning:
+            print(warning, file=sys.stderr)
     return 0
 
 

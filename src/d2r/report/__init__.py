@@ -13,8 +13,13 @@ run without results there falls back to the last per-epoch check of metrics.json
 on the validation split or a test subset), marked as such, when it was at that eps; a run with
 neither says "not evaluated", or "—" where only another eps was evaluated.
 
-`read` turns a run directory into a RunResult, `group` runs into rows, `formats` rows into
-Markdown, LaTeX and JSON; here are the entry point `report()` and the `d2r report` command.
+Every accuracy has a 95% interval (`ci95`), every row its robust overfitting (the per-epoch
+check's best and last) and device-hours; `--compare A --against B` tests two rows (Welch over
+seeds, exact McNemar per seed; d2r.stats), `--format html` writes the study page.
+
+`read` turns a run directory into a RunResult, `group` runs into rows, `compare` two rows into
+tests, `formats` rows into Markdown, LaTeX and JSON, `html` into the page; here are the entry
+point `report()` and the `d2r report` command.
 """
 
 from __future__ import annotations
@@ -28,8 +33,10 @@ from d2r.curves import write_curves
 from d2r.experiments import NON_RESULT_KEYS
 from d2r.files import atomic_write_text, check_writable
 from d2r.logs import metrics_csv, read_metrics
+from d2r.report.compare import StudyOptions, compare, row_name, select
 from d2r.report.formats import as_json, latex, markdown, notes
 from d2r.report.group import columns_of, group, group_key, summarize
+from d2r.report.html import page
 from d2r.report.read import (
     EPOCH_CHECK,
     EVAL_JSON,
@@ -48,10 +55,12 @@ __all__ = [
     "NO_RESULT",
     "WORST",
     "RunResult",
+    "StudyOptions",
     "add_command",
     "as_json",
     "column_label",
     "columns_of",
+    "compare",
     "find_runs",
     "group",
     "group_key",
@@ -62,6 +71,8 @@ __all__ = [
     "parse_group_by",
     "read_run",
     "report",
+    "row_name",
+    "select",
     "summarize",
     "write_curves",
 ]
@@ -76,20 +87,34 @@ def report(
     csv: bool = False,
     group_by: list[str] | None = None,
     eps: float | None = None,
+    study: StudyOptions | None = None,
 ) -> dict[str, str]:
     """Tables for the runs under `paths` ({"md", "tex", "json"} texts), written to `out`/report.*
     when `out` is given; curves.png (and metrics.csv with `csv`) in each run directory.
     `group_by`: config keys (e.g. ["method.name"]) to group by instead of the whole config.
-    `eps`: the eps whose results fill the columns (default: each run's training eps)."""
+    `eps`: the eps whose results fill the columns (default: each run's training eps).
+    `study`: intervals in the Markdown and LaTeX tables, a comparison of two rows
+    (d2r.report.compare; JSON "comparisons"), the HTML page ("html", d2r.report.html)."""
+    study = study or StudyOptions()
     runs = find_runs(list(paths))
     _check_writable(runs, out, curves, csv)
     results = [read_run(run, checkpoint, eps) for run in runs]
     groups, columns = group(results, group_by), columns_of(results)  # refusals come first
+    tests = compare(groups, study.compare, checkpoint, eps) if study.compare else None
     texts = {
-        "md": markdown(groups, columns, group_by, eps),
-        "tex": latex(groups, columns, group_by, eps),
-        "json": as_json(groups, columns, results, group_by, eps),
+        "md": markdown(groups, columns, group_by, eps, study.ci, tests),
+        "tex": latex(groups, columns, group_by, eps, study.ci),
+        "json": as_json(groups, columns, results, group_by, eps, tests),
     }
+    if study.html:
+        context = {"by": group_by, "eps": eps, "runs": runs, "index": study.index}
+        texts["html"] = page(groups, columns, tests, {**context, "checkpoint": checkpoint})
+    _write(runs, out, texts, curves, csv)
+    return texts
+
+
+def _write(runs: list[Path], out, texts: dict[str, str], curves: bool, csv: bool) -> None:
+    """curves.png and metrics.csv in each run directory, the texts to `out`/report.*."""
     for run in runs:
         if curves and read_metrics(run, "epoch"):
             write_curves(run)
@@ -99,7 +124,6 @@ def report(
         Path(out).mkdir(parents=True, exist_ok=True)
         for suffix, text in texts.items():
             atomic_write_text(Path(out) / f"report.{suffix}", text)
-    return texts
 
 
 def _check_writable(runs: list[Path], out: str | Path | None, curves: bool, csv: bool) -> None:
@@ -154,6 +178,28 @@ def add_command(sub: Any) -> None:
         "except for the seed",
     )
 
+    p.add_argument(
+        "--ci",
+        action="store_true",
+        help="print each accuracy's 95%% interval in the Markdown and LaTeX tables (Student's t "
+        "over seeds, Wilson for one run; report.json always holds it)",
+    )
+    p.add_argument(
+        "--compare",
+        metavar="A",
+        help="compare row A with --against B: a row's label as the table prints it (Method, or "
+        "'Method (Setting)') or KEY=VALUE selectors (method.name=trades); means, difference, "
+        "Welch's t-test over seeds and the exact McNemar test per seed",
+    )
+    p.add_argument("--against", metavar="B", help="the row --compare A is compared with")
+    p.add_argument(
+        "--format",
+        choices=["md", "html"],
+        default="md",
+        help="html: write one self-contained study page to --out FILE (tables with intervals, "
+        "the comparison, overfitting, device-hours, per-run curves, Fig. 2, and Fig. 3 with "
+        "--index); default md: print the Markdown table",
+    )
     figures.add_arguments(p)
     p.set_defaults(func=_command)
 
@@ -178,18 +224,41 @@ def parse_group_by(text: str | None) -> list[str] | None:
     return keys
 
 
+def _page_file(args: Any) -> Path | None:
+    """--format html's --out FILE, checked writable before any work; None for Markdown."""
+    if args.format != "html":
+        return None
+    if not args.out or args.figure:
+        raise ValueError("--format html writes one page: give --out FILE.html (and no --figure)")
+    check_writable(Path(args.out).parent, "directory of the page (--out)")
+    return Path(args.out)
+
+
+def _pair(a: str | None, b: str | None) -> tuple[str, str] | None:
+    if (a is None) != (b is None):
+        raise ValueError("--compare A goes with --against B: give both rows")
+    return None if a is None else (a, b)
+
+
 def _command(args: Any) -> int:
-    if args.figure or args.index is not None:  # the paper's figures (d2r.figures)
+    page_file = _page_file(args)
+    if args.figure or (args.index is not None and not page_file):  # the paper's figures
         return figures.command(args)
+    study = StudyOptions(args.ci, _pair(args.compare, args.against), bool(page_file), args.index)
     texts = report(
         args.runs,
-        args.out,
+        None if page_file else args.out,
         checkpoint=args.checkpoint,
         curves=not args.no_curves,
         csv=args.csv,
         group_by=parse_group_by(args.group_by),
         eps=parse_eps(args.eps),
+        study=study,
     )
+    if page_file:
+        atomic_write_text(page_file, texts["html"])
+        print(f"wrote {page_file}")
+        return 0
     print(texts["md"], end="")
     if args.out:
         print(f"wrote {Path(args.out) / 'report.md'}, report.tex and report.json")

@@ -11,16 +11,21 @@ from d2r.experiments import (
     NON_RESULT_KEYS,
     NOT_RECORDED,
 )
+from d2r.report.compare import SIGNIFICANT
 from d2r.report.read import EPOCH_CHECK, EVAL_JSON, NO_RESULT, RunResult, column_label
 from d2r.tables import eps_cell, eps_head
 from d2r.tables import markdown as markdown_lines
 
 
-def _cell(stats: dict[str, Any] | None, pm: str) -> str:
+def _cell(stats: dict[str, Any] | None, pm: str, ci: bool = False) -> str:
     if stats is None:
         return "—"
     text = f"{100 * stats['mean']:.2f}"
-    return text + (f" {pm} {100 * stats['std']:.2f}" if stats["n"] > 1 else "")
+    text += f" {pm} {100 * stats['std']:.2f}" if stats["n_seeds"] > 1 else ""
+    if ci and stats.get("ci95"):
+        low, high = stats["ci95"]
+        text += f" [{100 * low:.2f}, {100 * high:.2f}]"
+    return text
 
 
 def _source_text(g: dict[str, Any]) -> str:
@@ -105,30 +110,107 @@ def _norms(groups: list[dict[str, Any]]) -> list[str]:
     return [g.get("norm", "Linf") for g in groups]
 
 
+CI_NOTE = (
+    "[low, high]: 95% interval on the mean, Student's t over the seeds (k - 1 degrees of "
+    "freedom), or for one run Wilson's interval on its n test images, within [0, 100] "
+    "(docs/studies.md)."
+)
+
+
 def markdown(
     groups: list[dict[str, Any]],
     columns: list[str],
     by: list[str] | None = None,
     eps: float | None = None,
+    ci: bool = False,
+    comparisons: list[dict[str, Any]] | None = None,
 ) -> str:
     head = [*_head(groups, columns, eps_head(_norms(groups))), "Source"]
     setting = _has_setting(groups)
-    rows = [_row_cells(g, columns, "±", setting, _norms(groups)) for g in groups]
+    rows = [_row_cells(g, columns, "±", (setting, ci), _norms(groups)) for g in groups]
     lines = markdown_lines(head, rows)
     runs = [f"- row {i}: {', '.join(g['runs'])}" for i, g in enumerate(groups, 1)]
-    return "\n".join([*lines, "", *notes(groups, by, eps), "", "Runs:", *runs]) + "\n"
+    table_notes = [*notes(groups, by, eps), *([CI_NOTE] if ci else [])]
+    extra = [*overfit_lines(groups), *device_lines(groups), *comparison_lines(comparisons)]
+    return "\n".join([*lines, "", *table_notes, "", "Runs:", *runs, *extra]) + "\n"
+
+
+def overfit_lines(groups: list[dict[str, Any]]) -> list[str]:
+    """Robust overfitting per row: the per-epoch check's best and last robust accuracy."""
+    lines = []
+    for i, g in enumerate(groups, 1):
+        each = g.get("robust_overfitting") or []
+        if each:
+            runs = "; ".join(
+                f"{100 * e['best']:.2f} (epoch {e['best_epoch']}) -> {100 * e['last']:.2f}"
+                for e in each
+            )
+            lines.append(f"- row {i}: gap {g['overfit_gap']:.2f} points ({runs})")
+    head = "Robust overfitting (per-epoch check, best - last robust accuracy in points, mean "
+    return ["", head + "over seeds; each run's best -> last in %):", *lines] if lines else []
+
+
+def device_lines(groups: list[dict[str, Any]]) -> list[str]:
+    """Device-hours per row (training x its devices + evaluation) and the study's total."""
+    lines = []
+    for i, g in enumerate(groups, 1):
+        d = g.get("device_hours") or {}
+        if d:
+            devices = ", ".join(d["devices"]) or "unknown device"
+            lines.append(
+                f"- row {i}: {d['device_hours']:.4g} device-hours on {devices} (training "
+                f"{d['train_seconds']:.3g} s, evaluation {d['eval_seconds']:.3g} s)"
+            )
+    total = sum((g.get("device_hours") or {}).get("device_hours", 0.0) for g in groups)
+    return ["", "Device-hours:", *lines, f"- total: {total:.4g} device-hours"] if lines else []
+
+
+def _p_text(p: float | None) -> str:
+    if p is None:
+        return "—"
+    return f"{p:.3g}" + (" *" if p < SIGNIFICANT else "")
+
+
+def comparison_lines(comparisons: list[dict[str, Any]] | None) -> list[str]:
+    """The --compare table: means, difference (points), Welch's p, McNemar per seed."""
+    if not comparisons:
+        return []
+    first = comparisons[0]
+    head = ["Attack", "eps", "A", "B", "A - B", "Welch p", "McNemar per seed (b, c, p)"]
+    rows = [
+        [
+            column_label(c["attack"]),
+            format_eps(c["eps"]) if c["eps"] is not None and c["attack"] != "clean" else "—",
+            f"{100 * c['mean_a']:.2f}",
+            f"{100 * c['mean_b']:.2f}",
+            f"{100 * c['diff']:+.2f}",
+            _p_text(c["welch_p"]),
+            "; ".join(
+                f"seed {m['seed']}: {m['b']}, {m['c']}, {_p_text(m['p'])}" for m in c["mcnemar"]
+            )
+            or "—",
+        ]
+        for c in comparisons
+    ]
+    title = f"Comparison: A = {first['a']}, B = {first['b']}"
+    note = (
+        "* p < 0.05. Welch: t-test over the seeds' figures; McNemar: exact test on one seed's "
+        "per-image flags (b: images only A gets right, c: only B). See docs/studies.md."
+    )
+    return ["", title, "", *markdown_lines(head, rows), "", note]
 
 
 def _row_cells(
-    g: dict[str, Any], columns: list[str], pm: str, setting: bool, norms: list[str]
+    g: dict[str, Any], columns: list[str], pm: str, flags: tuple[bool, bool], norms: list[str]
 ) -> list[str]:
+    setting, ci = flags
     seeds = ", ".join(map(str, g["seeds"]))
     if g["source"] == "not evaluated":
         values = ["not evaluated"] + ["—"] * (len(columns) - 1)
     elif g["source"] == NO_RESULT:
         values = ["—"] * len(columns)
     else:
-        values = [_cell(g["metrics"].get(k), pm) for k in columns]
+        values = [_cell(g["metrics"].get(k), pm, ci) for k in columns]
     names = [g["data"], g["model"], g["method"], *([g["label"] or "—"] if setting else [])]
     eps = eps_cell(g["eps_text"], g.get("norm", "Linf"), norms)
     return [*names, eps, seeds, *values, _source_text(g)]
@@ -139,6 +221,7 @@ def latex(
     columns: list[str],
     by: list[str] | None = None,
     eps: float | None = None,
+    ci: bool = False,
 ) -> str:
     """A booktabs table (needs \\usepackage{booktabs})."""
     kinds = set(_norms(groups))
@@ -152,11 +235,11 @@ def latex(
         r"\midrule",
     ]
     for g in groups:
-        row = _row_cells(g, columns, "PMSIGN", _has_setting(groups), _norms(groups))
+        row = _row_cells(g, columns, "PMSIGN", (_has_setting(groups), ci), _norms(groups))
         cells = [_tex(c) for c in row]
         lines.append(" & ".join(c.replace("PMSIGN", r"$\pm$") for c in cells) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
-    notes_tex = [f"% {n}" for n in notes(groups, by, eps)]
+    notes_tex = [f"% {n}" for n in [*notes(groups, by, eps), *([CI_NOTE] if ci else [])]]
     return "\n".join([*notes_tex, *lines]) + "\n"
 
 
@@ -182,11 +265,12 @@ def as_json(
     results: list[RunResult],
     by: list[str] | None = None,
     eps: float | None = None,
+    comparisons: list[dict[str, Any]] | None = None,
 ) -> str:
     labels = {k: column_label(k) for k in columns}
     body = {
         "format": "d2r-report",
-        "format_version": 1,
+        "format_version": 2,  # 2: a metric's "n" is its images ("n_seeds" its seeds), ci95
         "units": "fraction in [0, 1]",
         "columns": labels,
         "group_by": by,  # None: every key but the seed and non_result_keys
@@ -194,5 +278,7 @@ def as_json(
         "non_result_keys": sorted(NON_RESULT_KEYS),
         "groups": groups,
         "runs": [asdict(r) for r in results],
+        "device_hours": sum(g["device_hours"]["device_hours"] for g in groups),
+        **({"comparisons": comparisons} if comparisons is not None else {}),
     }
     return json.dumps(body, indent=2, ensure_ascii=False) + "\n"

@@ -16,6 +16,7 @@ from d2r.experiments import (
     result_keys,
 )
 from d2r.report.read import _SHOWN, WORST, RunResult
+from d2r.stats import t_interval, wilson
 from d2r.tables import PAPER_COLUMNS
 
 
@@ -26,10 +27,49 @@ def columns_of(results: list[RunResult]) -> list[str]:
     return [*PAPER_COLUMNS, *extra, WORST]
 
 
-def summarize(values: list[float]) -> dict[str, Any]:
-    """Mean and sample standard deviation (n - 1; 0 for one run) of fractions."""
+def summarize(values: list[float], images: list[int | None] | None = None) -> dict[str, Any]:
+    """Mean and sample standard deviation (n - 1; 0 for one run) of fractions, `n_seeds` and
+    `n` (the images each run was measured on: one number, a list where they differ, None
+    where not recorded), and `ci95`: Student's t interval over the seeds, or for one run
+    Wilson's interval on its n images (None where n is not recorded), both within [0, 1]."""
     std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return {"mean": statistics.fmean(values), "std": std, "n": len(values), "values": values}
+    known = list(dict.fromkeys(images or [None]))
+    n = known[0] if len(known) == 1 else known
+    if len(values) > 1:  # an accuracy's interval stays in [0, 1]
+        low, high = t_interval(values)
+        ci = [max(0.0, low), min(1.0, high)]
+    else:
+        ci = wilson(round(values[0] * n), n) if isinstance(n, int) else None
+    return {
+        "mean": statistics.fmean(values),
+        "std": std,
+        "ci95": ci,
+        "n_seeds": len(values),
+        "n": n,
+        "values": values,
+    }
+
+
+def overfitting(runs: list[RunResult]) -> dict[str, Any]:
+    """Each run's best and last per-epoch robust accuracy, and their mean gap in points."""
+    each = [{"run": r.run_dir, **r.overfit} for r in runs if r.overfit is not None]
+    gap = statistics.fmean(e["gap"] for e in each) if each else None
+    return {"robust_overfitting": each, "overfit_gap": gap}
+
+
+def device_hours(runs: list[RunResult]) -> dict[str, Any]:
+    """The row's training and evaluation seconds and device-hours, summed over its runs."""
+    total = {k: sum(r.device.get(k, 0.0) for r in runs) for k in _SECONDS}
+    names = dict.fromkeys(_device_text(r.device) for r in runs if r.device)
+    return {**total, "devices": list(names)}
+
+
+_SECONDS = ("train_seconds", "eval_seconds", "device_hours")
+
+
+def _device_text(device: dict[str, Any]) -> str:
+    count = device.get("devices", 1)
+    return f"{count} x {device['device_name']}" if count > 1 else device["device_name"]
 
 
 def group_key(result: RunResult, by: list[str] | None = None) -> tuple:
@@ -70,11 +110,18 @@ def _row(runs: list[RunResult]) -> dict[str, Any]:
         "details": [r.detail for r in runs],
         "seeds": [r.seed for r in runs],
         "runs": [r.run_dir for r in runs],
-        "metrics": {k: summarize([r.metrics[k] for r in runs if k in r.metrics]) for k in keys},
+        "metrics": {k: _summary(runs, k) for k in keys},
         "config": common,  # the keys all its runs agree on
         "varies": varies,  # result keys its runs differ in (only with group_by)
         "not_recorded": {r.run_dir: r.not_recorded for r in runs if r.not_recorded},
+        **overfitting(runs),
+        "device_hours": device_hours(runs),
     }
+
+
+def _summary(runs: list[RunResult], key: str) -> dict[str, Any]:
+    having = [r for r in runs if key in r.metrics]
+    return summarize([r.metrics[key] for r in having], [r.n for r in having])
 
 
 def _joined(values: Any) -> str:

@@ -3,20 +3,23 @@ from the last per-epoch check of metrics.jsonl."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from torch import Tensor
 
 from d2r.attacks import label as attack_label
 from d2r.attacks import norm_label
 from d2r.checkpoint import checkpoint_path, stored_sha256
 from d2r.config import Config, format_eps
 from d2r.data.sources import DEFAULT_LIKE, SYNTHETIC
-from d2r.evalstore import Store, summary
+from d2r.evalstore import Store, row_entries, summary, unpack_flags
 from d2r.experiments import (
     flat_config,
 )
-from d2r.logs import read_metrics
+from d2r.logs import read_metrics, robust_overfit
 from d2r.runs import read_config
 
 WORST = "worst_case"
@@ -44,6 +47,11 @@ class RunResult:
     config: dict[str, Any] = field(default_factory=dict)
     not_recorded: list[str] = field(default_factory=list)
     norm: str = "Linf"  # eps's norm: eval.json's settings, or the per-epoch check's
+    n: int | None = None  # the images its numbers were measured on (None: not recorded)
+    # the per-epoch check's best and last robust accuracy (d2r.logs.robust_overfit), or None
+    overfit: dict[str, Any] | None = None
+    # training and evaluation seconds, the devices used, device-hours (`device_time`)
+    device: dict[str, Any] = field(default_factory=dict)
 
 
 def find_runs(paths: list[str | Path]) -> list[Path]:
@@ -82,6 +90,7 @@ def read_run(run_dir: str | Path, checkpoint: str = "last", eps: float | None = 
         "seed": config["seed"],
         "config": config,
         "not_recorded": missing,
+        "overfit": robust_overfit(_epochs(run_dir)),
     }
     wanted = eps if eps is not None else cfg.method.get("eps")
     found = _from_eval_json(run_dir, cfg, checkpoint, wanted) or _from_epoch_check(run_dir, cfg)
@@ -91,7 +100,30 @@ def read_run(run_dir: str | Path, checkpoint: str = "last", eps: float | None = 
         elsewhere = eps is not None and not _same(found["eps"], eps)
     if elsewhere:
         found = {"eps": wanted, "source": NO_RESULT, "detail": f"at eps {format_eps(wanted)}"}
+    found["device"] = device_time(run_dir, found.pop("eval_seconds", 0.0))
     return RunResult(**base, **found)
+
+
+def _epochs(run_dir: Path) -> list[dict[str, Any]]:
+    return read_metrics(run_dir, "epoch") if (run_dir / "metrics.jsonl").is_file() else []
+
+
+def device_time(run_dir: Path, eval_seconds: float) -> dict[str, Any]:
+    """Training seconds (the epochs' own, from metrics.jsonl) times the processes (one device
+    each, env.json's world_size), plus the evaluation's seconds (eval.json's results of the
+    reported row, one device), in device-hours; the device's name from env.json."""
+    env_path = run_dir / "env.json"
+    env = json.loads(env_path.read_text()) if env_path.is_file() else {}
+    train = sum(float(r.get("seconds", 0.0)) for r in _epochs(run_dir))
+    devices = int(env.get("world_size", 1))
+    name = env.get("device_name") or env.get("device") or "unknown device"
+    return {
+        "train_seconds": train,
+        "eval_seconds": eval_seconds,
+        "devices": devices,
+        "device_name": name,
+        "device_hours": (train * devices + eval_seconds) / 3600,
+    }
 
 
 def _data_label(cfg: Config) -> str:
@@ -117,19 +149,51 @@ def _from_eval_json(
 ) -> dict[str, Any] | None:
     """The stored results of `checkpoint` at `eps` and the training norm, with their worst
     case; only those of the checkpoint file there now, when there is one."""
+    found = _eval_row(run_dir, cfg, checkpoint, eps)
+    if found is None:
+        return None
+    row, entries = found
+    norm = row["norm"]
+    metrics = {k: float(row[k]) for k in [*row["worst_case_over"], WORST]}
+    over = ", ".join(map(column_label, row["worst_case_over"]))
+    detail = f"{checkpoint}, n={row['settings']['n']}, worst case of {over}"
+    budget = {"eps": row["eps"], "norm": norm, "n": row["settings"]["n"]}
+    seconds = sum(float(e.get("seconds", 0.0)) for e in entries.values())
+    found = {"source": EVAL_JSON, "detail": detail, "metrics": metrics, "eval_seconds": seconds}
+    return {**budget, **found}
+
+
+def _eval_row(
+    run_dir: Path, cfg: Config, checkpoint: str, eps: float | None
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]] | None:
+    """eval.json's row of `checkpoint` at `eps` and the training norm (d2r.evalstore.summary)
+    and the stored results it is made of; only those of the checkpoint file there now."""
     store = Store.read(run_dir)  # a file it cannot read is an error naming it
     if eps is None or not store.results:
         return None
     norm = norm_label(cfg.method.get("norm", "linf"))  # as results record it: Linf, L2
     sha256 = stored_sha256(checkpoint_path(run_dir, checkpoint))  # ema: last's file
     row = summary(store, checkpoint, eps, norm, sha256)
-    if row is None:
+    return None if row is None else (row, row_entries(store, row))
+
+
+def run_flags(
+    run_dir: str | Path, checkpoint: str, eps: float | None
+) -> tuple[str, dict[str, Tensor]] | None:
+    """The per-image correct flags behind a run's eval.json numbers at `eps` (default: its
+    training eps), by attack with the worst case, and the sha256 of the test images they are
+    of; None where the run has no eval.json result there."""
+    cfg, _ = read_config(run_dir)
+    wanted = eps if eps is not None else cfg.method.get("eps")
+    found = _eval_row(Path(run_dir), cfg, checkpoint, wanted)
+    if found is None:
         return None
-    metrics = {k: float(row[k]) for k in [*row["worst_case_over"], WORST]}
-    over = ", ".join(map(column_label, row["worst_case_over"]))
-    detail = f"{checkpoint}, n={row['settings']['n']}, worst case of {over}"
-    budget = {"eps": row["eps"], "norm": norm}
-    return {**budget, "source": EVAL_JSON, "detail": detail, "metrics": metrics}
+    row, entries = found
+    flags = {name: unpack_flags(e["correct"], e["n"]) for name, e in entries.items()}
+    worst = None
+    for value in flags.values():
+        worst = value if worst is None else worst & value
+    return row["settings"]["images_sha256"], {**flags, WORST: worst}
 
 
 def _from_epoch_check(run_dir: Path, cfg: Config) -> dict[str, Any]:
@@ -145,6 +209,7 @@ def _from_epoch_check(run_dir: Path, cfg: Config) -> dict[str, Any]:
     metrics = {"clean": last["clean_acc"], attack: last["robust_acc"]}
     eps = last.get("check_eps", cfg.eval.eps)  # older logs: the config's eval.eps
     budget = {"eps": eps, "norm": last.get("check_norm", "Linf")}  # older logs: Linf only
+    budget["n"] = last.get("check_n")
     return {**budget, "source": EPOCH_CHECK, "detail": detail, "metrics": metrics}
 
 
