@@ -37,6 +37,7 @@ from d2r.runs import (
     default_run_dir,
     eval_eps,
     eval_norm,
+    external_sources,
     own_run_dir,
     prepare_run_dir,
     resolved_config,
@@ -228,6 +229,8 @@ class Trainer:
             extra = {"fast_path": self.fast.describe(), "world_size": self.dist.world_size}
             if not self.resumed and weight_files(self.cfg):  # the bytes the models start from
                 extra["weights"] = weight_files(self.cfg)
+            if external_sources(self.cfg):  # import paths: what provided them, its version
+                extra["sources"] = external_sources(self.cfg)
             resumed_step = self.state.step if self.resumed else None
             write_env(self.run_dir, self.device, extra, resumed_step)
 
