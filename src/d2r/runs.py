@@ -109,8 +109,8 @@ def _build_model(
     model = build(MODELS, {**sizes, **spec}, key=section)
     if not isinstance(model, nn.Module):
         raise ValueError(
-            f"config key '{section}.name': {spec['name']!r} returned a "
-            f"{type(model).__name__}, not a torch.nn.Module"
+            f"config key '{section}.name': {spec['name']!r} returned "
+            f"{type(model).__name__!r}, not a torch.nn.Module"
         )
     if extra["normalize"] is not None:
         add_normalization(

@@ -33,6 +33,7 @@ from d2r.progress import Progress
 from d2r.runs import (
     Run,
     build_method,
+    check_external_models,
     check_schedule,
     default_run_dir,
     eval_eps,
@@ -115,6 +116,7 @@ class Trainer:
         # bad options fail here; a resumed run takes its weights from its checkpoint instead
         info = data.info(cfg.data.name, cfg.data.like)
         self.method = build_method(cfg, info, initial_weights=not resume).to(self.device)
+        check_external_models(cfg, info, self.method)  # an import path's logits, on 2 images
         self.fast = speed.resolve(cfg.train, self.device)
         self.model = self._prepare_model()  # what the step calls: the method, or DDP around it
         t, run_dir = cfg.train, Path(out) if out else default_run_dir(cfg)

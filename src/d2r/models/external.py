@@ -162,7 +162,7 @@ def check_model(model: Any, name: str, num_classes: int, shape: tuple[int, int, 
     """An external model is an nn.Module whose output on a tiny batch of `shape` images is
     (2, num_classes) logits: on the meta device when its forward runs there, else on the CPU."""
     if not isinstance(model, nn.Module):
-        raise ValueError(f"model {name!r} returned a {type(model).__name__}, not a torch.nn.Module")
+        raise ValueError(f"model {name!r} returned {type(model).__name__!r}, not a torch.nn.Module")
     out = _tiny_forward(model, name, shape)
     if not isinstance(out, Tensor) or tuple(out.shape) != (2, num_classes):
         got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
@@ -178,7 +178,7 @@ def _tiny_forward(model: nn.Module, name: str, shape: tuple[int, int, int]) -> A
     was_training = model.training
     try:
         with torch.no_grad():
-            return model.eval()(torch.rand(2, *shape, device=device))
+            return model.eval()(torch.full((2, *shape), 0.5, device=device))  # no RNG drawn
     except Exception as err:  # any failure of the user's forward, in one line
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise ForwardFailed(
