@@ -1,6 +1,6 @@
 """The Python API (`d2r.train`, `d2r.api.make_config`), the progress display, TensorBoard's
-missing-package error, and every ```python block of docs/usage.md and README.md, run as
-written."""
+missing-package error, and every ```python block of docs/usage.md, docs/own-models.md and
+README.md, run as written."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from d2r.evaluate import EvaluationWarning
 from d2r.progress import Progress
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = [ROOT / "docs" / "usage.md", ROOT / "README.md"]
+DOCS = [ROOT / "docs" / "usage.md", ROOT / "README.md", ROOT / "docs" / "own-models.md"]
 
 
 # make_config ---------------------------------------------------------------------------------
@@ -158,6 +158,9 @@ def test_python_blocks_in_docs_run(doc, tmp_path, monkeypatch, capsys):
         warnings.simplefilter("error", EvaluationWarning)
         for i, block in enumerate(python_blocks(doc)):
             exec(compile(block, f"{doc.name}[python block {i + 1}]", "exec"), namespace)
+    if doc.name == "own-models.md":  # its modules were imported from the working directory
+        assert (tmp_path / "own.safetensors").is_file()
+        assert (tmp_path / "runs" / "own-method" / "last.safetensors").is_file()
     if doc.name == "usage.md":
         assert (tmp_path / "robust.safetensors").is_file()
         assert (tmp_path / "runs" / "usage-demo" / "curves.png").is_file()

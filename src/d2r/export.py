@@ -23,8 +23,15 @@ from d2r.checkpoint import checkpoint_path, read_sidecar, target_weights
 from d2r.config import to_dict
 from d2r.evalstore import Store, rows
 from d2r.files import atomic_write, atomic_write_text, check_writable
-from d2r.models import MODELS, load_weights
-from d2r.runs import load_checkpoint, load_run, read_config, resolved_config, split_model_spec
+from d2r.models import MODELS, add_normalization, check_normalize, load_weights
+from d2r.runs import (
+    external_sources,
+    load_checkpoint,
+    load_run,
+    read_config,
+    resolved_config,
+    split_model_spec,
+)
 from d2r.version import __version__
 from d2r.weights import CARD_FORMAT, CARD_VERSION, META_KEY, read_card
 
@@ -99,7 +106,7 @@ def model_card(
     info = data.info(cfg.data.name, cfg.data.like)
     # every option of the architecture, as built: the card rebuilds it alone (load_model)
     # (target.weights, where the training started from, is no option of the architecture)
-    arch = split_model_spec("target", cfg.target)[0]
+    arch, extra = split_model_spec("target", cfg.target)
     options = {"num_classes": info.num_classes, "in_channels": info.channels}
     options.update({k: v for k, v in arch.items() if k != "name"})
     config = _without(to_dict(cfg), list(not_recorded))
@@ -108,20 +115,44 @@ def model_card(
         "format": CARD_FORMAT,
         "format_version": CARD_VERSION,
         "d2r_version": __version__,
-        "architecture": {"name": cfg.target["name"], "options": options},
+        "architecture": _architecture(cfg, options, extra["normalize"]),
         "data": {
             "name": info.name,
             "num_classes": options["num_classes"],
             "in_channels": info.channels,
             "input_size": [info.channels, info.size, info.size],
         },
-        "normalization": NORMALIZATION,
+        "normalization": _normalization(extra["normalize"]),
         "eps": config["method"].get("eps"),
         "norm": norm_label(config["method"].get("norm", "linf")),  # before norm existed: linf
         "training": _training(config, meta, checkpoint, list(not_recorded)),
         "evaluation": _evaluation(run_dir, checkpoint, meta.get("sha256")),
         "source": source,
     }
+
+
+def _architecture(
+    cfg: Any, options: dict[str, Any], normalize: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The card's {name, options}, with `normalize` (the mean/std layer in front) when the
+    model has one and `source` (module file, distribution, version) for an import path."""
+    arch: dict[str, Any] = {"name": cfg.target["name"], "options": options}
+    if normalize is not None:
+        arch["normalize"] = normalize
+    source = external_sources(cfg).get("target")
+    if source is not None:
+        arch["source"] = source
+    return arch
+
+
+def _normalization(normalize: dict[str, Any] | None) -> str:
+    if normalize is None:
+        return NORMALIZATION
+    return (
+        f"inside the model: it takes float images (B, C, H, W) in [0, 1] and applies "
+        f"(x - mean) / std itself (mean {normalize['mean']}, std {normalize['std']}); "
+        "its state_dict keys are the architecture's own"
+    )
 
 
 def _training(
@@ -180,14 +211,27 @@ def load_model(path: str | Path, *, checkpoint: str = "last") -> nn.Module:
         _, method = load_run(path, checkpoint)
         return method.target.eval()
     card = read_card(path)
-    arch = card["architecture"]
-    try:
-        model = MODELS.create(arch["name"], **arch.get("options", {}))
-    except (ValueError, TypeError) as err:
-        raise ValueError(f"{str(path)!r}: cannot build the card's architecture ({err})") from None
+    model = build_card_model(card, str(path))
     load_weights(model, st_load(path.read_bytes()), str(path))
     model.d2r_card = card
     return model.eval()
+
+
+def build_card_model(card: dict[str, Any], source: str) -> nn.Module:
+    """The architecture a model card names, with its options and its normalization (never
+    fetching pretrained weights: the file holds the weights); one-line ValueError otherwise."""
+    arch = card["architecture"]
+    options = dict(arch.get("options", {}))
+    if MODELS.is_external(arch["name"]) and options.get("pretrained"):
+        options["pretrained"] = False
+    try:
+        model = MODELS.create(arch["name"], **options)
+        if arch.get("normalize") is not None:
+            channels = int(options.get("in_channels", 3))
+            add_normalization(model, check_normalize(arch["normalize"], channels))
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{source!r}: cannot build the card's architecture ({err})") from None
+    return model
 
 
 def add_command(sub: Any) -> None:
@@ -222,4 +266,11 @@ def _command(args: Any) -> int:
     return 0
 
 
-__all__ = ["add_command", "export_model", "load_model", "model_card", "read_card"]
+__all__ = [
+    "add_command",
+    "build_card_model",
+    "export_model",
+    "load_model",
+    "model_card",
+    "read_card",
+]

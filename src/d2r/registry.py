@@ -1,9 +1,19 @@
-"""A tiny name -> constructor registry, so configs pick components by name (no if/elif, no eval)."""
+"""A tiny name -> constructor registry, so configs pick components by name (no if/elif, no eval).
+
+Besides its registered names a registry takes an import path, `MODULE:CALLABLE` (imported from
+the Python path, with the working directory on it as for `python -m`), and `PREFIX:NAME` for
+each prefix a layer above adds with `add_resolver` (the models package adds `timm:` and
+`torchvision:`). Either is resolved afresh at each `get` (Python caches the module), so every
+process that reads the same config (a sweep's cell, `d2r eval RUN`, a resume) rebuilds it."""
 
 from __future__ import annotations
 
+import importlib
+import importlib.metadata
 import inspect
 import math
+import os
+import sys
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -66,9 +76,18 @@ class Registry:
     """Maps names to constructors; `create` builds one from keyword arguments, checked against
     the constructor's signature so a typo in a config is an error, not a silent default."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, check: Callable[[str, Any], None] | None = None) -> None:
         self.kind = kind
         self._entries: dict[str, Callable[..., Any]] = {}
+        self._resolvers: dict[str, Callable[[str], Callable[..., Any]]] = {}
+        self._check = check  # refuses an imported object that is no constructor of this kind
+
+    def add_resolver(self, prefix: str, resolve: Callable[[str], Callable[..., Any]]) -> None:
+        """`PREFIX:NAME` names resolve through `resolve(NAME)` (a constructor; ValueError in one
+        line when NAME or the package providing it is missing), e.g. `timm:resnet18`."""
+        if prefix in self._resolvers:
+            raise ValueError(f"{self.kind} prefix {prefix!r} is added twice")
+        self._resolvers[prefix] = resolve
 
     def register(self, name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         def add(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -86,11 +105,31 @@ class Registry:
         return name in self._entries
 
     def get(self, name: str) -> Callable[..., Any]:
-        if name not in self._entries:
+        """The constructor of a registered name, an import path `MODULE:CALLABLE` or a
+        `PREFIX:NAME` (see `add_resolver`); ValueError in one line otherwise."""
+        if name in self._entries:
+            return self._entries[name]
+        if not isinstance(name, str) or ":" not in name:
+            prefixes = "".join(f", {p}:NAME" for p in sorted(self._resolvers))
             raise ValueError(
-                f"unknown {self.kind} {name!r}; valid choices: {', '.join(self.names())}"
+                f"unknown {self.kind} {name!r}; valid choices: {', '.join(self.names())} "
+                f"(or an import path MODULE:CALLABLE{prefixes})"
             )
-        return self._entries[name]
+        prefix, _, rest = name.partition(":")
+        if prefix in self._resolvers:
+            return self._resolvers[prefix](rest)
+        fn = import_path(name, self.kind)
+        if self._check is not None:
+            self._check(name, fn)
+        return fn
+
+    def is_external(self, name: str) -> bool:
+        """Whether `name` is an import path or a PREFIX:NAME, not a registered name."""
+        return name not in self._entries and ":" in name
+
+    def provenance(self, name: str) -> dict[str, Any] | None:
+        """What provides an external `name` (see `provenance`); None for a registered one."""
+        return provenance(name) if self.is_external(name) else None
 
     def check_kwargs(self, name: str, kwargs: dict[str, Any], skip: tuple[str, ...] = ()) -> None:
         """Raise ValueError naming any keyword the constructor does not accept."""
@@ -108,6 +147,53 @@ class Registry:
         """Build `name` from its signature's keywords (others: ValueError listing the valid)."""
         self.check_kwargs(name, kwargs)
         return self.get(name)(*args, **kwargs)
+
+
+def import_path(spec: str, kind: str) -> Any:
+    """The object `MODULE:ATTR[.ATTR]` names, imported with the working directory on the path
+    (appended, as a fallback). Every failure is one ValueError naming the module and the fix."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"{kind} {spec!r}: write an import path as MODULE:CALLABLE")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())  # as `python -m` does (there: first)
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(
+            f"{kind} {spec!r}: cannot import module {module_name!r} ({err}); install the "
+            f"package that provides it, or put the directory holding {module_name}.py on "
+            "PYTHONPATH (the working directory is on it)"
+        ) from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            where = getattr(sys.modules.get(module_name), "__file__", None) or module_name
+            raise ValueError(f"{kind} {spec!r}: {where} defines no {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ValueError(f"{kind} {spec!r}: {attr!r} is a {type(obj).__name__}, not a callable")
+    return obj
+
+
+def provenance(spec: str) -> dict[str, Any]:
+    """What an external spec was built from: the spec, its module's file, and the installed
+    distribution that provides the module with its version (None for a loose file)."""
+    module_name = spec.partition(":")[0]
+    module = sys.modules.get(module_name)
+    top = module_name.split(".")[0]
+    dists = importlib.metadata.packages_distributions().get(top, [])
+    dist = dists[0] if dists else None
+    try:
+        version = importlib.metadata.version(dist) if dist else None
+    except importlib.metadata.PackageNotFoundError:
+        version = None
+    return {
+        "spec": spec,
+        "module": module_name,
+        "file": getattr(module, "__file__", None),
+        "distribution": dist,
+        "version": version or getattr(module, "__version__", None),
+    }
 
 
 def build(registry: Registry, spec: dict[str, Any], *args: Any, key: str = "") -> Any:

@@ -31,7 +31,14 @@ from d2r.config import (
 )
 from d2r.files import Lock, atomic_write_text, check_writable, file_sha256, lock_holder
 from d2r.methods import METHODS, Method
-from d2r.models import MODELS, load_weights
+from d2r.models import (
+    MODELS,
+    ForwardFailed,
+    add_normalization,
+    check_model,
+    check_normalize,
+    load_weights,
+)
 from d2r.registry import OptionError, build, resolve_spec
 from d2r.version import __version__
 from d2r.weights import load_foreign, read_card
@@ -41,18 +48,19 @@ from d2r.weights import load_foreign, read_card
 DATA_SIZED = ("num_classes", "in_channels")
 
 # Keys of a model section that are no option of the architecture: build_method consumes them
-# (initial weights, a frozen guide), with their defaults. A run records them only when they
-# differ from the default, so runs from before they existed (which had no other choice) stay
-# comparable with today's.
+# (initial weights, a frozen guide, a mean/std normalization in front), with their defaults.
+# A run records them only when they differ from the default, so runs from before they existed
+# (which had no other choice) stay comparable with today's.
 MODEL_KEYS: dict[str, dict[str, Any]] = {
-    "target": {"weights": None},
-    "guide": {"weights": None, "trainable": True},
+    "target": {"weights": None, "normalize": None},
+    "guide": {"weights": None, "trainable": True, "normalize": None},
 }
 
 
 def split_model_spec(section: str, spec: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """(the architecture's spec, MODEL_KEYS of `section` with their defaults), the latter
-    checked: `weights` a file path or null, `trainable` true or false."""
+    checked: `weights` a file path or null, `trainable` true or false (`normalize`, whose
+    length depends on the data set's channels, is checked where the model is built)."""
     keys = MODEL_KEYS[section]
     extra = {k: spec.get(k, default) for k, default in keys.items()}
     if extra["weights"] is not None and not isinstance(extra["weights"], str):
@@ -96,7 +104,18 @@ def _build_model(
 ) -> tuple[nn.Module, dict[str, Any]]:
     sizes = {"num_classes": info.num_classes, "in_channels": info.channels}
     spec, extra = split_model_spec(section, spec)
+    if not initial_weights and MODELS.is_external(spec["name"]) and spec.get("pretrained"):
+        spec = {**spec, "pretrained": False}  # a checkpoint's weights follow: fetch nothing
     model = build(MODELS, {**sizes, **spec}, key=section)
+    if not isinstance(model, nn.Module):
+        raise ValueError(
+            f"config key '{section}.name': {spec['name']!r} returned "
+            f"{type(model).__name__!r}, not a torch.nn.Module"
+        )
+    if extra["normalize"] is not None:
+        add_normalization(
+            model, check_normalize(extra["normalize"], info.channels, f"{section}.normalize")
+        )
     if initial_weights and extra["weights"] is not None:
         load_initial_weights(model, spec["name"], extra["weights"], section)
     return model, extra
@@ -162,7 +181,8 @@ def check_config(cfg: Config) -> None:
     method are built on the meta device, which allocates nothing, so even WRN-34-10 is cheap."""
     info = data.info(cfg.data.name, cfg.data.like)
     with torch.device("meta"):  # weights files are read and checked against the shapes
-        build_method(cfg, info)
+        method = build_method(cfg, info)
+    check_external_models(cfg, info, method)
     check_schedule(cfg.train)
     method = resolve_spec(METHODS, cfg.method, key="method")
     shape = (info.channels, info.size, info.size)
@@ -172,6 +192,35 @@ def check_config(cfg: Config) -> None:
             check_radius(float(eps), eval_norm(cfg), shape)
         except OptionError as err:
             raise ValueError(f"config key {key!r}: {err.rule}, got {eps!r}") from None
+
+
+def check_external_models(cfg: Config, info: data.DatasetInfo, method: Method) -> None:
+    """A model from an import path, timm or torchvision must give (2, num_classes) logits for
+    2 images of the data set's shape: on the meta device, or on the CPU where its forward does
+    not run there (built without pretrained weights)."""
+    shape = (info.channels, info.size, info.size)
+    for section in ("target", "guide"):
+        spec, model = getattr(cfg, section), getattr(method, section, None)
+        if model is None or spec is None or not MODELS.is_external(spec["name"]):
+            continue
+        classes = int(spec.get("num_classes", info.num_classes))
+        try:
+            check_model(model, spec["name"], classes, shape)
+        except ForwardFailed:
+            with torch.device("cpu"):
+                model = _build_model(section, spec, info, initial_weights=False)[0]
+            check_model(model, spec["name"], classes, shape)
+
+
+def external_sources(cfg: Config) -> dict[str, dict[str, Any]]:
+    """{section: provenance} of each model and method named by an import path, timm: or
+    torchvision: (the spec, the module's file, the distribution providing it and its
+    version): what env.json and the model card record beside the config's name."""
+    sections = {"method": (METHODS, cfg.method), "target": (MODELS, cfg.target)}
+    if cfg.guide is not None and METHODS.get(cfg.method["name"]).uses_guide:
+        sections["guide"] = (MODELS, cfg.guide)
+    found = {k: reg.provenance(spec["name"]) for k, (reg, spec) in sections.items()}
+    return {k: v for k, v in found.items() if v is not None}
 
 
 def check_schedule(t: TrainConfig) -> None:

@@ -33,10 +33,12 @@ from d2r.progress import Progress
 from d2r.runs import (
     Run,
     build_method,
+    check_external_models,
     check_schedule,
     default_run_dir,
     eval_eps,
     eval_norm,
+    external_sources,
     own_run_dir,
     prepare_run_dir,
     resolved_config,
@@ -115,6 +117,7 @@ class Trainer:
         # bad options fail here; a resumed run takes its weights from its checkpoint instead
         info = data.info(cfg.data.name, cfg.data.like)
         self.method = build_method(cfg, info, initial_weights=not resume).to(self.device)
+        check_external_models(cfg, info, self.method)  # an import path's logits, on 2 images
         self.fast = speed.resolve(cfg.train, self.device)
         self.model = self._prepare_model()  # what the step calls: the method, or DDP around it
         t, run_dir = cfg.train, Path(out) if out else default_run_dir(cfg)
@@ -230,6 +233,8 @@ class Trainer:
             extra = {"fast_path": self.fast.describe(), "world_size": self.dist.world_size}
             if not self.resumed and weight_files(self.cfg):  # the bytes the models start from
                 extra["weights"] = weight_files(self.cfg)
+            if external_sources(self.cfg):  # import paths: what provided them, its version
+                extra["sources"] = external_sources(self.cfg)
             resumed_step = self.state.step if self.resumed else None
             write_env(self.run_dir, self.device, extra, resumed_step)
 

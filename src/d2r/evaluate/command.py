@@ -10,20 +10,23 @@ from typing import Any
 
 from d2r import evalstore
 from d2r.attacks import EVAL_ATTACKS
-from d2r.config import parse_number
+from d2r.config import parse_number, parse_value
 from d2r.evaluate.runs import ResultsNotWritten, evaluate_run, evaluate_weights, weights_eval_dir
 
 
 def add_command(sub: Any) -> None:
-    """`d2r eval RUN_DIR | --model ARCH --weights FILE [--attacks ...] [--eps ...] ...`."""
+    """`d2r eval RUN_DIR | [--model ARCH [--model-opt K=V] [--normalize M,S]] --weights FILE
+    [--attacks ...] [--eps ...] ...`."""
     # the --attacks help names every registered attack; argparse formats help with %
     attack_names = EVAL_ATTACKS.help().replace("%", "%%")
     ev = sub.add_parser(
         "eval",
         help="worst-case robust accuracy of a run's target, or of foreign weights",
         description="Evaluate a run directory's checkpoints, or any state dict of a registered "
-        "architecture (--model ARCH --weights FILE). Every result is kept in eval.json (a "
-        "result already there is reused) and shown in eval.md; an evaluation stopped by "
+        "architecture (--model ARCH --weights FILE; ARCH may be MODULE:CALLABLE, timm:NAME or "
+        "torchvision:NAME, with --model-opt and --normalize), or a d2r export (--weights FILE). "
+        "Every result is kept in eval.json (a result already there is reused) and shown in "
+        "eval.md; an evaluation stopped by "
         "Ctrl-C, SIGTERM or a kill continues where it stopped when run again.",
     )
     ev.add_argument("run_dir", nargs="?", help="run directory (or use --model/--weights)")
@@ -56,9 +59,33 @@ def add_command(sub: Any) -> None:
         help="which checkpoint(s) of the run: ema is the EMA weights of last (train.ema_decay "
         "> 0), both is last and best (default: every one the run has)",
     )
-    ev.add_argument("--model", help="architecture of foreign weights (see `d2r list`)")
-    ev.add_argument("--weights", help="foreign weights: .safetensors or .pt (weights only)")
-    ev.add_argument("--data", default="cifar10", help="data set for --weights (default cifar10)")
+    ev.add_argument(
+        "--model",
+        help="architecture of foreign weights: a name (see `d2r list`), MODULE:CALLABLE, "
+        "timm:NAME or torchvision:NAME (default for a d2r export: the one its card names)",
+    )
+    ev.add_argument(
+        "--model-opt",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an option of --model, e.g. depth=28 (repeatable; values as for --set)",
+    )
+    ev.add_argument(
+        "--normalize",
+        metavar="MEAN,STD",
+        help="the model's input normalization, applied inside it (images stay in [0, 1], eps "
+        "in pixel units): MEAN,STD or the means then the stds, e.g. "
+        "0.4914,0.4822,0.4465,0.247,0.243,0.261",
+    )
+    ev.add_argument(
+        "--weights",
+        help="a d2r export (its card names the model and the data set), or foreign weights: "
+        ".safetensors or .pt (weights only)",
+    )
+    ev.add_argument(
+        "--data", default=None, help="data set for --weights (default: the card's, else cifar10)"
+    )
     ev.add_argument("--root", default="data", help="data directory for --weights")
     ev.add_argument(
         "--like", help="with --data synthetic: the real set it imitates (as data.like; cifar10)"
@@ -110,15 +137,15 @@ def _evaluate(args: argparse.Namespace) -> None:
         "force": args.force,
     }
     if args.weights:
-        if not args.model:
-            raise ValueError("--weights needs --model ARCH (see `d2r list` for the architectures)")
         if args.run_dir:
             raise ValueError("give either a run directory or --model/--weights, not both")
         evaluate_weights(
-            args.model, args.weights, attacks, args.eps, data=args.data, root=args.root,
-            like=args.like,
+            model_spec(args.model, args.model_opt, args.normalize), args.weights, attacks,
+            args.eps, data=args.data, root=args.root, like=args.like,
             num_classes=args.num_classes, out=args.out, **options,
         )  # fmt: skip
+    elif args.model or args.model_opt or args.normalize:
+        raise ValueError("--model, --model-opt and --normalize are for --weights FILE")
     elif args.like:
         raise ValueError("--like is for --weights; a run directory's data.like is in its config")
     elif args.run_dir:
@@ -127,6 +154,32 @@ def _evaluate(args: argparse.Namespace) -> None:
         )
     else:
         raise ValueError("give a run directory, or --model ARCH --weights FILE")
+
+
+def model_spec(
+    name: str | None, opts: list[str], normalize: str | None
+) -> str | dict[str, Any] | None:
+    """--model NAME, its --model-opt KEY=VALUE items and --normalize MEAN,STD as one spec
+    (None: the card of a d2r export names it)."""
+    if name is None:
+        if opts or normalize:
+            raise ValueError("--model-opt and --normalize need --model ARCH")
+        return None
+    spec: dict[str, Any] = {"name": name}
+    for item in opts:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip() or key.strip() in ("name", "normalize"):
+            raise ValueError(f"--model-opt {item!r}: write KEY=VALUE, e.g. depth=28")
+        spec[key.strip()] = parse_value(value.strip())
+    if normalize is not None:
+        numbers = _numbers(normalize)
+        if not numbers or len(numbers) % 2:
+            raise ValueError(
+                f"--normalize {normalize!r}: give MEAN,STD or the means then as many stds"
+            )
+        half = len(numbers) // 2
+        spec["normalize"] = {"mean": numbers[:half], "std": numbers[half:]}
+    return spec
 
 
 def _number(text: str) -> float:

@@ -44,9 +44,10 @@ from d2r.evaluate.core import (
 )
 from d2r.files import check_writable, describe, file_sha256, new_temp_dir
 from d2r.guard import Preempted, SignalGuard
-from d2r.models import MODELS
+from d2r.models import MODELS, add_normalization, check_model, check_normalize
+from d2r.registry import build
 from d2r.runs import eval_eps, eval_norm, load_checkpoint, read_config, training_now
-from d2r.weights import load_foreign
+from d2r.weights import load_foreign, read_card
 
 
 @dataclass(frozen=True)
@@ -173,40 +174,96 @@ def _describe_checkpoint(key: str, meta: dict[str, Any]) -> tuple[str, dict[str,
 
 
 def evaluate_weights(
-    model_name: str,
+    model_name: str | Mapping[str, Any] | None,
     weights: str | Path,
     attacks: Sequence[str] = ("pgd20", "cw20"),
     eps: float | Sequence[float] | None = None,
     *,
-    data: str = "cifar10",
+    data: str | None = None,
     num_classes: int | None = None,
     out: str | Path | None = None,
     **options: Any,
 ) -> dict[str, Any]:
-    """`d2r eval --model ARCH --weights FILE`: a registered architecture with a foreign state
-    dict (loaded strictly after key mapping) on `data`'s test split; results go into the store
-    in `out` (default: WEIGHTS_STEM-eval/ beside the file), keyed by the file's sha256. `eps`
-    defaults to the data set's usual L-inf radius (8/255 for CIFAR, SVHN and Tiny ImageNet,
-    0.3 for MNIST, 0.1 for digits). `options`: root (the data directory, default "data") and
-    like (the real set data="synthetic" imitates, as data.like) for the `EvalData`, and the
-    fields of `EvalOptions` as for `evaluate_run`."""
-    images = EvalData(data, options.pop("root", "data"), like=options.pop("like", None))
-    settings, info = EvalOptions(**options), data_mod.info(data, images.like)
+    """`d2r eval --model ARCH --weights FILE`: an architecture (a registered name, an import
+    path MODULE:CALLABLE, timm:NAME or torchvision:NAME; or a spec {name, **options,
+    normalize: {mean, std}}) with a foreign state dict (loaded strictly after key mapping) on
+    `data`'s test split (default cifar10); results go into the store in `out` (default:
+    WEIGHTS_STEM-eval/ beside the file), keyed by the file's sha256. `model_name` None: a d2r
+    export, whose model card names the architecture, its options and normalization, and the
+    data set. `eps` defaults to the data set's usual L-inf radius (8/255 for CIFAR, SVHN and
+    Tiny ImageNet, 0.3 for MNIST, 0.1 for digits). `options`: root (the data directory,
+    default "data") and like (the real set data="synthetic" imitates, as data.like) for the
+    `EvalData`, and the fields of `EvalOptions` as for `evaluate_run`."""
+    spec, images = _weights_source(model_name, weights, data, options)
+    settings, info = EvalOptions(**options), data_mod.info(images.name, images.like)
     if eps is None:
         eps = info.eps
         _say_eps(eps, settings, f"the usual one for {info.name}")
     attack_plan(attacks, eps, settings.norm)
+    model, spec = weights_model(spec, info, num_classes)
     out = check_writable(out or weights_eval_dir(weights), "eval output directory (--out)")
-    model = MODELS.create(
-        model_name, num_classes=num_classes or info.num_classes, in_channels=info.channels
-    )
     load_foreign(model, weights)
     weights = Path(weights)
-    extra = {"checkpoint": weights.name, "model": model_name, "sha256": file_sha256(weights)}
+    extra = {"checkpoint": weights.name, "model": spec["name"], "sha256": file_sha256(weights)}
+    if len(spec) > 1:  # options or a normalization beyond the architecture's name
+        extra["model_spec"] = spec
     # a freshly built model is in train mode; evaluate() would warn about it
     models = {weights.name: (model.eval(), weights.name, extra)}
     fallback = weights_eval_dir(weights)
     return evaluate_models(models, images, attacks, eps, out, settings, fallback=fallback)
+
+
+def _weights_source(
+    model_name: str | Mapping[str, Any] | None,
+    weights: str | Path,
+    data: str | None,
+    options: dict[str, Any],
+) -> tuple[str | Mapping[str, Any], EvalData]:
+    """The model spec and the test images: those given, else those the card of a d2r export
+    names (its data set and data.like unless `data` says another); pops root and like."""
+    spec, card_data = (model_name, {}) if model_name is not None else _card_spec(weights)
+    like = options.pop("like", None) or (card_data.get("like") if not data else None)
+    name = data or card_data.get("name") or "cifar10"
+    return spec, EvalData(name, options.pop("root", "data"), like=like)
+
+
+def _card_spec(weights: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the model spec, {name, like} of the data set) a d2r export's card names."""
+    try:
+        card = read_card(weights)
+    except ValueError as err:
+        raise ValueError(f"{err}; or give --model ARCH for foreign weights") from None
+    arch = card["architecture"]
+    spec = {"name": arch["name"], **arch.get("options", {})}
+    if arch.get("normalize") is not None:
+        spec["normalize"] = arch["normalize"]
+    trained = card.get("training", {}).get("config", {}).get("data", {})
+    return spec, {"name": card["data"]["name"], "like": trained.get("like")}
+
+
+def weights_model(
+    spec: str | Mapping[str, Any], info: data_mod.DatasetInfo, num_classes: int | None = None
+) -> tuple[nn.Module, dict[str, Any]]:
+    """(the model, the spec it was built from) for weights to be loaded: sized for the data set
+    (`num_classes` overrides), with its `normalize` layer, never fetching pretrained weights,
+    and an external model's logits checked on 2 images."""
+    spec = {"name": spec} if isinstance(spec, str) else dict(spec)
+    normalize = spec.pop("normalize", None)
+    sizes = {"num_classes": num_classes or info.num_classes, "in_channels": info.channels}
+    full = {**sizes, **spec, **({"num_classes": num_classes} if num_classes else {})}
+    if MODELS.is_external(spec["name"]) and full.get("pretrained"):
+        full["pretrained"] = False  # the weights file holds the weights
+    model = build(MODELS, full, key="model")
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model {spec['name']!r} returned {type(model).__name__!r}, not a Module")
+    if normalize is not None:
+        normalize = check_normalize(normalize, info.channels, "normalize")
+        add_normalization(model, normalize)
+        spec["normalize"] = normalize
+    if MODELS.is_external(spec["name"]):
+        shape = (info.channels, info.size, info.size)
+        check_model(model, spec["name"], int(full["num_classes"]), shape)
+    return model, spec
 
 
 class EvaluationStopped(Preempted):

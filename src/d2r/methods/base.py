@@ -14,7 +14,18 @@ from d2r import distributed
 from d2r.attacks import Budget
 from d2r.registry import Registry, check_range
 
-METHODS = Registry("method")
+
+def _check_method(name: str, obj: object) -> None:
+    """An import-path method (`method.name: MODULE:CLASS`) must be a Method subclass."""
+    if not (isinstance(obj, type) and issubclass(obj, Method)):
+        what = obj.__name__ if isinstance(obj, type) else type(obj).__name__
+        raise ValueError(
+            f"method {name!r}: {what} is not a subclass of d2r.methods.Method; a method is a "
+            "class deriving from it (docs/own-models.md)"
+        )
+
+
+METHODS = Registry("method", check=_check_method)
 
 # (parameter, its perturbation): what AWP added and after_step() subtracts
 Perturbation = list[tuple[nn.Parameter, Tensor]]

@@ -12,10 +12,20 @@ Module names follow the reference code (TRADES/LBGAT `WideResNet`, the CIFAR `Re
 `load_state_dict(d2r.weights.normalize_keys(state))` (or `d2r eval --weights`).
 
 `base` holds the registry, `create` and the strict `load_weights`; `wrn`, `resnet` and `small`
-the families. Importing this package registers every model in MODELS.
+the families; `external` the `timm:` / `torchvision:` names, the `normalize` layer and the
+checks a model built from an import path passes. Importing this package registers every model
+in MODELS.
 """
 
 from d2r.models.base import MODELS, count_parameters, create, load_weights
+from d2r.models.external import (
+    ForwardFailed,
+    add_normalization,
+    check_model,
+    check_normalize,
+    timm_model,
+    torchvision_model,
+)
 from d2r.models.resnet import (
     PreActResNet18,
     ResNet18,
@@ -30,11 +40,15 @@ __all__ = [
     "ACTIVATIONS",
     "MLP",
     "MODELS",
+    "ForwardFailed",
     "PreActResNet18",
     "ResNet18",
     "SmallCNN",
     "TinyCNN",
     "WideResNet",
+    "add_normalization",
+    "check_model",
+    "check_normalize",
     "count_parameters",
     "create",
     "load_weights",
@@ -43,7 +57,9 @@ __all__ = [
     "resnet18",
     "resnet18_std",
     "small_cnn",
+    "timm_model",
     "tiny_cnn",
+    "torchvision_model",
     "wide_resnet",
     "wrn34_10",
 ]
