@@ -208,7 +208,7 @@ def test_d2r_train_ends_with_one_warning_line_when_the_gap_exceeds_3_points(
     (run / "metrics.jsonl").write_text(_epochs([0.40, 0.52, 0.47, 0.45]))
 
     class FakeTrainer:
-        def __init__(self, cfg, out, progress, resume):
+        def __init__(self, cfg, out, progress, resume, wait=False):
             self.cfg, self.run_dir, self.already_finished, self.device = cfg, run, False, "cpu"
             self.dist = types.SimpleNamespace(is_main=True, world_size=1)
 
