@@ -1,8 +1,13 @@
 """Test-wide settings, and the small helpers several test files share (`from conftest import
-mlp, classified_batch, Rounded`)."""
+mlp, classified_batch, Rounded, write_spec, cli_error`)."""
+
+from pathlib import Path
 
 import torch
+import yaml
 from torch import nn
+
+from d2r.cli import main
 
 # Tiny models gain nothing from intra-op threads, and on a 2-core machine two threads per
 # process stall badly when anything else runs (subprocess tests, DDP workers).
@@ -33,3 +38,17 @@ class Rounded(nn.Module):
 
     def forward(self, x):
         return self.model(torch.round(x * 4) / 4)
+
+
+def write_spec(path: Path, **spec) -> Path:
+    """A sweep spec at `path` (an empty file when `spec` is empty)."""
+    path.write_text(yaml.safe_dump(spec, sort_keys=False) if spec else "")
+    return path
+
+
+def cli_error(capsys, *args: str) -> str:
+    """`d2r ARGS` refused as bad input: exit 2 and one `d2r: error:` line, returned."""
+    assert main(list(args)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("d2r: error:") and "\n" not in err, err
+    return err

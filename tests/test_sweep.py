@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
+from conftest import cli_error, write_spec
 from d2r import sweep
 from d2r.checkpoint import load
 from d2r.cli import main
@@ -33,18 +33,6 @@ TINY = {
 }
 CAG = str(ROOT / "configs" / "cifar10" / "d2r_cag.yaml")  # D2R's options: a TRADES run refuses
 PGD_AT = {"name": "pgd_at", "eps": 0.1, "step_size": 0.025, "steps": 3}
-
-
-def write_spec(path: Path, **spec) -> Path:
-    path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    return path
-
-
-def cli_error(capsys, *args: str) -> str:
-    assert main(list(args)) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("d2r: error:") and "\n" not in err, err
-    return err
 
 
 @pytest.mark.parametrize(

@@ -14,28 +14,15 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
+from conftest import cli_error, write_spec
 from d2r import sweep
 from d2r.attacks import PGD
 from d2r.checkpoint import load
-from d2r.cli import main
 from d2r.evalstore import CLEAN, Store
 from d2r.evaluate import evaluate_run
 from d2r.files import Lock
 from d2r.logs import read_metrics
-
-
-def write_spec(path: Path, **spec) -> Path:
-    path.write_text(yaml.safe_dump(spec, sort_keys=False) if spec else "")
-    return path
-
-
-def cli_error(capsys, *args: str) -> str:
-    assert main(list(args)) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("d2r: error:") and "\n" not in err, err
-    return err
 
 
 @pytest.mark.parametrize(
