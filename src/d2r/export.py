@@ -103,7 +103,7 @@ def model_card(
     card's epoch and evaluations are those of the exported weights."""
     meta = read_sidecar(run_dir, checkpoint) if meta is None else meta
     cfg = resolved_config(cfg)
-    info = data.info(cfg.data.name, cfg.data.like)
+    info = data.section_info(cfg.data)
     # every option of the architecture, as built: the card rebuilds it alone (load_model)
     # (target.weights, where the training started from, is no option of the architecture)
     arch, extra = split_model_spec("target", cfg.target)
@@ -121,6 +121,7 @@ def model_card(
             "num_classes": options["num_classes"],
             "in_channels": info.channels,
             "input_size": [info.channels, info.size, info.size],
+            **({"classes": list(info.classes)} if info.classes else {}),  # folder and npz
         },
         "normalization": _normalization(extra["normalize"]),
         "eps": config["method"].get("eps"),
