@@ -103,7 +103,7 @@ def test_folder_resizes_converts_and_caches_by_the_files_contents(tmp_path):
     root = write_folder(tmp_path / "mixed", sizes=sizes, suffix=".jpg")
     spec = data.info("folder", root=root, image_size=6, channels=1)
     assert (spec.num_classes, spec.channels, spec.size, spec.classes) == (2, 1, 6, ("cat", "dog"))
-    x, y = data.load("folder", root, "train", image_size=6, channels=1)
+    x, _ = data.load("folder", root, "train", image_size=6, channels=1)
     assert x.shape == (32, 1, 6, 6) and x.dtype == data.load("digits", root, "test")[0].dtype
     cache = sorted((root / data.CACHE_DIR).glob("folder-train-*"))
     assert len(cache) == 1
@@ -124,7 +124,7 @@ def test_augmentation_keys_keep_the_built_in_sets_own():
     assert data.augmentation(d, data.info("digits")) == (0, False)
     for key in ("crop_padding", "flip", "image_size", "channels", "classes"):
         assert f"data.{key}" in EARLIER_DEFAULTS and EARLIER_DEFAULTS[f"data.{key}"] is None
-    with pytest.raises(ValueError, match="data.image_size is only for data.name=folder"):
+    with pytest.raises(ValueError, match=r"data\.image_size is only for data\.name=folder"):
         data.info("cifar10", image_size=32)
 
 

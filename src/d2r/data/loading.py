@@ -118,11 +118,8 @@ def load(
     warning (for a user's own subset or mirror in the official layout). The converted arrays
     are cached under `root/d2r_cache/`, keyed by the archives' MD5, unless `cache=False`.
     `synthetic` is generated in the shape of `like` (see d2r.data.synthetic): no file, no cache.
-    `folder` and `npz` are your own files in `root` (d2r.data.own; `image_size` and `channels`
-    as data.image_size and data.channels), cached keyed by the files' names, sizes and
-    sha256."""
-    files = {"image_size": image_size, "channels": channels}
-    spec = info(name, like, root=root, **files)
+    `folder`, `npz`: your own files (d2r.data.own), cached by their names, sizes and sha256."""
+    spec = info(name, like, root=root, image_size=image_size, channels=channels)
     _check_split(name, split)
     root = Path(root).expanduser()
     if name in FILE_SETS:
@@ -137,8 +134,7 @@ def load(
     cached = _read_cache(cache_path) if cache_path and cache_path.is_file() else None
     if cached is not None:
         return cached
-    x, y = _read(name, root, split, spec, paths, like)
-    _check_arrays(spec, x, y, paths)
+    x, y = _read(name, root, split, spec, paths, like)  # checked
     x, y = _tensor(x, np.uint8), _tensor(y, np.int64)
     if cache_path is not None:
         _write_cache(cache_path, x, y)
@@ -147,10 +143,12 @@ def load(
 
 def _read(name: str, root: Path, split: str, spec: DatasetInfo, paths: list[Path], like) -> Any:
     if name in FILE_SETS:
-        return own.read(name, root, split, spec)
-    reader = DATASETS.get(name)
-    # synthetic alone is parametrized: by the real set whose shape it takes
-    return reader(paths, split, like=like) if name == SYNTHETIC else reader(paths, split)
+        x, y = own.read(name, root, split, spec)
+    else:  # synthetic alone is parametrized: by the real set whose shape it takes
+        reader = DATASETS.get(name)
+        x, y = reader(paths, split, like=like) if name == SYNTHETIC else reader(paths, split)
+    _check_arrays(spec, x, y, paths)
+    return x, y
 
 
 def subset(
