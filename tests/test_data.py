@@ -236,7 +236,8 @@ def assert_equal(x: torch.Tensor, y: torch.Tensor, expected: tuple) -> None:
 
 
 def test_registry_and_info():
-    assert DATASETS.names() == sorted([*sources.INFO, "synthetic"])  # synthetic: no INFO
+    # synthetic, folder and npz: no INFO (folder and npz read theirs from your files)
+    assert DATASETS.names() == sorted([*sources.INFO, "synthetic", *sources.FILE_SETS])
     assert set(DATASETS.names()) == {
         "cifar10",
         "cifar100",
@@ -245,6 +246,8 @@ def test_registry_and_info():
         "tiny_imagenet",
         "digits",
         "synthetic",
+        "folder",
+        "npz",
     }
     assert not info("svhn").flip and not info("mnist").flip and info("cifar10").flip
     assert info("tiny_imagenet").size == 64 and info("tiny_imagenet").num_classes == 200

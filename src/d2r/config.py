@@ -66,6 +66,18 @@ class DataConfig:
     # uint8 and label (N,) integers, memory-mapped; extra_fraction of every batch comes from it.
     extra: str | None = None
     extra_fraction: float = _num(0.0, below=1.0)
+    # Training augmentation: the random crop's zero padding (0: no crop) and the horizontal flip.
+    # null: the data set's own (docs/training.md); 0 and false for folder and npz, since d2r
+    # cannot know what is safe for your images.
+    crop_padding: int | None = _num(None)
+    flip: bool | None = None
+    # data.name=folder or npz only (your own files in data.root; d2r.data.own): resize every
+    # image to image_size x image_size (folder; null: all must have one size), 1 or 3 channels
+    # (null: the first image's), and the class names, label i = classes[i] (filled in when the
+    # run starts: a folder's sorted class folders, an npz's 0..K-1 unless given).
+    image_size: int | None = _num(None, positive=True)
+    channels: int | None = _num(None, positive=True)
+    classes: list[str] | None = None
 
 
 @dataclass
@@ -383,6 +395,11 @@ EARLIER_DEFAULTS: dict[str, Any] = {
     "data.val_size": None,  # before the validation split (the default is 300 since)
     "data.extra": None,  # before generated data
     "data.extra_fraction": 0.0,
+    "data.crop_padding": None,  # before data sets from files: the data set's own
+    "data.flip": None,
+    "data.image_size": None,
+    "data.channels": None,
+    "data.classes": None,
     "method.norm": "linf",  # before L2
     "method.label_smoothing": 0.0,
     "train.ema_decay": 0.0,  # before the EMA

@@ -103,7 +103,7 @@ def model_card(
     card's epoch and evaluations are those of the exported weights."""
     meta = read_sidecar(run_dir, checkpoint) if meta is None else meta
     cfg = resolved_config(cfg)
-    info = data.info(cfg.data.name, cfg.data.like)
+    info = data.section_info(cfg.data)
     # every option of the architecture, as built: the card rebuilds it alone (load_model)
     # (target.weights, where the training started from, is no option of the architecture)
     arch, extra = split_model_spec("target", cfg.target)
@@ -116,12 +116,7 @@ def model_card(
         "format_version": CARD_VERSION,
         "d2r_version": __version__,
         "architecture": _architecture(cfg, options, extra["normalize"]),
-        "data": {
-            "name": info.name,
-            "num_classes": options["num_classes"],
-            "in_channels": info.channels,
-            "input_size": [info.channels, info.size, info.size],
-        },
+        "data": _data(info, options["num_classes"]),
         "normalization": _normalization(extra["normalize"]),
         "eps": config["method"].get("eps"),
         "norm": norm_label(config["method"].get("norm", "linf")),  # before norm existed: linf
@@ -129,6 +124,13 @@ def model_card(
         "evaluation": _evaluation(run_dir, checkpoint, meta.get("sha256")),
         "source": source,
     }
+
+
+def _data(info: Any, num_classes: int) -> dict[str, Any]:
+    """The card's data section; the class names of a data set from files (folder, npz)."""
+    shape = {"in_channels": info.channels, "input_size": [info.channels, info.size, info.size]}
+    named = {"classes": list(info.classes)} if info.classes else {}
+    return {"name": info.name, "num_classes": num_classes, **shape, **named}
 
 
 def _architecture(

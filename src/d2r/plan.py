@@ -59,7 +59,7 @@ class _Unread(StepGuard):
 
 
 def _meta_method(cfg: Config) -> tuple[nn.Module, data.DatasetInfo]:
-    info = data.info(cfg.data.name, cfg.data.like)
+    info = data.section_info(cfg.data)
     with torch.device("meta"):  # no weights file is read: the shapes are all that count
         return build_method(cfg, info, initial_weights=False), info
 

@@ -4,6 +4,7 @@ run from them for evaluation and export."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import subprocess
@@ -179,7 +180,7 @@ def eval_norm(cfg: Config) -> str:
 def check_config(cfg: Config) -> None:
     """Every option a run would refuse, refused now (one-line ValueError): the models and the
     method are built on the meta device, which allocates nothing, so even WRN-34-10 is cheap."""
-    info = data.info(cfg.data.name, cfg.data.like)
+    info = data.section_info(cfg.data)
     with torch.device("meta"):  # weights files are read and checked against the shapes
         method = build_method(cfg, info)
     check_external_models(cfg, info, method)
@@ -259,7 +260,10 @@ def resolved_config(cfg: Config) -> Config:
     guide = None
     if METHODS.get(method["name"]).uses_guide and cfg.guide is not None:
         guide = _resolve_model("guide", cfg.guide)
-    return replace(cfg, method=method, target=target, guide=guide)
+    d = cfg.data
+    if d.name in data.FILE_SETS and d.classes is None:  # your own files: record their classes
+        d = dataclasses.replace(d, classes=list(data.section_info(d).classes))
+    return replace(cfg, data=d, method=method, target=target, guide=guide)
 
 
 def _resolve_model(section: str, spec: dict[str, Any]) -> dict[str, Any]:
@@ -404,7 +408,7 @@ def load_checkpoint(run_dir: str | Path, which: str = "last") -> tuple[Config, M
         raise FileNotFoundError(f"{str(run_dir)!r} is not a run directory (no config.yaml)")
     cfg = resolve(run_dir / "config.yaml")
     # the checkpoint holds every model: no `weights` file is read
-    method = build_method(cfg, data.info(cfg.data.name, cfg.data.like), initial_weights=False)
+    method = build_method(cfg, data.section_info(cfg.data), initial_weights=False)
     path = checkpoint.checkpoint_path(run_dir, which)
     tensors, meta = checkpoint.load(path)
     checkpoint.load_models(method.models(), tensors, meta, path)

@@ -115,7 +115,7 @@ class Trainer:
         distributed.setup(self.dist, self.device)
         seed_everything(cfg.seed)
         # bad options fail here; a resumed run takes its weights from its checkpoint instead
-        info = data.info(cfg.data.name, cfg.data.like)
+        info = data.section_info(cfg.data)
         self.method = build_method(cfg, info, initial_weights=not resume).to(self.device)
         check_external_models(cfg, info, self.method)  # an import path's logits, on 2 images
         self.fast = speed.resolve(cfg.train, self.device)
@@ -165,9 +165,10 @@ class Trainer:
     def _load_data(self) -> tuple[data.DeviceLoader, Tensor, Tensor, str]:
         """The training loader (uint8 on the device, augmented per batch, generated data mixed
         in when asked) and the images of the per-epoch validation, with their split's name."""
-        d, info = self.cfg.data, data.info(self.cfg.data.name, self.cfg.data.like)
+        d, info = self.cfg.data, data.section_info(self.cfg.data)
         extra = data.open_extra(d.extra, d.extra_fraction, info, d.batch_size)  # checked first
         x, y, x_val, y_val, split = data.load_splits(d, self.cfg.eval.subset)
+        crop_padding, flip = data.augmentation(d, info)
         loader = data.DeviceLoader(
             x,
             y,
@@ -175,8 +176,8 @@ class Trainer:
             shuffle=True,
             seed=self.cfg.seed,
             device=self.device,
-            crop_padding=info.crop_padding if d.augment else 0,
-            flip=info.flip and d.augment,
+            crop_padding=crop_padding,
+            flip=flip,
             rank=self.dist.rank,
             world_size=self.dist.world_size,
             extra=extra,

@@ -12,24 +12,31 @@ verified downloads; augmentation on the batch.
 split); `open_extra` opens generated data (`data.extra`) for the loader to mix into batches.
 """
 
-from d2r.data import synthetic  # registers `synthetic`; synthetic.generate(like, split, n)
+from d2r.data import (
+    own,  # registers `folder` and `npz`: data sets from your own files
+    synthetic,  # registers `synthetic`; synthetic.generate(like, split, n)
+)
 from d2r.data.download import add_command, download, md5sum, require
 from d2r.data.extra import ExtraData, open_extra
 from d2r.data.loading import CACHE_DIR, Splits, load, load_splits, subset, validation_split
 from d2r.data.pipeline import DeviceLoader, crop_flip
 from d2r.data.sources import (
     DATASETS,
+    FILE_SETS,
     SPLITS,
     SYNTHETIC,
     DatasetInfo,
     RemoteFile,
+    augmentation,
     digits_split,
     info,
+    section_info,
 )
 
 __all__ = [
     "CACHE_DIR",
     "DATASETS",
+    "FILE_SETS",
     "SPLITS",
     "SYNTHETIC",
     "DatasetInfo",
@@ -38,6 +45,7 @@ __all__ = [
     "RemoteFile",
     "Splits",
     "add_command",
+    "augmentation",
     "crop_flip",
     "digits_split",
     "download",
@@ -46,7 +54,9 @@ __all__ = [
     "load_splits",
     "md5sum",
     "open_extra",
+    "own",
     "require",
+    "section_info",
     "subset",
     "synthetic",
     "validation_split",

@@ -14,8 +14,18 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from d2r.data import own
 from d2r.data.download import require, split_files, verify_file
-from d2r.data.sources import DATASETS, SPLITS, SYNTHETIC, DatasetInfo, fix_hint, info
+from d2r.data.sources import (
+    DATASETS,
+    FILE_SETS,
+    SPLITS,
+    SYNTHETIC,
+    DatasetInfo,
+    fix_hint,
+    info,
+    section_info,
+)
 from d2r.files import follow_umask
 
 CACHE_DIR = "d2r_cache"  # under root, next to the archives it was converted from
@@ -97,6 +107,8 @@ def load(
     *,
     cache: bool = True,
     like: str | None = None,
+    image_size: int | None = None,
+    channels: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A split of data set `name` as `(x uint8 (N, C, H, W), y int64 (N,))` CPU tensors.
 
@@ -105,25 +117,37 @@ def load(
     Each file's MD5 is checked first: a mismatch is a ValueError, or with `verify=False` a
     warning (for a user's own subset or mirror in the official layout). The converted arrays
     are cached under `root/d2r_cache/`, keyed by the archives' MD5, unless `cache=False`.
-    `synthetic` is generated in the shape of `like` (see d2r.data.synthetic): no file, no cache."""
-    spec = info(name, like)
+    `synthetic` is generated in the shape of `like` (see d2r.data.synthetic): no file, no cache.
+    `folder`, `npz`: your own files (d2r.data.own), cached by their names, sizes and sha256."""
+    spec = info(name, like, root=root, image_size=image_size, channels=channels)
     _check_split(name, split)
     root = Path(root).expanduser()
-    paths = require(name, root, split)  # fails before any reading when a file is missing
-    md5s = []
-    for path, remote in zip(paths, split_files(spec, split), strict=True):
-        md5s.append(verify_file(path, remote, name, verify))  # a loop keeps warn's stacklevel
-    cache_path = _cache_path(root, name, split, md5s) if paths and cache else None
+    if name in FILE_SETS:
+        sums, paths = [own.fingerprint(name, root, split, spec), f"{spec.size}:{spec.channels}"], []
+    else:
+        paths = require(name, root, split)  # fails before any reading when a file is missing
+        sums = [
+            verify_file(path, remote, name, verify)  # in the loop: warn's stacklevel stays right
+            for path, remote in zip(paths, split_files(spec, split), strict=True)
+        ]
+    cache_path = _cache_path(root, name, split, sums) if (paths or sums) and cache else None
     cached = _read_cache(cache_path) if cache_path and cache_path.is_file() else None
     if cached is not None:
         return cached
-    reader = DATASETS.get(name)
-    # synthetic alone is parametrized: by the real set whose shape it takes
-    x, y = reader(paths, split, like=like) if name == SYNTHETIC else reader(paths, split)
-    _check_arrays(spec, x, y, paths)
+    x, y = _read(name, root, split, spec, paths, like)  # checked
     x, y = _tensor(x, np.uint8), _tensor(y, np.int64)
     if cache_path is not None:
         _write_cache(cache_path, x, y)
+    return x, y
+
+
+def _read(name: str, root: Path, split: str, spec: DatasetInfo, paths: list[Path], like) -> Any:
+    if name in FILE_SETS:
+        x, y = own.read(name, root, split, spec)
+    else:  # synthetic alone is parametrized: by the real set whose shape it takes
+        reader = DATASETS.get(name)
+        x, y = reader(paths, split, like=like) if name == SYNTHETIC else reader(paths, split)
+    _check_arrays(spec, x, y, paths)
     return x, y
 
 
@@ -190,9 +214,11 @@ def load_splits(d: Any, val_subset: int | None = None) -> Splits:
     images, or without a validation split the test split's (`data.test_subset` first).
     Every file is looked for before any is read; with a validation split the test split is
     not read at all (only `d2r eval` reads it)."""
+    if d.name in FILE_SETS:  # your own files: all of both splits checked first
+        own.check(d.name, d.root, section_info(d), d.image_size)
     for split in ("train",) if d.val_size else ("train", "test"):
         require(d.name, d.root, split)
-    read = {"verify": d.verify, "like": d.like}
+    read = {"verify": d.verify, "like": d.like, "image_size": d.image_size, "channels": d.channels}
     x, y = load(d.name, d.root, "train", **read)
     if d.val_size:
         train, val = validation_split(y, d.val_size, d.subset_seed)

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -55,6 +56,7 @@ class DatasetInfo:
     flip: bool  # random horizontal flip; never for digits, where a mirror changes the class
     files: tuple[RemoteFile, ...]
     eps: float = 8 / 255  # the L-inf radius the field evaluates it at (CIFAR, SVHN, Tiny ImageNet)
+    classes: tuple[str, ...] = ()  # class names, label i = classes[i] (folder and npz)
 
 
 _TORONTO = "https://www.cs.toronto.edu/~kriz/"
@@ -123,15 +125,33 @@ INFO: dict[str, DatasetInfo] = {
 }
 
 
+# Data sets from a user's files (data/own.py): name -> info(root, image_size, channels, classes),
+# registered by that module as synthetic registers its reader.
+FILE_SETS: dict[str, Callable[..., DatasetInfo]] = {}
+FILE_KEYS = ("image_size", "channels", "classes")  # data.* keys only they take
+
 SYNTHETIC = "synthetic"  # generated on the fly in the shape of a real set (data/synthetic.py)
 DEFAULT_LIKE = "cifar10"
 
 
-def info(name: str, like: str | None = None) -> DatasetInfo:
+def info(
+    name: str, like: str | None = None, *, root: str | Path | None = None, **files: Any
+) -> DatasetInfo:
     """The DatasetInfo of a registered data set; ValueError listing the valid names otherwise.
     `synthetic` takes the shape, classes and augmentation of the real set `like` (config key
-    data.like, default cifar10); no other set takes a `like`."""
+    data.like, default cifar10); no other set takes a `like`. `folder` and `npz` read theirs
+    from the files in `root` (cheaply: class folders and one image, or the arrays' headers and
+    labels), with the `files` keywords image_size, channels and classes (data.*), which no
+    other set takes."""
     DATASETS.get(name)  # raises for unknown names, listing the valid ones
+    given = [k for k in FILE_KEYS if files.get(k) is not None]
+    if name in FILE_SETS and like is None:
+        return FILE_SETS[name](root, **{k: files.get(k) for k in FILE_KEYS})
+    if given:
+        raise ValueError(
+            f"data.{given[0]} is only for data.name=folder or data.name=npz (a data set from "
+            f"your files); remove it for {name}"
+        )
     if name == SYNTHETIC:
         return synthetic_info(like)
     if like is not None:
@@ -140,6 +160,22 @@ def info(name: str, like: str | None = None) -> DatasetInfo:
             f"the real {name}, or set data.name={SYNTHETIC}"
         )
     return INFO[name]
+
+
+def section_info(d: Any) -> DatasetInfo:
+    """The DatasetInfo of a config's `data` section `d` (data.name, like, root and the keys of
+    the sets from files)."""
+    return info(d.name, d.like, root=d.root, **{k: getattr(d, k) for k in FILE_KEYS})
+
+
+def augmentation(d: Any, spec: DatasetInfo) -> tuple[int, bool]:
+    """(crop padding, flip) of the training batches for the `data` section `d`: data.crop_padding
+    and data.flip where set, else the data set's own (0 and no flip for folder and npz: d2r
+    cannot know what is safe for your images); none without data.augment."""
+    if not d.augment:
+        return 0, False
+    padding = spec.crop_padding if d.crop_padding is None else d.crop_padding
+    return padding, spec.flip if d.flip is None else d.flip
 
 
 def resolve_like(like: str | None) -> str:

@@ -53,16 +53,31 @@ from d2r.weights import load_foreign, read_card
 @dataclass(frozen=True)
 class EvalData:
     """Where the test images come from: data set `name` in `root`, its files' checksums
-    checked when `verify`, and `like`, the real set a "synthetic" set imitates (data.like)."""
+    checked when `verify`, and `like`, the real set a "synthetic" set imitates (data.like);
+    `image_size` and `channels` for a data set from files (data.image_size, data.channels)."""
 
     name: str
     root: str | Path = "data"
     verify: bool = True
     like: str | None = None
+    image_size: int | None = None
+    channels: int | None = None
+
+    @classmethod
+    def of(cls, d: Any) -> EvalData:
+        """The test split of a config's `data` section `d`."""
+        return cls(d.name, d.root, d.verify, d.like, d.image_size, d.channels)
+
+    def info(self) -> data_mod.DatasetInfo:
+        files = {"image_size": self.image_size, "channels": self.channels}
+        return data_mod.info(self.name, self.like, root=self.root, **files)
 
     def load(self, n: int | None = None) -> tuple[Tensor, Tensor]:
         """The first `n` test images and labels (None: all)."""
-        x, y = data_mod.load(self.name, self.root, "test", verify=self.verify, like=self.like)
+        files = {"image_size": self.image_size, "channels": self.channels}
+        x, y = data_mod.load(
+            self.name, self.root, "test", verify=self.verify, like=self.like, **files
+        )
         return (x[:n], y[:n]) if n else (x, y)
 
 
@@ -125,7 +140,7 @@ def evaluate_run(
     for key in keys or [checkpoint]:
         cfg, method, meta = load_checkpoint(run_dir, key)  # weights, epoch, hash: one read
         models[key] = (method.target, *_describe_checkpoint(key, meta))
-    data = EvalData(cfg.data.name, cfg.data.root, cfg.data.verify, cfg.data.like)
+    data = EvalData.of(cfg.data)
     return evaluate_models(models, data, attacks, eps, out, settings, fallback=run_dir)
 
 
@@ -195,7 +210,7 @@ def evaluate_weights(
     default "data") and like (the real set data="synthetic" imitates, as data.like) for the
     `EvalData`, and the fields of `EvalOptions` as for `evaluate_run`."""
     spec, images = _weights_source(model_name, weights, data, options)
-    settings, info = EvalOptions(**options), data_mod.info(images.name, images.like)
+    settings, info = EvalOptions(**options), images.info()
     if eps is None:
         eps = info.eps
         _say_eps(eps, settings, f"the usual one for {info.name}")
@@ -224,7 +239,12 @@ def _weights_source(
     spec, card_data = (model_name, {}) if model_name is not None else _card_spec(weights)
     like = options.pop("like", None) or (card_data.get("like") if not data else None)
     name = data or card_data.get("name") or "cifar10"
-    return spec, EvalData(name, options.pop("root", "data"), like=like)
+    files = (
+        {k: card_data.get(k) for k in ("image_size", "channels")}
+        if name in data_mod.FILE_SETS
+        else {}
+    )
+    return spec, EvalData(name, options.pop("root", "data"), like=like, **files)
 
 
 def _card_spec(weights: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -238,7 +258,8 @@ def _card_spec(weights: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     if arch.get("normalize") is not None:
         spec["normalize"] = arch["normalize"]
     trained = card.get("training", {}).get("config", {}).get("data", {})
-    return spec, {"name": card["data"]["name"], "like": trained.get("like")}
+    files = {k: trained.get(k) for k in ("image_size", "channels")}  # folder and npz
+    return spec, {"name": card["data"]["name"], "like": trained.get("like"), **files}
 
 
 def weights_model(
@@ -293,7 +314,7 @@ def evaluate_models(
     `fallback` or a temp dir (ResultsNotWritten)."""
     options = options or EvalOptions()
     plan = attack_plan(attacks, eps, options.norm)
-    info = data_mod.info(data.name, data.like)
+    info = data.info()
     for e in plan:  # an L2 radius past the image cube's diameter: before any image is read
         check_radius(e, options.norm or "linf", (info.channels, info.size, info.size))
     x, y = data.load(options.n)

@@ -88,7 +88,7 @@ def missing_results(run_dir: Path, cell: Cell) -> list[dict[str, Any]]:
     ev, stored = cell.eval or {}, {key_id(r["key"]) for r in Store.read(run_dir).results}
     which = {None: run_checkpoints(run_dir), "both": ["last", "best"]}.get(ev["checkpoint"])
     d = cell.config.data
-    images = _images(d.name, str(d.root), d.verify, d.like, ev.get("n"))
+    images = _images(d.name, str(d.root), d.verify, d.like, ev.get("n"), d.image_size, d.channels)
     missing = []
     for key in which or [ev["checkpoint"]]:
         sha256 = stored_sha256(checkpoint_path(run_dir, key))
@@ -106,10 +106,19 @@ def missing_results(run_dir: Path, cell: Cell) -> list[dict[str, Any]]:
 
 
 @functools.lru_cache(maxsize=4)
-def _images(name: str, root: str, verify: bool, like: str | None, n: int | None) -> dict:
+def _images(
+    name: str,
+    root: str,
+    verify: bool,
+    like: str | None,
+    n: int | None,
+    image_size: int | None = None,
+    channels: int | None = None,
+) -> dict:
     """What identifies the test images `d2r eval --n N` reads (d2r.evalstore.images_id); kept,
     so that the cells of a study (and the Slurm executor's polls) read them once."""
-    x, y = data.load(name, root, "test", verify=verify, like=like)
+    files = {"image_size": image_size, "channels": channels}
+    x, y = data.load(name, root, "test", verify=verify, like=like, **files)
     return images_id(name, *((x[:n], y[:n]) if n else (x, y)))
 
 
