@@ -54,11 +54,12 @@ class HubFiles:
 
 
 def check_out(out: Path, run_dir: Path, checkpoint: str) -> None:
-    """Before the checkpoint is read: `out` is a directory that is new, empty, or an earlier hf
-    export of the same checkpoint of the same run (refreshed), in a writable place."""
+    """Before the checkpoint is read: `out` is a directory that is new, empty (but for hidden
+    entries: a clone's .git and .gitattributes), or an earlier hf export of the same checkpoint
+    of the same run (refreshed), in a writable place."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {str(out)!r} is a file; --format hf writes a directory")
-    if out.is_dir() and any(out.iterdir()):
+    if out.is_dir() and any(not p.name.startswith(".") for p in out.iterdir()):
         held = _export_source(out)
         if held != (run_dir.resolve(), checkpoint):
             what = (
