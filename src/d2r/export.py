@@ -5,7 +5,7 @@ the weights strictly, refusing any file whose card or tensors do not fit.
 
     d2r export runs/my-run --out robust.safetensors        # or: d2r.export_model(...)
     model = d2r.load_model("robust.safetensors")            # eval mode, inputs in [0, 1]
-    d2r export runs/my-run --format hf --out hf-model       # then: hf upload OWNER/REPO hf-model
+    d2r export runs/my-run --format hf --out hf-model       # then: hf upload OWNER/REPO hf-model .
     model = d2r.load_model("hf://OWNER/REPO")               # with huggingface_hub ([hf])
 """
 
@@ -312,7 +312,7 @@ def _command(args: Any) -> int:
     if args.format == "hf":
         print(
             f"wrote {out}/ ({', '.join(hubs.FILES)}; {what}); upload it as it is: "
-            f"hf upload OWNER/REPO {out}"
+            f"hf upload OWNER/REPO {out} ."
         )
         return 0
     out = out or Path(args.run_dir) / f"model-{args.checkpoint}.safetensors"

@@ -10,7 +10,7 @@
                             datasets, model-index with each stored result at the run's eps)
                             and a page saying how to load and what was measured
 
-The hub's upload takes DIR as it is (`hf upload OWNER/REPO DIR`); `d2r.load_model(DIR)` and,
+The hub's upload takes DIR as it is (`hf upload OWNER/REPO DIR .`); `d2r.load_model(DIR)` and,
 with huggingface_hub installed (extra [hf]), `d2r.load_model("hf://OWNER/REPO[@REVISION]")`
 read it back. huggingface_hub is imported only there, inside the function.
 """
@@ -199,7 +199,8 @@ def readme(card: dict[str, Any], name: str) -> str:
         'model = d2r.load_model("hf://OWNER/REPO")  # eval mode, returns logits',
         "```",
         "",
-        f"Input: {card['data']['input_size']} images; normalization {card['normalization']}.",
+        f"Input: images of shape (C, H, W) = {tuple(card['data']['input_size'])}; "
+        f"normalization {card['normalization']}.",
         "",
         *_results_section(card, eps_text),
         "config.json holds the whole d2r model card (`model_card`: architecture and options, "
