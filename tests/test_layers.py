@@ -37,7 +37,7 @@ LAYERS = [
     ["d2r.runs"],
     ["d2r.trainer", "d2r.train_command"],
     ["d2r.evaluate", "d2r.evalstore", "d2r.sanity"],
-    ["d2r.report", "d2r.figures", "d2r.export"],
+    ["d2r.report", "d2r.figures", "d2r.export", "d2r.hubs"],
     ["d2r.sweep", "d2r.plan"],
     ["d2r.api"],
     ["d2r.cli", "d2r.__main__", "d2r"],

@@ -70,14 +70,20 @@ def make_report(
 
 
 def export_model(
-    run_dir: str | Path, out: str | Path | None = None, checkpoint: str = "last"
+    run_dir: str | Path,
+    out: str | Path | None = None,
+    checkpoint: str = "last",
+    *,
+    format: str = "d2r",
 ) -> dict[str, Any]:
-    """Write a run's target with its model card; returns the card. See d2r.export."""
-    return export.export_model(run_dir, out, checkpoint)
+    """Write a run's target with its model card (format "hf": the Hugging Face hub's directory
+    layout in `out`); returns the card. See d2r.export and d2r.hubs."""
+    return export.export_model(run_dir, out, checkpoint, format=format)
 
 
 def load_model(path: str | Path, *, checkpoint: str = "last") -> nn.Module:
-    """An eval-mode nn.Module from an exported file or a run directory. See d2r.export."""
+    """An eval-mode nn.Module from an exported file, an hf export directory,
+    "hf://OWNER/REPO[@REVISION]" or a run directory. See d2r.export."""
     return export.load_model(path, checkpoint=checkpoint)
 
 

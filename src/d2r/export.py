@@ -5,6 +5,8 @@ the weights strictly, refusing any file whose card or tensors do not fit.
 
     d2r export runs/my-run --out robust.safetensors        # or: d2r.export_model(...)
     model = d2r.load_model("robust.safetensors")            # eval mode, inputs in [0, 1]
+    d2r export runs/my-run --format hf --out hf-model       # then: hf upload OWNER/REPO hf-model .
+    model = d2r.load_model("hf://OWNER/REPO")               # with huggingface_hub ([hf])
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-from d2r import data
+from d2r import data, hubs
 from d2r.attacks import norm_label
 from d2r.checkpoint import checkpoint_path, read_sidecar, target_weights
 from d2r.config import to_dict
@@ -38,23 +40,48 @@ from d2r.weights import CARD_FORMAT, CARD_VERSION, META_KEY, read_card
 NORMALIZATION = "none: float images (B, C, H, W) in [0, 1]; no mean/std to apply"
 
 
+FORMATS = ("d2r", "hf")  # d2r: one .safetensors file and its .json; hf: the hub's directory
+
+
 def export_model(
-    run_dir: str | Path, out: str | Path | None = None, checkpoint: str = "last"
+    run_dir: str | Path,
+    out: str | Path | None = None,
+    checkpoint: str = "last",
+    *,
+    format: str = "d2r",
 ) -> dict[str, Any]:
     """Write the target of `run_dir`'s `checkpoint` ('last', 'best', or 'ema': the EMA weights
-    of last.safetensors; see runs.load_run) to `out` (default
-    RUN_DIR/model-<checkpoint>.safetensors) and its card to `out` with .json; return the card."""
+    of last.safetensors; see runs.load_run) and return its card. format "d2r": to `out`
+    (default RUN_DIR/model-<checkpoint>.safetensors) and its card to `out` with .json; "hf":
+    the Hugging Face hub's layout in the directory `out` (d2r.hubs: model.safetensors,
+    config.json, README.md). Every refusal comes before anything is written."""
     run_dir = Path(run_dir)
-    out = Path(out) if out is not None else run_dir / f"model-{checkpoint}.safetensors"
-    _check_out(out, run_dir, checkpoint)
-
+    out = _checked_out(run_dir, out, checkpoint, format)
     _, method, meta = load_checkpoint(run_dir, checkpoint)  # strict: a broken one fails here
     card = model_card(run_dir, checkpoint, *read_config(run_dir), meta=meta)
     state = {k: v.detach().cpu().contiguous() for k, v in method.target.state_dict().items()}
+    weights = st_save(state, metadata={META_KEY: json.dumps(card, sort_keys=True)})
+    if format == "hf":
+        hubs.write_export(out, weights, card, run_dir.resolve().name)
+        return card
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(out, st_save(state, metadata={META_KEY: json.dumps(card, sort_keys=True)}))
+    atomic_write(out, weights)
     atomic_write_text(out.with_suffix(".json"), json.dumps(card, indent=2, sort_keys=True) + "\n")
     return card
+
+
+def _checked_out(run_dir: Path, out: str | Path | None, checkpoint: str, format: str) -> Path:
+    """Where the export goes, refused (one line) before the checkpoint is read."""
+    if format not in FORMATS:
+        raise ValueError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
+    if format == "hf":
+        if out is None:
+            raise ValueError("--format hf writes a directory for the hub: give --out DIR")
+        hubs.check_out(Path(out), run_dir, checkpoint)
+        return Path(out)
+    out = Path(out) if out is not None else run_dir / f"model-{checkpoint}.safetensors"
+    _check_out(out, run_dir, checkpoint)
+    return out
 
 
 def _check_out(out: Path, run_dir: Path, checkpoint: str) -> None:
@@ -204,17 +231,27 @@ def _evaluation(run_dir: Path, checkpoint: str, sha256: str | None) -> list[dict
 
 
 def load_model(path: str | Path, *, checkpoint: str = "last") -> nn.Module:
-    """An eval-mode nn.Module from an exported file (or from a run directory's `checkpoint`),
-    taking float images in [0, 1] and returning logits: ready for any attack library. Its card
-    is attached as `model.d2r_card`. Refuses files without a valid card and weights that do
-    not fit the card's architecture exactly."""
+    """An eval-mode nn.Module from an exported file, an hf export directory (`d2r export
+    --format hf`), "hf://OWNER/REPO[@REVISION]" (the same, fetched by huggingface_hub) or a run
+    directory's `checkpoint`, taking float images in [0, 1] and returning logits: ready for any
+    attack library. Its card is attached as `model.d2r_card`. Refuses files without a valid
+    card and weights that do not fit the card's architecture exactly."""
+    if hubs.is_hub_uri(path):
+        files = hubs.download(str(path))
+        return _card_model(files.weights, hubs.read_export(files), files.where)
     path = Path(path)
+    if hubs.is_export_dir(path):  # config.json with the d2r marker, no config.yaml
+        files = hubs.local_files(path)
+        return _card_model(files.weights, hubs.read_export(files), files.where)
     if path.is_dir():  # a run directory: its target, as the trainer saved it
         _, method = load_run(path, checkpoint)
         return method.target.eval()
-    card = read_card(path)
-    model = build_card_model(card, str(path))
-    load_weights(model, st_load(path.read_bytes()), str(path))
+    return _card_model(path, read_card(path), str(path))
+
+
+def _card_model(weights: Path, card: dict[str, Any], source: str) -> nn.Module:
+    model = build_card_model(card, source)
+    load_weights(model, st_load(weights.read_bytes()), source)
     model.d2r_card = card
     return model.eval()
 
@@ -237,34 +274,51 @@ def build_card_model(card: dict[str, Any], source: str) -> nn.Module:
 
 
 def add_command(sub: Any) -> None:
-    """`d2r export RUN_DIR --out FILE [--checkpoint last|best|ema]` (cli.build_parser calls it)."""
+    """`d2r export RUN_DIR [--format d2r|hf] --out FILE|DIR [--checkpoint last|best|ema]`
+    (cli.build_parser calls it)."""
     p = sub.add_parser(
         "export",
         help="write a run's target as safetensors with a JSON model card",
         description="Write the target model's weights (plain state_dict keys) with a model card "
         "(architecture, data set, input size, normalization, eps, method, evaluation) embedded "
-        "in the safetensors metadata and beside it as .json. Load with d2r.load_model(FILE).",
+        "in the safetensors metadata and beside it as .json. Load with d2r.load_model(FILE). "
+        "--format hf writes the Hugging Face hub's layout in --out DIR (model.safetensors, "
+        "config.json, README.md), to upload as it is: docs/hubs.md.",
     )
     p.add_argument("run_dir", help="run directory written by `d2r train`")
-    p.add_argument("--out", help="model file (default: RUN_DIR/model-<checkpoint>.safetensors)")
+    p.add_argument(
+        "--out",
+        help="model file (default: RUN_DIR/model-<checkpoint>.safetensors); with --format hf, "
+        "the directory (required)",
+    )
     p.add_argument(
         "--checkpoint",
         choices=["last", "best", "ema"],
         default="last",
         help="ema: the EMA weights of last.safetensors (a run with train.ema_decay > 0)",
     )
+    p.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="d2r",
+        help="d2r: one .safetensors file and its .json card (default); hf: a directory in the "
+        "Hugging Face hub's layout (model.safetensors, config.json, README.md)",
+    )
     p.set_defaults(func=_command)
 
 
 def _command(args: Any) -> int:
     out = Path(args.out) if args.out else None
-    card = export_model(args.run_dir, out, args.checkpoint)
+    card = export_model(args.run_dir, out, args.checkpoint, format=args.format)
+    what = f"{card['architecture']['name']}, {card['data']['name']}, eps {card['eps']}"
+    if args.format == "hf":
+        print(
+            f"wrote {out}/ ({', '.join(hubs.FILES)}; {what}); upload it as it is: "
+            f"hf upload OWNER/REPO {out} ."
+        )
+        return 0
     out = out or Path(args.run_dir) / f"model-{args.checkpoint}.safetensors"
-    arch = card["architecture"]["name"]
-    print(
-        f"wrote {out} ({arch}, {card['data']['name']}, eps {card['eps']}) and "
-        f"{out.with_suffix('.json')}"
-    )
+    print(f"wrote {out} ({what}) and {out.with_suffix('.json')}")
     return 0
 
 
