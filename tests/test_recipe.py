@@ -190,6 +190,11 @@ def test_eval_and_export_of_the_ema(ema_run, tmp_path):
     assert model.d2r_card["training"]["weights"] == "ema"
     for key, value in model.state_dict().items():
         assert torch.equal(value, tensors[f"ema.{key}"])
+    # the same checkpoint again replaces its export; last's export is not ema's, though both
+    # come from last.safetensors
+    assert main(["export", str(run), "--out", str(out), "--checkpoint", "ema"]) == 0
+    assert main(["export", str(run), "--out", str(out), "--checkpoint", "last"]) == 2
+    assert load_model(out).d2r_card["training"]["weights"] == "ema"  # kept
 
 
 def test_the_report_reads_the_ema_results_of_the_current_file(ema_run, tmp_path):

@@ -96,7 +96,7 @@ def _check_out(out: Path, run_dir: Path, checkpoint: str) -> None:
             "choose another name, e.g. model.safetensors"
         )
     held = _export_source(out) if out.exists() else None
-    if out.exists() and held != (run_dir.resolve(), f"{checkpoint}.safetensors"):
+    if out.exists() and held != (run_dir.resolve(), checkpoint):
         what = (
             f"the export of {held[1]} of {str(held[0])!r}" if held else "a file not exported by d2r"
         )
@@ -108,10 +108,11 @@ def _check_out(out: Path, run_dir: Path, checkpoint: str) -> None:
 
 
 def _export_source(path: Path) -> tuple[Path, str] | None:
-    """(run directory, checkpoint file) of the d2r export at `path`, per its card; else None."""
+    """(run directory, checkpoint name: last, best or ema) of the d2r export at `path`, per its
+    card; else None. The name, not the file: ema's weights live in last.safetensors too."""
     try:
-        source = read_card(path)["source"]
-        return Path(source["run_dir"]).resolve(), source["checkpoint"]
+        card = read_card(path)
+        return Path(card["source"]["run_dir"]).resolve(), card["training"]["checkpoint"]
     except (ValueError, OSError, KeyError, TypeError):
         return None
 
