@@ -141,3 +141,6 @@ def test_a_job_requeued_mid_training_resumes_to_the_uninterrupted_weights(tmp_pa
     got, want = weights(run), weights(reference)
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     assert [r["step"] for r in read_metrics(run, "step")] == list(range(1, 25))
+    # the stopped job says so in one line, not in a traceback
+    logs = "".join(p.read_text() for p in (out / "slurm").rglob("*.err"))
+    assert "Traceback" not in logs and "d2r sweep: seed-0: sweep stopped by SIGTERM" in logs

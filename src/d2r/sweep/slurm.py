@@ -26,6 +26,7 @@ from d2r.config import resolve
 from d2r.sweep.cell import (
     SWEEP_JSON,
     Cell,
+    Stopped,
     cell_state,
     config_path,
     evaluate_cell,
@@ -112,7 +113,11 @@ class CellJob:
 
     def __call__(self) -> str:
         cell = self.cell()
-        state = run_cell(Path(self.out), cell, partial(_spawn, cell=cell), tries=1)
+        try:
+            state = run_cell(Path(self.out), cell, partial(_spawn, cell=cell), tries=1)
+        except Stopped as err:  # requeued or cancelled: checkpointed, a line, not a traceback
+            print(f"d2r sweep: {self.name}: {err}", file=sys.stderr)
+            raise SystemExit(err.exit_code) from None  # submitit logs an Exception's traceback
         if state == "failed":
             raise RuntimeError(f"cell {self.name} failed: {cell.error}")
         return state
