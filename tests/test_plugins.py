@@ -3,6 +3,7 @@ in every fresh d2r process; `d2r list` names each plugin name's package; `d2r tr
 plugin's model by its name; a plugin that fails to import, or takes a name already registered,
 is one warning line, none of its names stay, and the rest of d2r works."""
 
+import json
 import os
 import subprocess
 import sys
@@ -84,6 +85,8 @@ def test_a_config_naming_a_plugins_model_trains_in_a_fresh_process(site, tmp_pat
     assert out.returncode == 0, out.stderr[-3000:]
     assert (tmp_path / "run" / "last.safetensors").exists()
     assert "name: mynet" in (tmp_path / "run" / "config.yaml").read_text()
+    source = json.loads((tmp_path / "run" / "env.json").read_text())["sources"]["target"]
+    assert source["plugin"] == "mypkg 1.2" and source["module"] == "mypkg.d2r_plugin"
 
 
 def test_a_broken_or_clashing_plugin_is_one_warning_line_and_d2r_works(site, tmp_path):
@@ -108,7 +111,7 @@ def test_names_registered_for_a_plugin_record_it_and_leave_with_it_when_it_fails
     with registering_for("pkg 1.0"):
         registry.register("a")(int)
     assert registry.origin("a") == "pkg 1.0" and registry.names() == ["a"]
-    taken = r"'a' is registered twice \(already by pkg 1.0\)"
+    taken = r"'a' is already registered \(by pkg 1.0\)"
     with pytest.raises(NameTaken, match=taken), registering_for("other 2.0"):
         registry.register("b")(int)
         registry.register("a")(int)

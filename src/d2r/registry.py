@@ -118,7 +118,7 @@ class Registry:
         def add(fn: Callable[..., Any]) -> Callable[..., Any]:
             if name in self._entries:
                 taken = self._origins.get(name, "d2r")
-                raise NameTaken(f"{self.kind} {name!r} is registered twice (already by {taken})")
+                raise NameTaken(f"{self.kind} {name!r} is already registered (by {taken})")
             self._entries[name] = fn
             if _origin:
                 self._origins[name] = _origin[-1]
@@ -165,7 +165,12 @@ class Registry:
         return name not in self._entries and ":" in name
 
     def provenance(self, name: str) -> dict[str, Any] | None:
-        """What provides an external `name` (see `provenance`); None for a registered one."""
+        """What provides an external `name` (see `provenance`) or a plugin's (its package and
+        module); None for d2r's own."""
+        if name in self._origins:
+            module = getattr(self._entries[name], "__module__", None)
+            file = getattr(sys.modules.get(module or ""), "__file__", None)
+            return {"spec": name, "plugin": self._origins[name], "module": module, "file": file}
         return provenance(name) if self.is_external(name) else None
 
     def check_kwargs(self, name: str, kwargs: dict[str, Any], skip: tuple[str, ...] = ()) -> None:
