@@ -14,7 +14,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 # Bottom to top; a module's layer is that of its longest listed prefix.
 LAYERS = [
-    ["d2r.config", "d2r.registry", "d2r.files", "d2r.distributed", "d2r.version"],
+    ["d2r.config", "d2r.registry", "d2r.files", "d2r.distributed", "d2r.version", "d2r.plugins"],
     [
         "d2r.data",
         "d2r.models",

@@ -4,6 +4,9 @@ evaluation the field trusts."""
 
 from d2r.api import export_model, load_model, make_report, train
 from d2r.evaluate import evaluate
+from d2r.plugins import load as _load_plugins
 from d2r.version import __version__
+
+_load_plugins()  # the `d2r.plugins` entry points, once per process (d2r/plugins.py)
 
 __all__ = ["__version__", "evaluate", "export_model", "load_model", "make_report", "train"]

@@ -15,9 +15,32 @@ import math
 import os
 import sys
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 from d2r.config import coerce
+
+_REGISTRIES: list[Registry] = []  # every registry, so a refused plugin's names are removed
+_origin: list[str] = []  # the plugin being loaded (d2r.plugins), if any
+
+
+class NameTaken(ValueError):
+    """A name registered twice: a bug in d2r, or a plugin taking a name already in use."""
+
+
+@contextmanager
+def registering_for(origin: str) -> Iterator[None]:
+    """Names registered inside are recorded as `origin`'s (`Registry.origin`, `d2r list`);
+    if the block raises, every name it registered is removed again."""
+    _origin.append(origin)
+    try:
+        yield
+    except BaseException:
+        for registry in _REGISTRIES:
+            registry.drop_origin(origin)
+        raise
+    finally:
+        _origin.pop()
 
 
 class OptionError(ValueError):
@@ -81,6 +104,8 @@ class Registry:
         self._entries: dict[str, Callable[..., Any]] = {}
         self._resolvers: dict[str, Callable[[str], Callable[..., Any]]] = {}
         self._check = check  # refuses an imported object that is no constructor of this kind
+        self._origins: dict[str, str] = {}  # name -> the plugin that registered it
+        _REGISTRIES.append(self)
 
     def add_resolver(self, prefix: str, resolve: Callable[[str], Callable[..., Any]]) -> None:
         """`PREFIX:NAME` names resolve through `resolve(NAME)` (a constructor; ValueError in one
@@ -92,14 +117,26 @@ class Registry:
     def register(self, name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         def add(fn: Callable[..., Any]) -> Callable[..., Any]:
             if name in self._entries:
-                raise ValueError(f"{self.kind} {name!r} is registered twice")
+                taken = self._origins.get(name, "d2r")
+                raise NameTaken(f"{self.kind} {name!r} is already registered (by {taken})")
             self._entries[name] = fn
+            if _origin:
+                self._origins[name] = _origin[-1]
             return fn
 
         return add
 
     def names(self) -> list[str]:
         return sorted(self._entries)
+
+    def origin(self, name: str) -> str | None:
+        """The package of the plugin that registered `name` ("mypkg 1.2"); None for d2r's."""
+        return self._origins.get(name)
+
+    def drop_origin(self, origin: str) -> None:
+        """Remove every name `origin` registered (a plugin refused part-way)."""
+        for name in [n for n, o in self._origins.items() if o == origin]:
+            del self._entries[name], self._origins[name]
 
     def __contains__(self, name: str) -> bool:
         return name in self._entries
@@ -128,7 +165,12 @@ class Registry:
         return name not in self._entries and ":" in name
 
     def provenance(self, name: str) -> dict[str, Any] | None:
-        """What provides an external `name` (see `provenance`); None for a registered one."""
+        """What provides an external `name` (see `provenance`) or a plugin's (its package and
+        module); None for d2r's own."""
+        if name in self._origins:
+            module = getattr(self._entries[name], "__module__", None)
+            file = getattr(sys.modules.get(module or ""), "__file__", None)
+            return {"spec": name, "plugin": self._origins[name], "module": module, "file": file}
         return provenance(name) if self.is_external(name) else None
 
     def check_kwargs(self, name: str, kwargs: dict[str, Any], skip: tuple[str, ...] = ()) -> None:

@@ -40,6 +40,7 @@ from d2r.models import (
     check_normalize,
     load_weights,
 )
+from d2r.plugins import PLUGINS
 from d2r.registry import OptionError, build, resolve_spec
 from d2r.version import __version__
 from d2r.weights import load_foreign, read_card
@@ -443,6 +444,14 @@ def _list(args: Any) -> int:
         ("methods", METHODS),
         ("data sets", data.DATASETS),
     ):
-        print(f"{title}: {', '.join(registry.names())}")
+        names = [_with_origin(name, registry.origin(name)) for name in registry.names()]
+        print(f"{title}: {', '.join(names)}")
     print(f"evaluation attacks (d2r eval --attacks): {EVAL_ATTACKS.help()}")
+    for plugin in PLUGINS.values():
+        state = f"not loaded: {plugin.error}" if plugin.error else "loaded"
+        print(f"plugin {plugin.name} ({plugin.value}) from {plugin.package}: {state}")
     return 0
+
+
+def _with_origin(name: str, origin: str | None) -> str:
+    return f"{name} (plugin from {origin})" if origin else name
