@@ -52,3 +52,15 @@ def cli_error(capsys, *args: str) -> str:
     err = capsys.readouterr().err.strip()
     assert err.startswith("d2r: error:") and "\n" not in err, err
     return err
+
+
+# A sweep cell that takes seconds: 1 epoch of 128 images, a 3-step attack, a 50-image per-epoch
+# check (tests/test_sweep.py, tests/test_sweep_state.py)
+SWEEP_TINY = {
+    "train.epochs": 1,
+    "data.train_subset": 128,
+    "method.steps": 3,
+    "eval.subset": 50,
+    "eval.attack": "pgd3",
+}
+SWEEP_PGD_AT = {"name": "pgd_at", "eps": 0.1, "step_size": 0.025, "steps": 3}

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import cli_error, write_spec
+from conftest import SWEEP_PGD_AT, SWEEP_TINY, cli_error, write_spec
 from d2r import sweep
 from d2r.checkpoint import load
 from d2r.cli import main
@@ -23,16 +23,9 @@ from d2r.evalstore import Store, summary
 from d2r.logs import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
-# 1 epoch of 128 images, a 3-step attack, a 50-image per-epoch check, 30 test images evaluated
-TINY = {
-    "train.epochs": 1,
-    "data.train_subset": 128,
-    "method.steps": 3,
-    "eval.subset": 50,
-    "eval.attack": "pgd3",
-}
+TINY = SWEEP_TINY  # seconds per cell (conftest)
 CAG = str(ROOT / "configs" / "cifar10" / "d2r_cag.yaml")  # D2R's options: a TRADES run refuses
-PGD_AT = {"name": "pgd_at", "eps": 0.1, "step_size": 0.025, "steps": 3}
+PGD_AT = SWEEP_PGD_AT
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cli_error, write_spec
+from conftest import SWEEP_PGD_AT, SWEEP_TINY, cli_error, write_spec
 from d2r import sweep
 from d2r.attacks import PGD
 from d2r.checkpoint import load
@@ -47,15 +47,8 @@ def test_a_study_of_no_cell_is_refused_in_one_line_writing_nothing(
 
 # A cell is done when its store holds every result its spec asks for ------------------------------
 ROOT = Path(__file__).resolve().parents[1]
-# 1 epoch of 128 images, a 3-step attack, a 50-image per-epoch check (as tests/test_sweep.py)
-TINY = {
-    "train.epochs": 1,
-    "data.train_subset": 128,
-    "method.steps": 3,
-    "eval.subset": 50,
-    "eval.attack": "pgd3",
-}
-PGD_AT = {"name": "pgd_at", "eps": 0.1, "step_size": 0.025, "steps": 3}
+TINY = SWEEP_TINY  # seconds per cell (conftest)
+PGD_AT = SWEEP_PGD_AT
 EVAL = {"attacks": ["pgd3"], "eps": 0.1, "n": 30, "batch_size": 10}
 
 
