@@ -35,7 +35,7 @@ from d2r.runs import (
     split_model_spec,
 )
 from d2r.version import __version__
-from d2r.weights import CARD_FORMAT, CARD_VERSION, META_KEY, read_card
+from d2r.weights import CARD_FORMAT, CARD_VERSION, META_KEY, card_source, read_card
 
 NORMALIZATION = "none: float images (B, C, H, W) in [0, 1]; no mean/std to apply"
 
@@ -108,11 +108,9 @@ def _check_out(out: Path, run_dir: Path, checkpoint: str) -> None:
 
 
 def _export_source(path: Path) -> tuple[Path, str] | None:
-    """(run directory, checkpoint name: last, best or ema) of the d2r export at `path`, per its
-    card; else None. The name, not the file: ema's weights live in last.safetensors too."""
+    """`weights.card_source` of the d2r export at `path`; None if it is none."""
     try:
-        card = read_card(path)
-        return Path(card["source"]["run_dir"]).resolve(), card["training"]["checkpoint"]
+        return card_source(read_card(path))
     except (ValueError, OSError, KeyError, TypeError):
         return None
 

@@ -29,7 +29,7 @@ import yaml
 from d2r.attacks import label
 from d2r.config import format_eps
 from d2r.files import atomic_write, atomic_write_text, check_writable
-from d2r.weights import read_card
+from d2r.weights import card_source, read_card
 
 HF_FORMAT = "d2r-hf"  # config.json's marker: what tells an hf export from any config.json
 HF_VERSION = 1
@@ -75,10 +75,9 @@ def check_out(out: Path, run_dir: Path, checkpoint: str) -> None:
 
 
 def _export_source(out: Path) -> tuple[Path, str] | None:
-    """(run directory, checkpoint name) of the hf export in `out`, per its config.json."""
+    """`weights.card_source` of the hf export in `out`, per its config.json; else None."""
     try:
-        card = json.loads((out / CONFIG).read_text())["model_card"]
-        return Path(card["source"]["run_dir"]).resolve(), card["training"]["checkpoint"]
+        return card_source(json.loads((out / CONFIG).read_text())["model_card"])
     except (ValueError, OSError, KeyError, TypeError):
         return None
 

@@ -151,3 +151,11 @@ def _check_card(card: Any, path: Path) -> None:
         raise ValueError(
             f"{str(path)!r}: bad model card ({'; '.join(problems)}); re-export it with `d2r export`"
         )
+
+
+def card_source(card: dict[str, Any]) -> tuple[Path, str]:
+    """(run directory, checkpoint name: last, best or ema) a model card says its weights came
+    from: what tells a refreshed export of the same checkpoint from another model's. The name,
+    not the file: ema's weights live in last.safetensors too. KeyError/TypeError if the card
+    lacks them."""
+    return Path(card["source"]["run_dir"]).resolve(), card["training"]["checkpoint"]
