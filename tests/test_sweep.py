@@ -74,6 +74,15 @@ def test_parts_make_one_study_of_several_grids(tmp_path):
     assert cells[3].config.method["alpha"] == 0.0 and cells[3].config.method["beta"] == 20.0
 
 
+def test_an_eval_without_eps_attacks_each_cell_at_its_own_eps(tmp_path):
+    """As `d2r eval RUN` without --eps: the radius the run trained at, not a fixed 8/255."""
+    grid = {"method": {"pgd_at": PGD_AT}, "method.eps": [0.1, 0.2]}
+    path = write_spec(tmp_path / "spec.yaml", set=TINY, grid=grid, eval={"attacks": ["pgd5"]})
+    assert [c.eval["eps"] for c in sweep.cells(path)] == [0.1, 0.2]
+    path = write_spec(tmp_path / "spec.yaml", set=TINY, grid=grid, eval={"eps": 0.05})
+    assert [c.eval["eps"] for c in sweep.cells(path)] == [0.05, 0.05]  # given: the same for all
+
+
 def test_a_sweep_runs_to_the_table_and_a_rerun_does_nothing(tmp_path):
     grid = {"method": {"pgd_at": PGD_AT}, "seed": [0, 1]}
     evaluation = {"attacks": ["pgd5", "cw5"], "eps": 0.1, "n": 30}

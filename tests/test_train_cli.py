@@ -32,6 +32,20 @@ def demo_run(tmp_path_factory):
     return out
 
 
+def test_quiet_prints_the_run_directory_alone_and_loud_the_header_and_table(tmp_path, capsys):
+    tiny = [
+        a
+        for kv in ("train.epochs=1", "data.train_subset=64", "eval.subset=32")
+        for a in ("--set", kv)
+    ]
+    assert main(["train", "-q", "--out", str(tmp_path / "quiet"), *tiny]) == 0
+    assert capsys.readouterr().out == f"run directory: {tmp_path / 'quiet'}\n"
+    assert main(["train", "--out", str(tmp_path / "loud"), *tiny]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("training d2r on digits (") and lines[-3].startswith("| last | 1 |")
+    assert lines[-1] == f"run directory: {tmp_path / 'loud'}"
+
+
 def test_two_epoch_demo_learns_and_writes_every_file(demo_run):
     for name in RUN_FILES:
         assert (demo_run / name).is_file(), name

@@ -54,13 +54,14 @@ def _train(args: argparse.Namespace) -> int:
             wait=args.wait,
         )
         main_rank = trainer.dist.is_main  # under torchrun only rank 0 prints
-        if main_rank:  # printed under -q too: tests and scripts read the run directory here
-            print(_train_header(trainer))
+        if main_rank and (trainer.already_finished or not args.quiet):
+            print(_train_header(trainer))  # "nothing to do" is the result: said under -q too
         run = trainer.fit()
     finally:
         distributed.cleanup()
-    if main_rank:  # the command's result: printed under -q too
-        print(_summary_table(run.history, cfg.eval.attack))
+    if main_rank:  # -q: the run directory alone, one line for scripts to read
+        if not args.quiet:
+            print(_summary_table(run.history, cfg.eval.attack))
         print(f"run directory: {run.dir}")
         warning = overfit_warning(read_metrics(run.dir, "epoch"))  # a resumed run's too
         if warning:

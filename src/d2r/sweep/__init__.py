@@ -8,7 +8,8 @@ A spec (YAML):
     grid:                                 # every combination is one run (a cell)
       method.alpha: [0, 30]
       seed: [0, 1, 2]
-    eval: {attacks: [pgd20, pgd50, cw20, aa], eps: 8/255}   # after training; optional
+    eval: {attacks: [pgd20, pgd50, cw20, aa], eps: 8/255}   # after training; optional (no eps:
+                                                             # each run's own, as d2r eval RUN)
     slurm: {partition: gpu, time_min: 600, gpus_per_node: 1}
 
 A grid axis is a list of values, or a mapping of names to values (the names label the cells:

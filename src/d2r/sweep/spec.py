@@ -80,9 +80,10 @@ def _part_cells(part: dict[str, Any], prefix: str, spec_path: Path) -> list[Cell
         try:
             cfg = cell_config(part, choice, spec_path)
             check_cell(cfg)
+            own_eval = cell_eval(evaluation, cfg)
         except (ValueError, FileNotFoundError) as err:
             raise type(err)(f"sweep spec {str(spec_path)!r}, cell {name!r}: {err}") from None
-        out.append(Cell(name, cfg, choice, evaluation))
+        out.append(Cell(name, cfg, choice, own_eval))
     return out
 
 
@@ -127,15 +128,29 @@ def _eval_settings(raw: Any, where: str) -> dict[str, Any] | None:
     _only(raw, EVAL_KEYS, f"sweep spec {where!r}, eval")
     attacks = raw.get("attacks", ["pgd20", "cw20"])
     attacks = attacks.split(",") if isinstance(attacks, str) else list(attacks)
-    eps = raw.get("eps", 8 / 255)
+    eps = raw.get("eps")  # None: each cell's own (cell_eval), as `d2r eval RUN` without --eps
     settings = {"checkpoint": "last", "seed": 0, **raw, "attacks": [a.strip() for a in attacks]}
-    settings["eps"] = parse_number(eps) if isinstance(eps, str) else float(eps)
+    if eps is not None:
+        settings["eps"] = parse_number(eps) if isinstance(eps, str) else float(eps)
+        _check_suite(settings, f"sweep spec {where!r}, eval")  # before any training
+    return {**settings, "eps": settings.get("eps")}
 
-    try:  # bad names or eps fail now, before any training
+
+def cell_eval(evaluation: dict[str, Any] | None, cfg: Config) -> dict[str, Any] | None:
+    """The part's evaluation for a cell: an `eval` without `eps` attacks at the run's own
+    (eval.eps, else method.eps: `runs.eval_eps`), the radius it trained and checked at."""
+    if evaluation is None or evaluation["eps"] is not None:
+        return evaluation
+    own = {**evaluation, "eps": eval_eps(cfg)}
+    _check_suite(own, "eval")
+    return own
+
+
+def _check_suite(settings: dict[str, Any], where: str) -> None:
+    try:  # bad attack names or eps fail before any training
         build_suite(settings["attacks"], settings["eps"], int(settings["seed"]))
     except ValueError as err:
-        raise ValueError(f"sweep spec {where!r}, eval: {err}") from None
-    return settings
+        raise ValueError(f"{where}: {err}") from None
 
 
 def cell_config(part: dict[str, Any], choice: dict[str, Any], spec_path: Path) -> Config:
