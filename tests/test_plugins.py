@@ -40,6 +40,23 @@ def register():
 """
 
 
+# an evaluation attack "mine" (FGSM's entry under another name), and a plugin that registers one
+# and then fails: its attack must go with it
+ATTACK = """
+from d2r.attacks import EVAL_ATTACKS, EvalAttack, FGSM
+
+EVAL_ATTACKS.register(EvalAttack("mine", "mine", lambda eps, **_: FGSM(eps=eps), "MINE", "mine"))
+"""
+HALF_ATTACK = """
+from d2r.attacks import EVAL_ATTACKS, EvalAttack, FGSM
+
+EVAL_ATTACKS.register(
+    EvalAttack("halfway", "halfway", lambda eps, **_: FGSM(eps=eps), "HALF", "halfway")
+)
+raise RuntimeError("the plugin breaks after registering")
+"""
+
+
 def install(site: Path, package: str, version: str, entry: str, module: str) -> None:
     """A package as pip leaves it: its module and its dist-info with the entry point."""
     info = site / f"{package}-{version}.dist-info"
@@ -104,6 +121,31 @@ def test_a_broken_or_clashing_plugin_is_one_warning_line_and_d2r_works(site, tmp
     assert "mynet (plugin from mypkg 1.2)" in out.stdout  # the good plugin still loads
     assert "clash_free" not in out.stdout.split("evaluation attacks")[0]  # rolled back
     assert "plugin broken (brokenpkg.d2r_plugin) from brokenpkg 0.1: not loaded" in out.stdout
+
+
+def test_a_broken_plugin_is_silent_under_q_and_on_import_and_named_by_unknown_names(site, tmp_path):
+    install(site, "brokenpkg", "0.1", "broken = brokenpkg.d2r_plugin", BROKEN)
+    quiet = d2r(site, "-q", "list", cwd=tmp_path)
+    assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
+    assert "plugin broken (brokenpkg.d2r_plugin) from brokenpkg 0.1: not loaded" in quiet.stdout
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(SRC)])}
+    code = "import d2r; from d2r.models import MODELS; MODELS.get('brokennet')"
+    lib = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert "d2r: warning" not in lib.stderr  # a library import prints nothing
+    last = lib.stderr.strip().splitlines()[-1]
+    assert last.startswith("ValueError: unknown model 'brokennet'")
+    assert "plugin 'broken' from brokenpkg 0.1 failed to load (`d2r list` says why)" in last
+
+
+def test_a_plugins_evaluation_attack_is_tagged_and_leaves_with_it_when_it_fails(site, tmp_path):
+    install(site, "atkpkg", "0.3", "atk = atkpkg.d2r_plugin", ATTACK)
+    install(site, "halfpkg", "0.4", "half = halfpkg.d2r_plugin", HALF_ATTACK)
+    out = d2r(site, "list", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    attacks = out.stdout.split("evaluation attacks")[1].splitlines()[0]
+    assert "mine (plugin from atkpkg 0.3)" in attacks
+    assert "halfway" not in attacks  # registered, then its plugin failed: removed
+    assert "plugin 'half' (halfpkg.d2r_plugin) from halfpkg 0.4 failed" in out.stderr
 
 
 def test_names_registered_for_a_plugin_record_it_and_leave_with_it_when_it_fails():

@@ -25,7 +25,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from d2r.losses import kl_elem
-from d2r.registry import OptionError, View, check_choice, check_range
+from d2r.registry import (
+    NameTaken,
+    OptionError,
+    View,
+    check_choice,
+    check_range,
+    current_origin,
+    failed_plugins_hint,
+    track,
+)
 
 
 class EvaluationWarning(UserWarning):
@@ -452,15 +461,30 @@ class EvalAttacks:
 
     def __init__(self) -> None:
         self._entries: dict[str, EvalAttack] = {}
+        self._origins: dict[str, str] = {}  # name -> the plugin that registered it
+        track(self)
 
     def register(self, entry: EvalAttack) -> EvalAttack:
         if entry.name in self._entries:
-            raise ValueError(f"evaluation attack {entry.name!r} is registered twice")
+            taken = self._origins.get(entry.name, "d2r")
+            raise NameTaken(f"evaluation attack {entry.name!r} is registered twice (by {taken})")
         self._entries[entry.name] = entry
+        if current_origin():
+            self._origins[entry.name] = current_origin()
         return entry
 
     def unregister(self, name: str) -> None:
         del self._entries[name]
+        self._origins.pop(name, None)
+
+    def origin(self, name: str) -> str | None:
+        """The package of the plugin that registered entry `name`; None for d2r's."""
+        return self._origins.get(name)
+
+    def drop_origin(self, origin: str) -> None:
+        """Remove every entry `origin` registered (a plugin refused part-way)."""
+        for name in [n for n, o in self._origins.items() if o == origin]:
+            self.unregister(name)
 
     def names(self) -> list[str]:
         return list(self._entries)
@@ -481,7 +505,9 @@ class EvalAttacks:
         no entry takes, listing the names that are)."""
         found = self.find(name)
         if found is None:
-            raise ValueError(f"attack {name!r} unknown; use one of {self.help()}")
+            raise ValueError(
+                f"attack {name!r} unknown; use one of {self.help()}{failed_plugins_hint()}"
+            )
         entry, groups = found
         counts = {k: int(v) for k, v in groups.items() if v is not None}
         return entry.build(eps, **options, **counts)
@@ -495,7 +521,12 @@ class EvalAttacks:
         return {k: v for entry in self._entries.values() for k, v in entry.columns.items()}
 
     def help(self) -> str:
-        return ", ".join(entry.help for entry in self._entries.values())
+        """Each entry's help, a plugin's with its package: "mine (plugin from pkg 1.0)"."""
+        tagged = (
+            e.help + (f" (plugin from {self._origins[e.name]})" if e.name in self._origins else "")
+            for e in self._entries.values()
+        )
+        return ", ".join(tagged)
 
 
 EVAL_ATTACKS = EvalAttacks()

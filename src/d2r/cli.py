@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, NoReturn
 
-from d2r import data, export, plan, report, runs, sweep, train_command
+from d2r import data, export, plan, plugins, report, runs, sweep, train_command
 from d2r.evaluate import command as evaluate_command
 from d2r.files import describe
 from d2r.guard import Preempted
@@ -128,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     func: Callable[[argparse.Namespace], int] = args.func
+    if not args.quiet:
+        plugins.warn()  # a plugin that failed to load: one line each (silent under -q)
     debug = args.debug or os.environ.get("D2R_DEBUG", "") not in ("", "0")
     try:
         with _sigterm_raises():

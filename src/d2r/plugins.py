@@ -5,8 +5,9 @@ An entry point names a module (`mypkg.d2r_plugin`: importing it registers its na
 arguments). `load` runs each once per process; `d2r/__init__.py` calls it, so every process
 that imports d2r (the CLI, a sweep's cells, a Slurm job) has them. Each name a plugin registers
 is recorded with its package (`Registry.origin`, shown by `d2r list`). A plugin that fails, or
-takes a name already registered, is one warning line on stderr and none of its names stay;
-the rest of d2r works."""
+takes a name already registered, keeps none of its names and the rest of d2r works; every d2r
+command says so in one warning line on stderr (`warn`; not under -q), `d2r list` says why, and
+an unknown name's error names the failed plugins. Importing d2r as a library prints nothing."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import importlib.metadata
 import sys
 from dataclasses import dataclass
 
-from d2r.registry import NameTaken, registering_for
+from d2r.registry import NameTaken, note_failed_plugin, registering_for
 
 GROUP = "d2r.plugins"
 
@@ -53,7 +54,8 @@ def _load_one(entry: importlib.metadata.EntryPoint, package: str) -> str | None:
 
 
 def load() -> dict[str, Plugin]:
-    """Load every `d2r.plugins` entry point not loaded yet; one warning line per failure."""
+    """Load every `d2r.plugins` entry point not loaded yet. Silent: a failure is recorded (in
+    PLUGINS, and for the unknown-name errors of every registry); `warn` says it."""
     for entry in importlib.metadata.entry_points(group=GROUP):
         if entry.name in PLUGINS:
             continue
@@ -61,8 +63,13 @@ def load() -> dict[str, Plugin]:
         error = _load_one(entry, package)
         PLUGINS[entry.name] = Plugin(entry.name, entry.value, package, error)
         if error:
-            print(
-                f"d2r: warning: plugin {entry.name!r} ({entry.value}) from {package} {error}",
-                file=sys.stderr,
-            )
+            note_failed_plugin(f"{entry.name!r} from {package}")
     return PLUGINS
+
+
+def warn() -> None:
+    """One warning line on stderr per plugin that failed: the CLI's, unless -q."""
+    for plugin in PLUGINS.values():
+        if plugin.error:
+            where = f"({plugin.value}) from {plugin.package}"
+            print(f"d2r: warning: plugin {plugin.name!r} {where} {plugin.error}", file=sys.stderr)

@@ -20,8 +20,31 @@ from typing import Any
 
 from d2r.config import coerce
 
-_REGISTRIES: list[Registry] = []  # every registry, so a refused plugin's names are removed
+_REGISTRIES: list[Any] = []  # every registry (`track`), so a refused plugin's names are removed
 _origin: list[str] = []  # the plugin being loaded (d2r.plugins), if any
+_failed: list[str] = []  # "'name' from pkg 1.0": plugins that failed (`note_failed_plugin`)
+
+
+def track(registry: Any) -> None:
+    """Have `registry` (anything with `drop_origin(origin)`) drop a failing plugin's names."""
+    _REGISTRIES.append(registry)
+
+
+def current_origin() -> str | None:
+    """The package of the plugin being loaded (names registered now are its), or None."""
+    return _origin[-1] if _origin else None
+
+
+def note_failed_plugin(what: str) -> None:
+    """Record a plugin that failed, so an unknown name says it may have been that plugin's."""
+    _failed.append(what)
+
+
+def failed_plugins_hint() -> str:
+    """ "; plugin ... failed to load (d2r list)" when some did, for an unknown-name error."""
+    if not _failed:
+        return ""
+    return f"; plugin {', '.join(_failed)} failed to load (`d2r list` says why)"
 
 
 class NameTaken(ValueError):
@@ -105,7 +128,7 @@ class Registry:
         self._resolvers: dict[str, Callable[[str], Callable[..., Any]]] = {}
         self._check = check  # refuses an imported object that is no constructor of this kind
         self._origins: dict[str, str] = {}  # name -> the plugin that registered it
-        _REGISTRIES.append(self)
+        track(self)
 
     def add_resolver(self, prefix: str, resolve: Callable[[str], Callable[..., Any]]) -> None:
         """`PREFIX:NAME` names resolve through `resolve(NAME)` (a constructor; ValueError in one
@@ -120,8 +143,8 @@ class Registry:
                 taken = self._origins.get(name, "d2r")
                 raise NameTaken(f"{self.kind} {name!r} is already registered (by {taken})")
             self._entries[name] = fn
-            if _origin:
-                self._origins[name] = _origin[-1]
+            if current_origin():
+                self._origins[name] = current_origin()
             return fn
 
         return add
@@ -150,7 +173,7 @@ class Registry:
             prefixes = "".join(f", {p}:NAME" for p in sorted(self._resolvers))
             raise ValueError(
                 f"unknown {self.kind} {name!r}; valid choices: {', '.join(self.names())} "
-                f"(or an import path MODULE:CALLABLE{prefixes})"
+                f"(or an import path MODULE:CALLABLE{prefixes}){failed_plugins_hint()}"
             )
         prefix, _, rest = name.partition(":")
         if prefix in self._resolvers:
