@@ -10,9 +10,11 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 
+import d2r
 from d2r import data
 from d2r.cli import main
 from d2r.config import EARLIER_DEFAULTS, resolve
@@ -96,6 +98,17 @@ def test_a_pair_of_npz_files_trains_and_evaluates_on_exactly_its_test_images(tmp
     x, y = data.load("npz", root, "test")
     assert x.shape == (10, 1, 8, 8) and y.tolist() == [0, 1] * 5
     assert _evaluated_images(out) == {json.dumps(images_id("npz", x, y), sort_keys=True)}
+    # moved off the machine that has the files: the run still rebuilds and exports from what
+    # env.json recorded of them (shape, classes); evaluating needs them and says so
+    before = d2r.load_model(out)(x[:4].float() / 255)
+    shutil.move(root, tmp_path / "elsewhere")
+    assert json.loads((out / "env.json").read_text())["data"]["channels"] == 1
+    after = d2r.load_model(out)(x[:4].float() / 255)
+    assert torch.equal(before, after)
+    model = tmp_path / "arrays.safetensors"
+    assert main(["export", str(out), "--out", str(model), "-q"]) == 0
+    assert read_card(model)["data"]["input_size"] == [1, 8, 8]
+    assert main(["eval", str(out), "--attacks", "pgd10", "--no-checks", "-q"]) == 2
 
 
 def test_folder_resizes_converts_and_caches_by_the_files_contents(tmp_path):

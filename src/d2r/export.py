@@ -19,7 +19,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-from d2r import data, hubs
+from d2r import hubs
 from d2r.attacks import norm_label
 from d2r.checkpoint import checkpoint_path, read_sidecar, target_weights
 from d2r.config import to_dict
@@ -32,6 +32,7 @@ from d2r.runs import (
     load_run,
     read_config,
     resolved_config,
+    run_data_info,
     split_model_spec,
 )
 from d2r.version import __version__
@@ -129,7 +130,7 @@ def model_card(
     card's epoch and evaluations are those of the exported weights."""
     meta = read_sidecar(run_dir, checkpoint) if meta is None else meta
     cfg = resolved_config(cfg)
-    info = data.section_info(cfg.data)
+    info = run_data_info(run_dir, cfg.data)
     # every option of the architecture, as built: the card rebuilds it alone (load_model)
     # (target.weights, where the training started from, is no option of the architecture)
     arch, extra = split_model_spec("target", cfg.target)

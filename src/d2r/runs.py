@@ -251,6 +251,31 @@ def write_env(
     atomic_write_text(run_dir / "env.json", json.dumps(env, indent=2))
 
 
+def data_record(info: data.DatasetInfo) -> dict[str, Any]:
+    """What rebuilding a run's models needs of a data set from files (env.json's "data")."""
+    return {
+        "name": info.name,
+        "num_classes": info.num_classes,
+        "channels": info.channels,
+        "size": info.size,
+        "classes": list(info.classes),
+    }
+
+
+def run_data_info(run_dir: Path, d: Any) -> data.DatasetInfo:
+    """The data set's shape and classes to rebuild a run's models: for a set from files, as
+    env.json recorded them (so `d2r export` and `load_model` need none of data.root's files);
+    else, and for a run of an older d2r, `data.section_info`."""
+    env_path = run_dir / "env.json"
+    record = None
+    if d.name in data.FILE_SETS and env_path.is_file():
+        record = json.loads(env_path.read_text()).get("data")
+    if record is None:
+        return data.section_info(d)
+    sizes = (record["num_classes"], record["channels"], record["size"])
+    return data.DatasetInfo(d.name, *sizes, 0, False, (), classes=tuple(record["classes"]))
+
+
 def resolved_config(cfg: Config) -> Config:
     """`cfg` with every option of target, guide and method at the value used, defaults included
     (the data, train and eval sections always hold every key). What a run records in
@@ -409,7 +434,7 @@ def load_checkpoint(run_dir: str | Path, which: str = "last") -> tuple[Config, M
         raise FileNotFoundError(f"{str(run_dir)!r} is not a run directory (no config.yaml)")
     cfg = resolve(run_dir / "config.yaml")
     # the checkpoint holds every model: no `weights` file is read
-    method = build_method(cfg, data.section_info(cfg.data), initial_weights=False)
+    method = build_method(cfg, run_data_info(run_dir, cfg.data), initial_weights=False)
     path = checkpoint.checkpoint_path(run_dir, which)
     tensors, meta = checkpoint.load(path)
     checkpoint.load_models(method.models(), tensors, meta, path)

@@ -35,6 +35,7 @@ from d2r.runs import (
     build_method,
     check_external_models,
     check_schedule,
+    data_record,
     default_run_dir,
     eval_eps,
     eval_norm,
@@ -236,6 +237,8 @@ class Trainer:
                 extra["weights"] = weight_files(self.cfg)
             if external_sources(self.cfg):  # import paths: what provided them, its version
                 extra["sources"] = external_sources(self.cfg)
+            if self.cfg.data.name in data.FILE_SETS:  # rebuilt later without data.root's files
+                extra["data"] = data_record(data.section_info(self.cfg.data))
             resumed_step = self.state.step if self.resumed else None
             write_env(self.run_dir, self.device, extra, resumed_step)
 
