@@ -1,10 +1,13 @@
 """`d2r sweep --executor slurm` against a real Slurm (the one-node cluster of
 scripts/slurm_local.sh, which .ci/run starts): a 2 x 2 digits sweep runs as a job array and ends
 evaluated; a job requeued mid-training (`scontrol requeue`) resumes from its checkpoint and ends
-with the weights of an uninterrupted run."""
+with the weights of an uninterrupted run; cells whose target is a model by import path or a
+plugin's train and evaluate as jobs."""
 
+import importlib
 import importlib.util
 import json
+import os
 import shutil
 import subprocess
 import threading
@@ -15,12 +18,14 @@ import pytest
 import torch
 import yaml
 
-from d2r import sweep
+from d2r import plugins, sweep
 from d2r.checkpoint import load
 from d2r.cli import main
 from d2r.evalstore import Store, summary
 from d2r.logs import read_metrics
+from d2r.models import MODELS
 from d2r.sweep import slurm
+from test_plugins import GOOD, install
 
 ROOT = Path(__file__).resolve().parents[1]
 HOW = (
@@ -84,6 +89,47 @@ def test_a_two_by_two_digits_sweep_runs_as_slurm_jobs_and_ends_evaluated(tmp_pat
         entry = summary(Store.read(out / c.name), "last", 0.1)
         assert set(entry["settings"]["attacks"]) == {"pgd5", "cw5"}
     assert "| 0, 1 |" in sweep.table(out, cells)
+
+
+OWN_MODEL = """
+from torch import nn
+
+def net(num_classes, in_channels, width=8):
+    return nn.Sequential(
+        nn.Conv2d(in_channels, width, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes),
+    )
+"""
+
+
+@pytest.fixture
+def plugin_site(tmp_path, monkeypatch):
+    """The test plugin package `mypkg` (model `mynet`) on the path of this process and of the
+    jobs (sbatch passes the environment on), loaded here too: the sweep checks its cells."""
+    site = tmp_path / "site"
+    install(site, "mypkg", "1.2", "mynet = mypkg.d2r_plugin", GOOD)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), str(ROOT / "src")]))
+    monkeypatch.syspath_prepend(str(site))
+    importlib.invalidate_caches()
+    plugins.load()
+    yield site
+    MODELS.drop_origin("mypkg 1.2")
+    plugins.PLUGINS.pop("mynet", None)
+
+
+def test_an_own_model_and_a_plugins_run_as_slurm_jobs(tmp_path, monkeypatch, plugin_site):
+    (tmp_path / "ownnet.py").write_text(OWN_MODEL)
+    monkeypatch.chdir(tmp_path)  # the jobs start here too: the module is on their path
+    grid = {"target.name": ["ownnet:net", "mynet"]}
+    sets = {**TINY, "method.name": "pgd_at", "method.eps": 0.1, "method.step_size": 0.025}
+    evaluation = {"attacks": ["pgd5"], "n": 20}  # at each run's own eps, 0.1
+    path = write_spec(tmp_path / "spec.yaml", set=sets, grid=grid, eval=evaluation, slurm=JOB)
+    cells = sweep.run(path, tmp_path / "out", executor="slurm")
+    assert [c.state for c in cells] == ["done", "done"], [c.error for c in cells]
+    for cell, module in zip(cells, ("ownnet", "mypkg.d2r_plugin"), strict=True):
+        env = json.loads((tmp_path / "out" / cell.name / "env.json").read_text())
+        assert env["sources"]["target"]["module"] == module
+        assert set(summary(Store.read(tmp_path / "out" / cell.name), "last", 0.1)) >= {"pgd5"}
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:
