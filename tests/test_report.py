@@ -8,6 +8,7 @@ import inspect
 import json
 import shutil
 import statistics
+import threading
 
 import matplotlib.image
 import pytest
@@ -26,11 +27,19 @@ from d2r.evalstore import (
     summary,
     unpack_flags,
 )
+from d2r.files import locked
 from d2r.logs import read_metrics
 from d2r.methods import METHODS
 from d2r.models import MODELS
 from d2r.registry import resolve_spec
-from d2r.report import NON_RESULT_KEYS, column_label, read_run, report, write_curves
+from d2r.report import (
+    NON_RESULT_KEYS,
+    REPORT_LOCK,
+    column_label,
+    read_run,
+    report,
+    write_curves,
+)
 from d2r.runs import DATA_SIZED, read_config, resolved_config
 from tiny_runs import evaluated_run, plain_run
 
@@ -69,6 +78,21 @@ def test_all_formats_hold_the_runs_numbers(runs, tmp_path):
     for label in ("Clean", "PGD-20", "PGD-50", "C&W", "AA"):
         assert label in texts["md"]
     assert r"C\&W" in texts["tex"] and r"\toprule" in texts["tex"]
+
+
+def test_a_report_writes_its_files_under_the_lock_and_leaves_none(runs, tmp_path):
+    """Two reports into one directory: the second waits for the first's lock, so report.md,
+    .tex and .json are all one report's; the lock file goes with the writer."""
+    out = tmp_path / "out"
+    out.mkdir()
+    done = threading.Event()
+    with locked(out / REPORT_LOCK):
+        writer = threading.Thread(target=lambda: (report(list(runs), out), done.set()))
+        writer.start()
+        assert not done.wait(3.0) and not (out / "report.md").exists()  # it waits
+    writer.join(60)
+    assert done.is_set() and (out / "report.json").is_file()
+    assert not (out / REPORT_LOCK).exists()
 
 
 def _copy_as_seed(run_dir, dest, seed: int, shift: float):

@@ -31,7 +31,7 @@ from d2r import figures
 from d2r.config import parse_number
 from d2r.curves import write_curves
 from d2r.experiments import NON_RESULT_KEYS
-from d2r.files import atomic_write_text, check_writable
+from d2r.files import atomic_write_text, check_writable, locked
 from d2r.logs import metrics_csv, read_metrics
 from d2r.report.compare import StudyOptions, compare, row_name, select
 from d2r.report.formats import as_json, latex, markdown, notes
@@ -47,6 +47,8 @@ from d2r.report.read import (
     find_runs,
     read_run,
 )
+
+REPORT_LOCK = ".report.lock"  # beside report.*, while a report writes them (removed after)
 
 __all__ = [
     "EPOCH_CHECK",
@@ -122,8 +124,11 @@ def _write(runs: list[Path], out, texts: dict[str, str], curves: bool, csv: bool
             metrics_csv(run)
     if out is not None:
         Path(out).mkdir(parents=True, exist_ok=True)
-        for suffix, text in texts.items():
-            atomic_write_text(Path(out) / f"report.{suffix}", text)
+        # each file is replaced whole; the lock keeps report.md, .tex, .json one report's when
+        # two reports (a sweep's and yours) write to one directory at once
+        with locked(Path(out) / REPORT_LOCK):
+            for suffix, text in texts.items():
+                atomic_write_text(Path(out) / f"report.{suffix}", text)
 
 
 def _check_writable(runs: list[Path], out: str | Path | None, curves: bool, csv: bool) -> None:
