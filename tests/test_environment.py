@@ -152,7 +152,7 @@ def test_check_writable_leaves_no_trace_and_names_the_fix(tmp_path, blocked):
 def disk_fills_in(directory: Path, monkeypatch) -> None:
     """After the evaluation's first write (its store, eval.json/eval.md, passed the up-front
     check), every write into `directory` fails as on a full disk."""
-    real, allowed = evalstore.atomic_write_text, [2]
+    real, allowed = files.atomic_write_text, [2]
 
     def write(path, text):
         if Path(path).parent == directory:
@@ -161,7 +161,8 @@ def disk_fills_in(directory: Path, monkeypatch) -> None:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         real(path, text)
 
-    monkeypatch.setattr(evalstore, "atomic_write_text", write)
+    for module in (evalstore.store, evalstore.resume):  # eval.json and the partial files
+        monkeypatch.setattr(module, "atomic_write_text", write)
 
 
 EVAL = ["--attacks", "pgd1", "--n", "10", "--no-checks", "-q", "--checkpoint", "last"]
