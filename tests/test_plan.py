@@ -53,8 +53,8 @@ def test_one_more_cag_step_costs_one_forward_and_input_gradient_of_the_target():
     """The embedded D2R-CAG (small_cnn target, tiny_cnn guide on digits) at K and K + 1."""
     k = [plan.step_count(resolve(None, [f"method.steps={s}"])) for s in (3, 4)]
     cfg = resolve(None)
-    method, info = plan._meta_method(cfg)
-    x, y = plan._batch(info)
+    method, info = plan.count._meta_method(cfg)
+    x, y = plan.count._batch(info)
     method.target.eval()  # CAG attacks with both models in eval mode
     one_step = plan.gradient_count(method.target, x, y)
     assert one_step.flops > 0 and k[1].flops - k[0].flops == one_step.flops
@@ -63,7 +63,7 @@ def test_one_more_cag_step_costs_one_forward_and_input_gradient_of_the_target():
 def test_step_count_is_linear_in_the_counted_batch(monkeypatch):
     cfg = resolve(None)
     at_two = plan.step_count(cfg).flops
-    monkeypatch.setattr(plan, "COUNT_BATCH", 4)
+    monkeypatch.setattr(plan.count, "COUNT_BATCH", 4)
     assert plan.step_count(cfg).flops == at_two
 
 
