@@ -253,7 +253,7 @@ def test_out_of_device_memory_is_one_line_naming_the_batch_size(monkeypatch, cap
     def oom(args):
         raise torch.cuda.OutOfMemoryError(message)
 
-    monkeypatch.setattr(runs, "_list", oom)  # `d2r list` is defined in d2r.runs
+    monkeypatch.setattr(runs.listing, "_list", oom)  # `d2r list` is in d2r.runs.listing
     assert main(["list"]) == 1
     err = one_line_error(capsys, "CUDA out of memory. Tried to allocate 2.00 GiB;", "batch_size")
     assert "total capacity" not in err

@@ -1,36 +1,25 @@
-"""What a run is: its method built from the config, its directory and environment record.
-The training loop is in `trainer`; the run's saved state in `checkpoint`; `load_run` rebuilds a
-run from them for evaluation and export."""
+"""A run's method built from its config: the models (own weights, normalization, a frozen guide),
+the method, and every check a run makes of its config before any work; the resolved config a
+run records."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import platform
-import subprocess
-import sys
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from d2r import checkpoint, data
-from d2r.attacks import EVAL_ATTACKS, check_radius
+from d2r import data
+from d2r.attacks import check_radius
 from d2r.config import (
     Config,
     TrainConfig,
     coerce,
-    earlier_defaults,
-    flatten,
-    load_yaml,
     replace,
-    resolve,
-    to_dict,
 )
-from d2r.files import Lock, atomic_write_text, check_writable, file_sha256, lock_holder
+from d2r.files import file_sha256
 from d2r.methods import METHODS, Method
 from d2r.models import (
     MODELS,
@@ -38,11 +27,8 @@ from d2r.models import (
     add_normalization,
     check_model,
     check_normalize,
-    load_weights,
 )
-from d2r.plugins import PLUGINS
 from d2r.registry import OptionError, build, resolve_spec
-from d2r.version import __version__
 from d2r.weights import load_foreign, read_card
 
 # Model options that build_method fills from the data set, not from the config: a config that
@@ -239,43 +225,6 @@ def check_schedule(t: TrainConfig) -> None:
         )
 
 
-def write_env(
-    run_dir: Path, device: torch.device, extra: dict[str, Any], resumed_step: int | None
-) -> None:
-    """env.json: versions, git hash, device; a resumed run (resumed_step: where it resumed)
-    keeps the original start and lists each resume after it."""
-    env = {**environment(device), **extra}
-    if resumed_step is not None:
-        old = json.loads((run_dir / "env.json").read_text())
-        env = {**old, "resumes": [*old.get("resumes", []), {**env, "step": resumed_step}]}
-    atomic_write_text(run_dir / "env.json", json.dumps(env, indent=2))
-
-
-def data_record(info: data.DatasetInfo) -> dict[str, Any]:
-    """What rebuilding a run's models needs of a data set from files (env.json's "data")."""
-    return {
-        "name": info.name,
-        "num_classes": info.num_classes,
-        "channels": info.channels,
-        "size": info.size,
-        "classes": list(info.classes),
-    }
-
-
-def run_data_info(run_dir: Path, d: Any) -> data.DatasetInfo:
-    """The data set's shape and classes to rebuild a run's models: for a set from files, as
-    env.json recorded them (so `d2r export` and `load_model` need none of data.root's files);
-    else, and for a run of an older d2r, `data.section_info`."""
-    env_path = run_dir / "env.json"
-    record = None
-    if d.name in data.FILE_SETS and env_path.is_file():
-        record = json.loads(env_path.read_text()).get("data")
-    if record is None:
-        return data.section_info(d)
-    sizes = (record["num_classes"], record["channels"], record["size"])
-    return data.DatasetInfo(d.name, *sizes, 0, False, (), classes=tuple(record["classes"]))
-
-
 def resolved_config(cfg: Config) -> Config:
     """`cfg` with every option of target, guide and method at the value used, defaults included
     (the data, train and eval sections always hold every key). What a run records in
@@ -297,186 +246,3 @@ def _resolve_model(section: str, spec: dict[str, Any]) -> dict[str, Any]:
     arch, extra = split_model_spec(section, spec)
     changed = {k: v for k, v in extra.items() if v != MODEL_KEYS[section][k]}
     return {**resolve_spec(MODELS, arch, skip=DATA_SIZED, key=section), **changed}
-
-
-def read_config(run_dir: str | Path) -> tuple[Config, list[str]]:
-    """A run's config.yaml, resolved, and the keys it does not record (an older d2r wrote it):
-    their values in the Config are this version's defaults, not what the run was known to use,
-    so callers must say so (`d2r report` compares them as "not recorded")."""
-    path = Path(run_dir) / "config.yaml"
-    raw = load_yaml(path)
-    earlier = earlier_defaults(raw)  # keys an older d2r did not write but is known to have used
-    cfg = resolve(path, earlier)  # errors name the file
-    try:
-        cfg = resolved_config(cfg)
-    except ValueError as err:
-        raise ValueError(f"{str(path)!r}: {err}") from None
-    given = flatten({k: {"name": v} if isinstance(v, str) else v for k, v in raw.items()})
-    given |= dict.fromkeys(item.partition("=")[0] for item in earlier)
-    recorded = set(given) | {k.rsplit(".", 1)[0] for k in given}  # guide.* records "guide"
-    missing = [k for k in flatten(to_dict(cfg)) if k not in recorded]
-    return cfg, missing
-
-
-def environment(device: torch.device) -> dict[str, Any]:
-    return {
-        "d2r": __version__,
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "platform": platform.platform(),
-        "device": str(device),
-        "device_name": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else platform.processor(),
-        "git": _git_hash(),
-        "argv": sys.argv,
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-
-
-def _git_hash() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            cwd=Path(__file__).parent,
-            timeout=5,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
-
-
-def prepare_run_dir(out: str | Path, resume: bool = False) -> Path:
-    """The run directory, checked before any work: refused if it already holds a run (never
-    overwrite a result) unless resuming it, or if it cannot be created or written. The check
-    creates nothing; the run's first write does."""
-    run_dir = Path(out)
-    if resume:
-        for name in ("config.yaml", "last.safetensors"):
-            if not (run_dir / name).is_file():
-                raise FileNotFoundError(
-                    f"cannot resume {str(run_dir)!r}: it has no {name}; give a run directory "
-                    "written by `d2r train` (a run killed before its first checkpoint must restart)"
-                )
-    elif (run_dir / "config.yaml").exists():
-        raise ValueError(
-            f"{str(run_dir)!r} already holds a run; choose another --out (or resume it)"
-        )
-    return check_writable(run_dir, "run directory (--out)")
-
-
-RUN_LOCK = ".run.lock"  # held by the one trainer that writes the run directory
-
-
-def own_run_dir(run_dir: str | Path, wait: bool = False) -> Lock:
-    """The run directory's lock, held by its trainer for the run's life (released however the
-    run ends, by the kernel if the process is killed): a second trainer on it (a second
-    `d2r train --resume`, another sweep's cell) would write every record twice. Refused in one
-    line naming the trainer that holds it, or, with `wait`, waited for (said in one line)."""
-    run_dir = Path(run_dir)
-
-    def waiting(holder: str) -> None:
-        print(f"d2r train: waiting for {holder}, which trains {run_dir}", file=sys.stderr)
-
-    return Lock(
-        run_dir / RUN_LOCK,
-        wait=wait,
-        what=f"run directory {str(run_dir)!r}",
-        fix="wait for that trainer to end (d2r train --wait), or stop it (its checkpoint resumes)",
-        waiting=waiting,
-    )
-
-
-def training_now(run_dir: str | Path) -> str | None:
-    """Who is training `run_dir` now (the holder of its lock: pid, host, command, start), or
-    None when no trainer is."""
-    return lock_holder(Path(run_dir) / RUN_LOCK)
-
-
-def default_run_dir(cfg: Config) -> Path:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{stamp}-{cfg.data.name}-{cfg.method['name']}"
-
-
-@dataclass
-class Run:
-    """What `train` returns: the run directory, its config, the trained method, and the
-    per-epoch records (the lines of metrics.jsonl with "kind": "epoch")."""
-
-    dir: Path
-    config: Config
-    method: Method
-    history: list[dict[str, Any]] = field(default_factory=list)
-
-    @property
-    def final(self) -> dict[str, Any]:
-        return self.history[-1] if self.history else {}
-
-
-# Rebuilding a run ---------------------------------------------------------------------------
-def load_run(run_dir: str | Path, which: str = "last") -> tuple[Config, Method]:
-    """Rebuild a run's method from its config.yaml and load its `which` checkpoint (strictly),
-    in eval mode: what `d2r eval` and `d2r export` start from. `which`: "last", "best", or
-    "ema", last.safetensors with the target's EMA weights in `method.target`. In a run with an
-    EMA, "best" also loads best.safetensors' EMA weights: the model its check measured."""
-    cfg, method, _ = load_checkpoint(run_dir, which)
-    return cfg, method
-
-
-def load_checkpoint(run_dir: str | Path, which: str = "last") -> tuple[Config, Method, dict]:
-    """`load_run` and the checkpoint's metadata (epoch, content sha256, EMA), all from the one
-    read of its bytes: a trainer renaming a newer checkpoint into place meanwhile cannot make
-    one checkpoint's weights carry another's epoch or hash."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise FileNotFoundError(f"{str(run_dir)!r} is not a run directory (no config.yaml)")
-    cfg = resolve(run_dir / "config.yaml")
-    # the checkpoint holds every model: no `weights` file is read
-    method = build_method(cfg, run_data_info(run_dir, cfg.data), initial_weights=False)
-    path = checkpoint.checkpoint_path(run_dir, which)
-    tensors, meta = checkpoint.load(path)
-    checkpoint.load_models(method.models(), tensors, meta, path)
-    if checkpoint.target_weights(meta, which) == "ema":
-        load_ema_target(method.target, tensors, meta, path)
-    return cfg, method.eval(), meta
-
-
-def load_ema_target(
-    target: nn.Module, tensors: dict[str, Tensor], meta: dict[str, Any], path: Path
-) -> None:
-    if "ema" not in meta:
-        raise ValueError(
-            f"{str(path)!r} holds no EMA weights (the run trained with train.ema_decay=0); "
-            "use --checkpoint last or best"
-        )
-    load_weights(target, checkpoint.unprefixed(checkpoint.EMA_PREFIX, tensors), f"{path}:ema")
-
-
-# `d2r list` -------------------------------------------------------------------------------------
-def add_command(sub: Any) -> None:
-    """`d2r list` (called by cli.build_parser): the names a run's config picks from (model.name,
-    method.name, data.name: the registries `build_method` reads, all below this layer) and the
-    attacks `d2r eval --attacks` takes."""
-    ls = sub.add_parser("list", help="registered models, methods, attacks and data sets")
-    ls.set_defaults(func=_list)
-
-
-def _list(args: Any) -> int:
-    for title, registry in (
-        ("models", MODELS),
-        ("methods", METHODS),
-        ("data sets", data.DATASETS),
-    ):
-        names = [_with_origin(name, registry.origin(name)) for name in registry.names()]
-        print(f"{title}: {', '.join(names)}")
-    print(f"evaluation attacks (d2r eval --attacks): {EVAL_ATTACKS.help()}")
-    for plugin in PLUGINS.values():
-        state = f"not loaded: {plugin.error}" if plugin.error else "loaded"
-        print(f"plugin {plugin.name} ({plugin.value}) from {plugin.package}: {state}")
-    return 0
-
-
-def _with_origin(name: str, origin: str | None) -> str:
-    return f"{name} (plugin from {origin})" if origin else name
