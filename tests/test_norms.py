@@ -203,7 +203,7 @@ def test_the_demo_trains_in_l2(tmp_path, capsys):
     out = tmp_path / "l2"
     sets = [*TINY, "data.train_subset=128", "train.epochs=1", "eval.subset=50"]
     sets += ["method.norm=l2", f"method.eps={EPS}", "method.step_size=0.1"]
-    assert main(["train", "-q", "--out", str(out), *[a for s in sets for a in ("--set", s)]]) == 0
+    assert main(["train", "--out", str(out), *[a for s in sets for a in ("--set", s)]]) == 0
     assert "eps=0.5, L2" in capsys.readouterr().out  # the summary names the check's norm
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["method"]["norm"] == "l2" and saved["method"]["eps"] == EPS
