@@ -89,7 +89,7 @@ def test_rat_trades_loss_matches_the_paper_and_the_code(beta, alpha, cc):
     y = torch.randint(0, 5, (6,), generator=g)
     g_adv, g_clean = torch.randn(5, generator=g, dtype=torch.float64), torch.randn(5, generator=g)
     g_clean = g_clean.double()
-    out = rat_trades_loss(za, zn, y, g_adv, g_clean, beta=beta, alpha=alpha, cc=cc)
+    out = rat_trades_loss(za, zn, y, (g_adv, g_clean), beta=beta, alpha=alpha, cc=cc)
     ref = _rat_reference(za, zn, y, g_adv, g_clean, beta, alpha, cc)
     torch.testing.assert_close(out["loss"], ref)
     for got, want in zip(
@@ -151,7 +151,7 @@ def test_the_loss_uses_the_heads_ce_gradients_as_the_code_reads_fc_weight_grad()
         F.cross_entropy(method.target(batch), y).backward()
         grads.append(head.weight.grad.sum(1).clone())
     logits_adv, logits_clean = method.target(x_adv), method.target(x)
-    want = rat_trades_loss(logits_adv, logits_clean, y, *grads, beta=6.0, alpha=0.2, cc=0.8)
+    want = rat_trades_loss(logits_adv, logits_clean, y, tuple(grads), beta=6.0, alpha=0.2, cc=0.8)
     torch.testing.assert_close(out["loss"], want["loss"])
     assert out["first"] > 0 and out["second"] > 0
 

@@ -242,8 +242,7 @@ def rat_trades_loss(
     logits_adv: Tensor,
     logits_clean: Tensor,
     y: Tensor,
-    head_grad_adv: Tensor,
-    head_grad_clean: Tensor,
+    head_grads: tuple[Tensor, Tensor],
     *,
     beta: float = 6.0,
     alpha: float = 0.2,
@@ -252,30 +251,44 @@ def rat_trades_loss(
 ) -> dict[str, Tensor]:
     """RAT on TRADES (Jin et al. CVPR 2023, arXiv:2303.10653, Ineq. (8) and Appendix D, as the
     released `TRADES_first_second/trades_first_second.py` computes it), with logits_adv =
-    z(x'), logits_clean = z(x), and head_grad_* (C,) the last linear layer's weight gradient
-    of CE(z(x'), y) and of CE(z(x), y), summed over its inputs. With g1 = |head_grad|,
-    g2 = head_grad ** 2 (the code's Hadamard stand-in for the Kronecker product) and
-    T = rat_soft_labels(., cc):
-        first  = 1/2 [KL(T(g1_clean - g1_adv)[y] || p(x')) + KL(T(g1_adv - g1_clean)[y] || p(x))]
-        second = 1/2 [KL(T(g2_adv - g2_clean)[y] || p(x')) + KL(T(g2_adv - g2_clean)[y] || p(x))]
+    z(x'), logits_clean = z(x), and head_grads = (g_adv, g_clean), each (C,): the last linear
+    layer's weight gradient of CE(z(x'), y) and of CE(z(x), y), summed over its inputs:
         loss = (1 - alpha) CE(z(x), y) + alpha first + alpha / 2 second
                + beta KL(p(x) || p(x'))
-    each KL summed over classes and averaged over the batch. Both second-order targets use the
-    adv - clean gap, as the code does (its clean - adv matrix is computed but not used).
-    `label_smoothing`: the CE term (the caller smooths the CEs behind head_grad_* too)."""
-    g1_clean, g1_adv = head_grad_clean.abs(), head_grad_adv.abs()
-    g2_clean, g2_adv = head_grad_clean**2, head_grad_adv**2
-    log_p_adv, log_p_clean = F.log_softmax(logits_adv, 1), F.log_softmax(logits_clean, 1)
-    first = 0.5 * (
-        _kl_to(rat_soft_labels(g1_clean - g1_adv, cc)[y], log_p_adv)
-        + _kl_to(rat_soft_labels(g1_adv - g1_clean, cc)[y], log_p_clean)
-    )
-    second_target = rat_soft_labels(g2_adv - g2_clean, cc)[y]
-    second = 0.5 * (_kl_to(second_target, log_p_adv) + _kl_to(second_target, log_p_clean))
+    with `rat_taylor_terms`' first and second, each KL summed over classes and averaged over
+    the batch. `label_smoothing`: the CE term (the caller smooths the CEs behind head_grads
+    too)."""
+    first, second = rat_taylor_terms(logits_adv, logits_clean, y, head_grads, cc)
     ce = F.cross_entropy(logits_clean, y, label_smoothing=label_smoothing)
     kl_adv = _kl_batchmean(logits_clean, logits_adv)
     loss = (1 - alpha) * ce + alpha * first + 0.5 * alpha * second + beta * kl_adv
     return {"loss": loss, **_detached(ce=ce, kl_adv=kl_adv, first=first, second=second)}
+
+
+def rat_taylor_terms(
+    logits_adv: Tensor,
+    logits_clean: Tensor,
+    y: Tensor,
+    head_grads: tuple[Tensor, Tensor],
+    cc: float,
+) -> tuple[Tensor, Tensor]:
+    """RAT's first- and second-order Taylor terms (the code's first_loss and second_loss).
+    With g1 = |g|, g2 = g ** 2 (the code's Hadamard stand-in for the Kronecker product) and
+    T = rat_soft_labels(., cc):
+        first  = 1/2 [KL(T(g1_clean - g1_adv)[y] || p(x')) + KL(T(g1_adv - g1_clean)[y] || p(x))]
+        second = 1/2 [KL(T(g2_adv - g2_clean)[y] || p(x')) + KL(T(g2_adv - g2_clean)[y] || p(x))]
+    Both second-order targets use the adv - clean gap, as the code does (its clean - adv
+    matrix is computed but not used)."""
+    g_adv, g_clean = head_grads
+    log_p_adv, log_p_clean = F.log_softmax(logits_adv, 1), F.log_softmax(logits_clean, 1)
+    g1_adv, g1_clean = g_adv.abs(), g_clean.abs()
+    first = 0.5 * (
+        _kl_to(rat_soft_labels(g1_clean - g1_adv, cc)[y], log_p_adv)
+        + _kl_to(rat_soft_labels(g1_adv - g1_clean, cc)[y], log_p_clean)
+    )
+    target = rat_soft_labels(g_adv**2 - g_clean**2, cc)[y]
+    second = 0.5 * (_kl_to(target, log_p_adv) + _kl_to(target, log_p_clean))
+    return first, second
 
 
 def _kl_to(target: Tensor, log_q: Tensor) -> Tensor:

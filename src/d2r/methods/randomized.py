@@ -126,7 +126,7 @@ class RATTRADES(Method):
             logits_adv,
             logits_clean,
             y,
-            *grads,
+            (grads[0], grads[1]),
             beta=self.beta,
             alpha=self.alpha,
             cc=self.cc,
