@@ -22,7 +22,7 @@ import torch
 from d2r.methods import RATTRADES
 
 
-def _reference(folder: str):  # noqa: ANN202 - the released module's functions and model
+def _reference(folder: str):  # the released module and its WideResNet module
     sys.path.insert(0, folder)
     torch.Tensor.cuda = lambda self, *args, **kwargs: self  # the code calls .cuda() on CPU tensors
     return importlib.import_module("trades_first_second"), importlib.import_module(
@@ -34,7 +34,7 @@ def _sgd(model: torch.nn.Module) -> torch.optim.SGD:
     return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
 
 
-def _theirs(module, model, x, y, args) -> float:  # noqa: ANN001
+def _theirs(module, model, x, y, args) -> float:
     optimizer = _sgd(model)
     model.train()
     loss = module.trades_loss(
@@ -53,7 +53,7 @@ def _theirs(module, model, x, y, args) -> float:  # noqa: ANN001
     return loss.item()
 
 
-def _ours(model, x, y, args) -> float:  # noqa: ANN001
+def _ours(model, x, y, args) -> float:
     method = RATTRADES(model, eps=args.eps, step_size=args.step_size, steps=args.steps).train()
     optimizer = _sgd(model)
     out = method(x, y)
@@ -64,7 +64,7 @@ def _ours(model, x, y, args) -> float:  # noqa: ANN001
     return out["loss"].item()
 
 
-def compare(module, wrn, classes: int, args) -> dict:  # noqa: ANN001
+def compare(module, wrn, classes: int, args) -> dict:
     torch.manual_seed(args.seed)
     model = wrn.WideResNet(depth=10, num_classes=classes, widen_factor=1)
     g = torch.Generator().manual_seed(args.seed + 1)
