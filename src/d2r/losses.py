@@ -256,8 +256,7 @@ def rat_trades_loss(
         loss = (1 - alpha) CE(z(x), y) + alpha first + alpha / 2 second
                + beta KL(p(x) || p(x'))
     with `rat_taylor_terms`' first and second, each KL summed over classes and averaged over
-    the batch. `label_smoothing`: the CE term (the caller smooths the CEs behind head_grads
-    too)."""
+    the batch. `label_smoothing`: the CE term only (not the CEs behind head_grads)."""
     first, second = rat_taylor_terms(logits_adv, logits_clean, y, head_grads, cc)
     ce = F.cross_entropy(logits_clean, y, label_smoothing=label_smoothing)
     kl_adv = _kl_batchmean(logits_clean, logits_adv)

@@ -117,7 +117,7 @@ class RATTRADES(Method):
         weight = self.target.get_submodule(self.head).weight
         grads = []
         for logits in (logits_adv, logits_clean):
-            ce = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+            ce = F.cross_entropy(logits, y)  # the code's plain CE: label_smoothing is the loss's
             grads.append(torch.autograd.grad(ce, weight, retain_graph=True)[0].sum(1))
         if self.bn_passes == "reference":
             for batch in (x_adv, x) * 3:  # the code's KL, first- and second-order passes
