@@ -20,7 +20,7 @@ RECIPES = [CONFIGS / "cifar10/trades_ema_gen.yaml", CONFIGS / "cifar10/d2r_cag_e
 PAPER = [p for p in PATHS if p not in RECIPES]
 
 # Table 1 (docs/method.md, "Paper targets"; plus the PGD-AT, MART, FAT, GAIRAT, AWP rows of
-# CIFAR-10) and Table 2
+# CIFAR-10, RAT(TRADES) on both and SAT's CIFAR-100 row, with its CIFAR-10 twin) and Table 2
 TABLE1 = {
     "cifar10/d2r_cag.yaml": ("wrn34_10", "d2r", {"attack": "cag", "lam": 1.0, "alpha": 30.0}),
     "cifar10/lbgat.yaml": ("wrn34_10", "lbgat", {"beta": 0.0}),
@@ -38,7 +38,19 @@ TABLE1 = {
         "gairat",
         {"lam": -1.0, "weight_assignment_function": "tanh", "begin_at": 0.5},
     ),
+    "cifar10/rat_trades.yaml": (
+        "wrn34_10",
+        "rat_trades",
+        {"beta": 6.0, "alpha": 0.2, "noise_std": 1e-4, "bn_passes": "reference"},
+    ),
+    "cifar10/sat.yaml": ("wrn34_10", "sat", {"curriculum": "eps", "ramp_at": 0.5}),
     "cifar100/d2r_cag.yaml": ("wrn34_10", "d2r", {"attack": "cag", "lam": 0.1, "beta": 20.0}),
+    "cifar100/rat_trades.yaml": (
+        "wrn34_10",
+        "rat_trades",
+        {"beta": 6.0, "alpha": 0.2, "noise_std": 1e-4, "bn_passes": "reference"},
+    ),
+    "cifar100/sat.yaml": ("wrn34_10", "sat", {"curriculum": "eps", "ramp_at": 0.5}),
     "cifar100/lbgat.yaml": ("wrn34_10", "lbgat", {"beta": 6.0}),
     "tiny_imagenet/d2r_cag_preact_resnet18.yaml": ("preact_resnet18", "d2r", {"lam": 0.1}),
     "tiny_imagenet/d2r_cag_wrn34_10.yaml": ("wrn34_10", "d2r", {"lam": 0.1}),

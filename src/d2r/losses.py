@@ -205,6 +205,96 @@ def gairat_loss(
     return {"loss": loss, **_detached(ce=loss, kappa=kappa.float().mean())}
 
 
+def sat_loss(
+    logits_adv: Tensor,
+    logits_clean: Tensor,
+    y: Tensor,
+    *,
+    lam: float = 1.0,
+    label_smoothing: float = 0.0,
+) -> dict[str, Tensor]:
+    """The dual-domain loss of SAT's lambda curriculum (Sitawarin, Chakraborty, Wagner, AISec
+    2021, arXiv:2003.09347), with logits_adv = z(x'), logits_clean = z(x):
+        (1 - lam) * CE(z(x), y) + lam * CE(z(x'), y)
+    lam = 1 is PGD-AT's loss, lam = 0 clean training. `label_smoothing`: both CE terms."""
+    ce_clean = F.cross_entropy(logits_clean, y, label_smoothing=label_smoothing)
+    ce_adv = F.cross_entropy(logits_adv, y, label_smoothing=label_smoothing)
+    loss = (1 - lam) * ce_clean + lam * ce_adv
+    return {"loss": loss, **_detached(ce_clean=ce_clean, ce_adv=ce_adv)}
+
+
+def rat_soft_labels(gap: Tensor, cc: float) -> Tensor:
+    """RAT's soft labels from a per-class gap (C,) of head gradients (Jin et al. CVPR 2023,
+    arXiv:2303.10653, Appendix D; the released code's `reg_gap`): the gap shifted to a minimum
+    of 0 and normalized, then a (C, C) matrix whose row i puts 1 - cc on class i and spreads cc
+    over the other classes in proportion to their gap. Row y is the target of a sample of
+    label y. Not differentiated."""
+    gap = gap.detach() - gap.detach().min()
+    gap = gap / gap.sum()
+    rows = gap.expand(len(gap), -1).clone()
+    rows.fill_diagonal_(0.0)
+    rows = cc * rows / rows.sum(1, keepdim=True)
+    rows.fill_diagonal_(1.0 - cc)
+    return rows
+
+
+def rat_trades_loss(
+    logits_adv: Tensor,
+    logits_clean: Tensor,
+    y: Tensor,
+    head_grads: tuple[Tensor, Tensor],
+    *,
+    beta: float = 6.0,
+    alpha: float = 0.2,
+    cc: float = 0.8,
+    label_smoothing: float = 0.0,
+) -> dict[str, Tensor]:
+    """RAT on TRADES (Jin et al. CVPR 2023, arXiv:2303.10653, Ineq. (8) and Appendix D, as the
+    released `TRADES_first_second/trades_first_second.py` computes it), with logits_adv =
+    z(x'), logits_clean = z(x), and head_grads = (g_adv, g_clean), each (C,): the last linear
+    layer's weight gradient of CE(z(x'), y) and of CE(z(x), y), summed over its inputs:
+        loss = (1 - alpha) CE(z(x), y) + alpha first + alpha / 2 second
+               + beta KL(p(x) || p(x'))
+    with `rat_taylor_terms`' first and second, each KL summed over classes and averaged over
+    the batch. `label_smoothing`: the CE term only (not the CEs behind head_grads)."""
+    first, second = rat_taylor_terms(logits_adv, logits_clean, y, head_grads, cc)
+    ce = F.cross_entropy(logits_clean, y, label_smoothing=label_smoothing)
+    kl_adv = _kl_batchmean(logits_clean, logits_adv)
+    loss = (1 - alpha) * ce + alpha * first + 0.5 * alpha * second + beta * kl_adv
+    return {"loss": loss, **_detached(ce=ce, kl_adv=kl_adv, first=first, second=second)}
+
+
+def rat_taylor_terms(
+    logits_adv: Tensor,
+    logits_clean: Tensor,
+    y: Tensor,
+    head_grads: tuple[Tensor, Tensor],
+    cc: float,
+) -> tuple[Tensor, Tensor]:
+    """RAT's first- and second-order Taylor terms (the code's first_loss and second_loss).
+    With g1 = |g|, g2 = g ** 2 (the code's Hadamard stand-in for the Kronecker product) and
+    T = rat_soft_labels(., cc):
+        first  = 1/2 [KL(T(g1_clean - g1_adv)[y] || p(x')) + KL(T(g1_adv - g1_clean)[y] || p(x))]
+        second = 1/2 [KL(T(g2_adv - g2_clean)[y] || p(x')) + KL(T(g2_adv - g2_clean)[y] || p(x))]
+    Both second-order targets use the adv - clean gap, as the code does (its clean - adv
+    matrix is computed but not used)."""
+    g_adv, g_clean = head_grads
+    log_p_adv, log_p_clean = F.log_softmax(logits_adv, 1), F.log_softmax(logits_clean, 1)
+    g1_adv, g1_clean = g_adv.abs(), g_clean.abs()
+    first = 0.5 * (
+        _kl_to(rat_soft_labels(g1_clean - g1_adv, cc)[y], log_p_adv)
+        + _kl_to(rat_soft_labels(g1_adv - g1_clean, cc)[y], log_p_clean)
+    )
+    target = rat_soft_labels(g_adv**2 - g_clean**2, cc)[y]
+    second = 0.5 * (_kl_to(target, log_p_adv) + _kl_to(target, log_p_clean))
+    return first, second
+
+
+def _kl_to(target: Tensor, log_q: Tensor) -> Tensor:
+    """KL(target || q) summed over classes, mean over the batch (nn.KLDivLoss: 0 log 0 = 0)."""
+    return F.kl_div(log_q, target.to(log_q.dtype), reduction="batchmean")
+
+
 def _kl_batchmean(logits_p: Tensor, logits_q: Tensor) -> Tensor:
     """KL(softmax(logits_p) || softmax(logits_q)) summed over classes, mean over the batch."""
     return F.kl_div(F.log_softmax(logits_q, 1), F.softmax(logits_p, 1), reduction="batchmean")

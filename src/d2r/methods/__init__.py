@@ -12,7 +12,9 @@ moves the BatchNorm running statistics (docs/methods.md, "Train-mode passes").
 
 `base` holds the Method class and what every method shares (AWP included), `single` PGD-AT,
 TRADES and MART, `guided` the two-model methods LBGAT and D2R, `instance` FAT and GAIRAT (an
-early stop, a weight per example). Importing this package registers all seven in METHODS.
+early stop, a weight per example), `curriculum` SAT (a difficulty that ramps up over the
+epochs), `randomized` RAT(TRADES) (noisy weights for the attack, Taylor terms in the loss).
+Importing this package registers all nine in METHODS.
 """
 
 from d2r.methods.base import (
@@ -23,8 +25,10 @@ from d2r.methods.base import (
     eval_mode,
     frozen_buffers,
 )
+from d2r.methods.curriculum import SAT
 from d2r.methods.guided import D2R, LBGAT
 from d2r.methods.instance import FAT, GAIRAT
+from d2r.methods.randomized import RATTRADES
 from d2r.methods.single import MART, PGDAT, TRADES
 
 __all__ = [
@@ -35,6 +39,8 @@ __all__ = [
     "MART",
     "METHODS",
     "PGDAT",
+    "RATTRADES",
+    "SAT",
     "TRADES",
     "Method",
     "awp_perturbation",
