@@ -12,7 +12,9 @@ moves the BatchNorm running statistics (docs/methods.md, "Train-mode passes").
 
 `base` holds the Method class and what every method shares (AWP included), `single` PGD-AT,
 TRADES and MART, `guided` the two-model methods LBGAT and D2R, `instance` FAT and GAIRAT (an
-early stop, a weight per example). Importing this package registers all seven in METHODS.
+early stop, a weight per example), `las_at` LAS-AT (a strategy network, trained by the method
+with its own optimizer, picks each example's attack). Importing this package registers all
+eight in METHODS.
 """
 
 from d2r.methods.base import (
@@ -25,12 +27,14 @@ from d2r.methods.base import (
 )
 from d2r.methods.guided import D2R, LBGAT
 from d2r.methods.instance import FAT, GAIRAT
+from d2r.methods.las_at import LASAT
 from d2r.methods.single import MART, PGDAT, TRADES
 
 __all__ = [
     "D2R",
     "FAT",
     "GAIRAT",
+    "LASAT",
     "LBGAT",
     "MART",
     "METHODS",
