@@ -132,7 +132,10 @@ class LASAT(Method):
         self.interval_num, self.policy_model_lr = interval_num, policy_model_lr
         self.budget = Budget(eps, step_size, steps, norm)
         outputs = {"num_classes": sum(map(len, self.types)), "in_channels": _in_channels(target)}
-        self.strategy = build(MODELS, {"name": strategy, **outputs}, key="method.strategy")
+        try:  # a registered model (or an import path), with one output per candidate
+            self.strategy = build(MODELS, {"name": strategy, **outputs})
+        except ValueError as err:
+            raise OptionError("strategy", strategy, str(err)) from None
         self.strategy.requires_grad_(False)  # see `requiring_grad`
         self.policy = _policy_optimizer(policy_optimizer, self.strategy, policy_model_lr)
         self.step, self.lr, self.weight_decay = 0, 0.1, 5e-4  # until the trainer's start_step
