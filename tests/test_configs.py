@@ -38,6 +38,21 @@ TABLE1 = {
         "gairat",
         {"lam": -1.0, "weight_assignment_function": "tanh", "begin_at": 0.5},
     ),
+    "cifar10/las_at.yaml": (
+        "wrn34_10",
+        "las_at",
+        {"alpha": 4.0, "beta": 2.0, "factor": 0.7, "interval_num": 20},
+    ),
+    "cifar100/las_at.yaml": (
+        "wrn34_10",
+        "las_at",
+        {"factor": 0.6, "policy_optimizer": "SGD_with_momentum"},
+    ),
+    "tiny_imagenet/las_at_preact_resnet18.yaml": (
+        "preact_resnet18",
+        "las_at",
+        {"factor": 0.8, "interval_num": 1},
+    ),
     "cifar100/d2r_cag.yaml": ("wrn34_10", "d2r", {"attack": "cag", "lam": 0.1, "beta": 20.0}),
     "cifar100/lbgat.yaml": ("wrn34_10", "lbgat", {"beta": 6.0}),
     "tiny_imagenet/d2r_cag_preact_resnet18.yaml": ("preact_resnet18", "d2r", {"lam": 0.1}),
