@@ -1,7 +1,7 @@
-"""The run's whole state, in one place: what `last.safetensors` / `best.safetensors` hold (both
-models, the optimizer by parameter name, every RNG, the loader position, the loop's counters,
-the config), one `save_run` and one `restore_run` (`runs.load_run` rebuilds a run from them
-for evaluation and export).
+"""The run's whole state, in one place: what `last.safetensors` / `best.safetensors` hold (every
+model of the method, the optimizer by parameter name and the method's own optimizers (LAS-AT's),
+every RNG, the loader position, the loop's counters, the config), one `save_run` and one
+`restore_run` (`runs.load_run` rebuilds a run from them for evaluation and export).
 
 File format: tensors in safetensors, metadata as JSON inside the same file (one atomic rename
 writes both, with a sha256 over the content) and beside it as `<name>.json` for people.

@@ -3,8 +3,10 @@
 A Method is an nn.Module owning its model(s); `forward(x, y)` generates the adversarial batch
 (`generate`), optionally perturbs the target's weights (AWP, any method with `awp_gamma > 0`) and
 returns the dict of a loss function (`loss`: scalar "loss" + detached terms). It knows nothing
-about optimizers, devices or checkpoints. Two-model methods hold `self.target` and `self.guide`;
-only the target is evaluated. Every method is a row of the same loop: `method.name` picks it.
+about the trainer's optimizer, devices or checkpoints (a model it trains itself, LAS-AT's
+strategy network, has its own optimizer, listed in `optimizers()` for the checkpoint).
+Two-model methods hold `self.target` and `self.guide`; only the target is evaluated. Every
+method is a row of the same loop: `method.name` picks it.
 
 Attack modes differ between the references, so each `generate` says which it follows; and
 each method makes its reference's train-mode passes in their order, since every one of them
