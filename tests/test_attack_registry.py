@@ -125,13 +125,14 @@ def _attack(method) -> object:
 
 @pytest.mark.parametrize("name", METHODS.names())
 def test_a_budget_or_its_four_keywords_build_the_same_method(name):
-    budget = Budget(eps=0.1, step_size=0.02, steps=2, norm="l2")
-    by_keywords = METHODS.create(name, *_models(name), eps=0.1, step_size=0.02, steps=2, norm="l2")
+    norm = "linf" if name == "las_at" else "l2"  # LAS-AT's candidates are L-inf radii
+    budget = Budget(eps=0.1, step_size=0.02, steps=2, norm=norm)
+    by_keywords = METHODS.create(name, *_models(name), eps=0.1, step_size=0.02, steps=2, norm=norm)
     by_budget = METHODS.get(name).with_budget(budget, *_models(name))
     assert by_keywords.budget == by_budget.budget == budget
     assert _attack(by_keywords) == _attack(by_budget)
     if _attack(by_budget) is not None:
-        assert _attack(by_budget).eps == 0.1 and _attack(by_budget).norm == "l2"
+        assert _attack(by_budget).eps == 0.1 and _attack(by_budget).norm == norm
     a, b = by_keywords.state_dict(), by_budget.state_dict()
     assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
     x = torch.rand(8, 1, 8, 8, generator=torch.Generator().manual_seed(1))
@@ -150,7 +151,9 @@ def test_every_methods_default_budget_is_budgets_default(name):
     params = inspect.signature(METHODS.get(name)).parameters
     assert "budget" not in params
     defaults = {k: params[k].default for k in ("eps", "step_size", "steps", "norm")}
-    assert Budget(**defaults) == Budget() == METHODS.create(name, *_models(name)).budget
+    # but LAS-AT's (its attack's start radius and its reward's PGD-10): its code's 8/255, 2/255
+    expected = Budget(8 / 255, 2 / 255) if name == "las_at" else Budget()
+    assert Budget(**defaults) == expected == METHODS.create(name, *_models(name)).budget
 
 
 def test_a_budget_and_any_of_its_keywords_are_refused_together():

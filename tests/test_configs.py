@@ -44,6 +44,21 @@ TABLE1 = {
         {"beta": 6.0, "alpha": 0.2, "noise_std": 1e-4, "bn_passes": "reference"},
     ),
     "cifar10/sat.yaml": ("wrn34_10", "sat", {"curriculum": "eps", "ramp_at": 0.5}),
+    "cifar10/las_at.yaml": (
+        "wrn34_10",
+        "las_at",
+        {"alpha": 4.0, "beta": 2.0, "factor": 0.7, "interval_num": 20},
+    ),
+    "cifar100/las_at.yaml": (
+        "wrn34_10",
+        "las_at",
+        {"factor": 0.6, "policy_optimizer": "SGD_with_momentum"},
+    ),
+    "tiny_imagenet/las_at_preact_resnet18.yaml": (
+        "preact_resnet18",
+        "las_at",
+        {"factor": 0.8, "interval_num": 1},
+    ),
     "cifar100/d2r_cag.yaml": ("wrn34_10", "d2r", {"attack": "cag", "lam": 0.1, "beta": 20.0}),
     "cifar100/rat_trades.yaml": (
         "wrn34_10",

@@ -179,7 +179,8 @@ def test_autoattack_runs_the_packages_l2_version():
 # Every method in L2 ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", METHODS.names())
+# LAS-AT's candidate radii are L-inf ones (the released code's, in 1/255): refused in l2
+@pytest.mark.parametrize("name", [n for n in METHODS.names() if n != "las_at"])
 def test_every_method_attacks_in_the_l2_ball(name):
     sets = [f"method.name={name}", "method.norm=l2", f"method.eps={EPS}", "method.step_size=0.125"]
     cfg = resolve(overrides=sets)

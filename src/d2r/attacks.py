@@ -95,6 +95,35 @@ class Budget:
         return asdict(self)
 
 
+@dataclass(frozen=True, eq=False)
+class SampleBudget:
+    """One budget per sample (LAS-AT's strategy network picks one for each example): `eps`,
+    `step_size` (B,) floats and `steps` (B,) whole numbers >= 1. `attack_loop` runs max(steps)
+    iterations and sample i moves in its first steps[i] only; every iterate is projected onto
+    each sample's own eps-ball (a no-op for a sample that no longer moves)."""
+
+    eps: Tensor
+    step_size: Tensor
+    steps: Tensor
+    norm: str = "linf"
+
+    def __post_init__(self) -> None:
+        check_choice("norm", self.norm, tuple(NORMS))
+        shape = self.eps.shape
+        if len(shape) != 1 or self.step_size.shape != shape or self.steps.shape != shape:
+            raise ValueError("SampleBudget: eps, step_size and steps must be (B,) tensors")
+        if self.steps.is_floating_point() or bool((self.steps < 1).any()):
+            raise OptionError("steps", self.steps.tolist(), "must be whole numbers >= 1")
+        for name in ("eps", "step_size"):
+            value = getattr(self, name)
+            if not bool(torch.isfinite(value).all()) or bool((value < 0).any()):
+                raise OptionError(name, value.tolist(), "must be finite numbers >= 0")
+
+    @property
+    def most_steps(self) -> int:
+        return int(self.steps.max()) if len(self.steps) else 0
+
+
 def _per_sample(values: Tensor, like: Tensor) -> Tensor:
     # (B,) -> (B, 1, 1, 1): broadcasts over each sample of `like`
     return values.view(-1, *[1] * (like.dim() - 1))
@@ -104,11 +133,14 @@ def _l2(delta: Tensor) -> Tensor:
     return delta.flatten(1).norm(dim=1)  # (B,)
 
 
-def project(x_adv: Tensor, x: Tensor, eps: float, norm: str = "linf") -> Tensor:
+def project(x_adv: Tensor, x: Tensor, eps: float | Tensor, norm: str = "linf") -> Tensor:
     """Project onto the eps-ball around x (L-inf: clip each pixel; L2: scale each sample's
     perturbation down to length eps when longer), then clip to the image range [0, 1]. In L2
-    the clip only shortens the perturbation (x is in [0, 1]), so the result stays in the ball."""
+    the clip only shortens the perturbation (x is in [0, 1]), so the result stays in the ball.
+    `eps` may be a (B,) tensor: one radius per sample (`SampleBudget`)."""
     if norm == "linf":
+        if isinstance(eps, Tensor):  # (B,): each sample's own radius
+            eps = _per_sample(eps, x)
         return torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0.0, 1.0)
     delta = x_adv - x
     scale = (eps / _l2(delta).clamp_min(1e-12)).clamp(max=1.0)
@@ -156,7 +188,7 @@ def attack_loop(
     x: Tensor,
     x_start: Tensor,
     objective: Objective,
-    budget: Budget,
+    budget: Budget | SampleBudget,
     *,
     y_stop: Tensor | None = None,
     step_rule: StepRule | None = None,
@@ -166,17 +198,24 @@ def attack_loop(
     L2), then projects onto the eps-ball of its norm and [0, 1]. With `y_stop`, a sample stops
     moving once the model misclassifies it (per-sample early stop, docs/method.md, "Evaluation
     protocol"): the rule `stop_when_wrong(y_stop)`. A `step_rule` sees each iterate's logits
-    and returns the step to take instead (FAT's early stop, GAIRAT's geometry count)."""
+    and returns the step to take instead (FAT's early stop, GAIRAT's geometry count). With a
+    `SampleBudget`, each sample has its own eps, step size and number of steps."""
     if y_stop is not None and step_rule is not None:
         raise ValueError("attack_loop: give y_stop or step_rule, not both")
     rule = stop_when_wrong(y_stop) if y_stop is not None else step_rule
     eps, step_size, norm = budget.eps, budget.step_size, budget.norm
+    per_sample = isinstance(budget, SampleBudget)
+    steps = budget.most_steps if per_sample else budget.steps
     x_adv = x_start.detach()
-    for _ in range(budget.steps):
+    for i in range(steps):
         x_adv.requires_grad_(True)
         logits = model(x_adv)
         grad = torch.autograd.grad(objective(logits).sum(), x_adv)[0]
-        step = step_size * ascent_direction(grad, norm)
+        if per_sample:  # its own step size, and none after its own steps
+            sizes = step_size * (i < budget.steps).to(step_size.dtype)
+            step = _per_sample(sizes.to(grad.dtype), grad) * ascent_direction(grad, norm)
+        else:
+            step = step_size * ascent_direction(grad, norm)
         if rule is not None:
             step = rule(logits.detach(), step)
         x_adv = project(x_adv.detach() + step, x, eps, norm)

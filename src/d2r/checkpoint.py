@@ -1,7 +1,7 @@
-"""The run's whole state, in one place: what `last.safetensors` / `best.safetensors` hold (both
-models, the optimizer by parameter name, every RNG, the loader position, the loop's counters,
-the config), one `save_run` and one `restore_run` (`runs.load_run` rebuilds a run from them
-for evaluation and export).
+"""The run's whole state, in one place: what `last.safetensors` / `best.safetensors` hold (every
+model of the method, the optimizer by parameter name and the method's own optimizers (LAS-AT's),
+every RNG, the loader position, the loop's counters, the config), one `save_run` and one
+`restore_run` (`runs.load_run` rebuilds a run from them for evaluation and export).
 
 File format: tensors in safetensors, metadata as JSON inside the same file (one atomic rename
 writes both, with a sha256 over the content) and beside it as `<name>.json` for people.
@@ -203,16 +203,19 @@ def save_run(
     for name, model in models.items():
         tensors.update(prefixed(name, model.state_dict()))
     optim_tensors, optim_meta = optimizer_state(optimizer, models)
+    own_tensors, own_meta = method_optimizers_state(method, models)
     rng_tensors, rng_meta = capture_rng()
     position = loader.state_dict()
     generators = [k for k, v in position.items() if isinstance(v, Tensor)]
     extra = {f"loader.{k}": position.pop(k) for k in generators}  # the loader's RNG states
-    extra.update({**optim_tensors, **rng_tensors})
+    extra.update({**optim_tensors, **own_tensors, **rng_tensors})
     extra.update(prefixed("sums", {k: torch.as_tensor(v) for k, v in state.sums.items()}))
     tensors.update(prefixed(STATE, extra))
     # "terms": the file keeps tensors sorted; the log keeps this order
     train_state = {**state.counters(), "terms": list(state.sums), "loader": position}
     train_state.update(optimizer=optim_meta, rng=rng_meta)
+    if own_meta:  # only a method with optimizers of its own (LAS-AT) writes the key
+        train_state["method_optimizers"] = own_meta
     meta = {"epoch": state.epoch, "step": state.step, "record": record, "config": config}
     meta.update(models=list(models), train_state=train_state)
     if ema is not None:
@@ -236,6 +239,7 @@ def restore_run(path: Path, objects: RunObjects) -> TrainState:
     extra = unprefixed(STATE, tensors)
     ts = meta["train_state"]
     load_optimizer_state(optimizer, models, extra, ts["optimizer"], str(path))
+    load_method_optimizers(method, models, extra, ts.get("method_optimizers", {}), str(path))
     loader.load_state_dict({**ts["loader"], **unprefixed("loader", extra)})
     device = next(method.parameters()).device
     sums = unprefixed("sums", extra)
@@ -374,6 +378,40 @@ def load_optimizer_state(
                 "the checkpoint is from another architecture"
             )
         optimizer.state[params[pname]][slot] = _like_param(value, params[pname])
+
+
+METHOD_OPTIM = "method_optim"  # tensor-key prefix of a method's own optimizers (`optimizers`)
+
+
+def method_optimizers_state(
+    method: Method, models: dict[str, nn.Module]
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The state of each of `method.optimizers()`, as `optimizer_state` writes the trainer's,
+    its tensors under `method_optim.<name>.`: ({}, {}) for a method without any."""
+    tensors, meta = {}, {}
+    for name, opt in method.optimizers().items():
+        opt_tensors, meta[name] = optimizer_state(opt, models)
+        tensors.update(prefixed(f"{METHOD_OPTIM}.{name}", opt_tensors))
+    return tensors, meta
+
+
+def load_method_optimizers(
+    method: Method,
+    models: dict[str, nn.Module],
+    tensors: dict[str, Tensor],
+    meta: dict[str, Any],
+    source: str,
+) -> None:
+    """Each of `method.optimizers()` back from a run checkpoint; one the file lacks is refused
+    (the run was trained by another method or options)."""
+    for name, opt in method.optimizers().items():
+        if name not in meta:
+            raise ValueError(
+                f"{source}: holds no state of the method's optimizer {name!r}; resume with the "
+                "config the run was trained with"
+            )
+        own = unprefixed(f"{METHOD_OPTIM}.{name}", tensors)
+        load_optimizer_state(opt, models, own, meta[name], source)
 
 
 def _like_param(value: Any, param: Tensor) -> Any:

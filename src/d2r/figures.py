@@ -242,7 +242,8 @@ def fig3(
     panels = [
         (run, texts[i] if len(found) > 1 else "", loaded[i][1]) for i, run in enumerate(found)
     ]
-    n_models = sum(len(method.models()) for _, _, method in panels)
+    # the classifiers drawn: guide and target (not LAS-AT's strategy network)
+    n_models = sum(len({"guide", "target"} & set(method.models())) for _, _, method in panels)
     fig = _canvas(3.2 * (1 + n_models), 3.4)
     axes = list(fig.subplots(1, 1 + n_models, squeeze=False)[0])
     _show_image(axes.pop(0), image, index, y)

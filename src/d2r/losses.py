@@ -295,6 +295,25 @@ def _kl_to(target: Tensor, log_q: Tensor) -> Tensor:
     return F.kl_div(log_q, target.to(log_q.dtype), reduction="batchmean")
 
 
+def las_at_loss(
+    logits_adv: Tensor, y: Tensor, *, factor: float = 0.7, label_smoothing: float = 0.0
+) -> dict[str, Tensor]:
+    """LAS-AT's target loss (Jia et al. CVPR 2022, arXiv:2203.06616; the released code's
+    `LabelSmoothLoss`): the cross-entropy of z(x') against smoothed labels that give the true
+    class `factor` and each of the other C - 1 classes (1 - factor) / (C - 1):
+        (1/B) sum_i -sum_c q_ic log softmax(z(x'_i))_c,
+        q_i = factor e_{y_i} + (1 - factor) / (C - 1) (1 - e_{y_i})
+    (factor = 1: the plain CE). `label_smoothing` e smooths q once more, as torch's does a
+    one-hot label: q <- (1 - e) q + e / C (0 in the code)."""
+    classes = logits_adv.shape[1]
+    one_hot = F.one_hot(y, classes).to(logits_adv.dtype)
+    soft = one_hot * factor + (1 - one_hot) * ((1 - factor) / (classes - 1))
+    if label_smoothing:
+        soft = soft * (1 - label_smoothing) + label_smoothing / classes
+    loss = -(soft * F.log_softmax(logits_adv, dim=-1)).sum(dim=-1).mean()
+    return {"loss": loss, **_detached(ce=loss)}
+
+
 def _kl_batchmean(logits_p: Tensor, logits_q: Tensor) -> Tensor:
     """KL(softmax(logits_p) || softmax(logits_q)) summed over classes, mean over the batch."""
     return F.kl_div(F.log_softmax(logits_q, 1), F.softmax(logits_p, 1), reduction="batchmean")

@@ -262,6 +262,8 @@ class Trainer:
         bar = self.display.epoch(self.loader, epoch)
         for x, y in bar:
             self._set_lr(epoch)
+            target_group = self.optimizer.param_groups[0]
+            self.method.start_step(state.step, target_group["lr"], target_group["weight_decay"])
             out, flags = train_step(
                 self.model, self.method, self.optimizer, self.fast, self.guard, x, y
             )

@@ -3,8 +3,10 @@
 A Method is an nn.Module owning its model(s); `forward(x, y)` generates the adversarial batch
 (`generate`), optionally perturbs the target's weights (AWP, any method with `awp_gamma > 0`) and
 returns the dict of a loss function (`loss`: scalar "loss" + detached terms). It knows nothing
-about optimizers, devices or checkpoints. Two-model methods hold `self.target` and `self.guide`;
-only the target is evaluated. Every method is a row of the same loop: `method.name` picks it.
+about the trainer's optimizer, devices or checkpoints (a model it trains itself, LAS-AT's
+strategy network, has its own optimizer, listed in `optimizers()` for the checkpoint).
+Two-model methods hold `self.target` and `self.guide`; only the target is evaluated. Every
+method is a row of the same loop: `method.name` picks it.
 
 Attack modes differ between the references, so each `generate` says which it follows; and
 each method makes its reference's train-mode passes in their order, since every one of them
@@ -13,8 +15,9 @@ moves the BatchNorm running statistics (docs/methods.md, "Train-mode passes").
 `base` holds the Method class and what every method shares (AWP included), `single` PGD-AT,
 TRADES and MART, `guided` the two-model methods LBGAT and D2R, `instance` FAT and GAIRAT (an
 early stop, a weight per example), `curriculum` SAT (a difficulty that ramps up over the
-epochs), `randomized` RAT(TRADES) (noisy weights for the attack, Taylor terms in the loss).
-Importing this package registers all nine in METHODS.
+epochs), `randomized` RAT(TRADES) (noisy weights for the attack, Taylor terms in the loss),
+`las_at` LAS-AT (a strategy network, trained by the method with its own optimizer, picks each
+example's attack). Importing this package registers all ten in METHODS.
 """
 
 from d2r.methods.base import (
@@ -28,6 +31,7 @@ from d2r.methods.base import (
 from d2r.methods.curriculum import SAT
 from d2r.methods.guided import D2R, LBGAT
 from d2r.methods.instance import FAT, GAIRAT
+from d2r.methods.las_at import LASAT
 from d2r.methods.randomized import RATTRADES
 from d2r.methods.single import MART, PGDAT, TRADES
 
@@ -35,6 +39,7 @@ __all__ = [
     "D2R",
     "FAT",
     "GAIRAT",
+    "LASAT",
     "LBGAT",
     "MART",
     "METHODS",

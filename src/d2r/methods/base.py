@@ -183,6 +183,18 @@ class Method(nn.Module):
         call: epoch 0 of 1."""
         self.epoch, self.epochs = epoch, epochs
 
+    def start_step(self, step: int, lr: float, weight_decay: float) -> None:
+        """Called by the trainer before each batch: the 0-based `step` of the run (at a resume,
+        the checkpoint's) and the target's lr and weight decay for it. A method that trains a
+        model of its own every few steps (LAS-AT's strategy network) or looks one target step
+        ahead reads them here; the others ignore them."""
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """The method's own optimizers, by name: those of a model it trains itself (LAS-AT's
+        strategy network, which stays out of `trained_models`). Their state goes into the
+        run checkpoint beside the trainer's optimizer and comes back on resume. None here."""
+        return {}
+
     def generate(self, x: Tensor, y: Tensor) -> Tensor:
         raise NotImplementedError
 
