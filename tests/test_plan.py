@@ -14,6 +14,7 @@ from torch import nn
 from d2r import cli, plan
 from d2r.config import resolve
 from d2r.flops import count
+from d2r.methods import METHODS
 from d2r.models import MODELS
 
 
@@ -65,6 +66,24 @@ def test_step_count_is_linear_in_the_counted_batch(monkeypatch):
     at_two = plan.step_count(cfg).flops
     monkeypatch.setattr(plan.count, "COUNT_BATCH", 4)
     assert plan.step_count(cfg).flops == at_two
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_every_method_step_is_counted(name):
+    """The count runs every method's step on the meta device (no values: a method that reads
+    one, e.g. to sample its attack, must not, or `d2r plan` fails on its configs)."""
+    assert plan.step_count(resolve(overrides=[f"method.name={name}"])).flops > 0
+
+
+def test_las_at_is_counted_at_its_largest_candidate_steps():
+    """A per-sample budget on meta tensors runs its bound: an upper bound of the attack."""
+    few = plan.step_count(
+        resolve(overrides=["method.name=las_at", "method.attack_iters_types=[3]"])
+    )
+    many = plan.step_count(
+        resolve(overrides=["method.name=las_at", "method.attack_iters_types=[3,9]"])
+    )
+    assert many.flops > few.flops
 
 
 def test_config_plan_fields_and_the_limit(tmp_path):

@@ -106,12 +106,15 @@ class SampleBudget:
     step_size: Tensor
     steps: Tensor
     norm: str = "linf"
+    bound: int | None = None  # the most steps any sample may take: what runs on meta tensors
 
     def __post_init__(self) -> None:
         check_choice("norm", self.norm, tuple(NORMS))
         shape = self.eps.shape
         if len(shape) != 1 or self.step_size.shape != shape or self.steps.shape != shape:
             raise ValueError("SampleBudget: eps, step_size and steps must be (B,) tensors")
+        if self.steps.is_meta:  # `d2r plan` counting FLOPs: no values to check
+            return
         if self.steps.is_floating_point() or bool((self.steps < 1).any()):
             raise OptionError("steps", self.steps.tolist(), "must be whole numbers >= 1")
         for name in ("eps", "step_size"):
@@ -121,6 +124,12 @@ class SampleBudget:
 
     @property
     def most_steps(self) -> int:
+        """The iterations to run: the largest sample's steps; on meta tensors (no values, when
+        `d2r plan` counts FLOPs) `bound`, so the count is an upper bound."""
+        if self.steps.is_meta:
+            if self.bound is None:
+                raise ValueError("SampleBudget on meta tensors needs its bound (the most steps)")
+            return self.bound
         return int(self.steps.max()) if len(self.steps) else 0
 
 

@@ -174,7 +174,9 @@ class LASAT(Method):
     def distributions(self, x: Tensor) -> list[Categorical]:
         """pi(. | x): one categorical distribution per head (eps, steps, step size)."""
         logits = self.strategy(x).float().split([len(t) for t in self.types], dim=1)
-        return [Categorical(probs=F.softmax(z, dim=-1)) for z in logits]
+        # softmax gives valid probabilities: no validation (it reads values, which `d2r plan`'s
+        # meta tensors have none of)
+        return [Categorical(probs=F.softmax(z, dim=-1), validate_args=False) for z in logits]
 
     def sample_budget(self, actions: Sequence[Tensor]) -> SampleBudget:
         """The per-example budget of sampled candidate indices (eps, steps, step size)."""
@@ -184,6 +186,7 @@ class LASAT(Method):
             step_size=step_t[actions[2]].float() / 255,
             steps=iters_t[actions[1]],
             norm=self.budget.norm,
+            bound=max(self.types[1]),
         )
 
     def strategy_attack(self, x: Tensor, y: Tensor, budget: SampleBudget) -> Tensor:
